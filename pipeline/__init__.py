@@ -1,0 +1,1 @@
+"""koala-pipeline: KOALA speculative decoding (draft heads, decoder, metrics) and its Ray pipeline."""

@@ -1,0 +1,229 @@
+"""`koala bench`: our vanilla decoder, our speculative decoder, HF `generate` and HF prompt-lookup decoding,
+timed alternately on the same prompts in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from pipeline import metrics
+from pipeline.config import BenchConfig, ConfigError, DecodeConfig
+from pipeline.decoding import GenerationStats, generate
+from pipeline.heads import DraftHead
+from pipeline.target import Target
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUESTIONS = Path("../shared/data/mt_bench/question.jsonl")
+METHODS = ("vanilla", "speculative", "hf_generate", "hf_prompt_lookup")
+WARMUP_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class Question:
+    question_id: str
+    category: str
+    prompt: str
+
+
+def default_questions_path() -> Path | None:
+    """MT-bench from ../shared/data, relative to the working directory or to the repository root."""
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        candidate = (base / DEFAULT_QUESTIONS).resolve()
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_questions(path: str | Path | None, *, limit: int = 0, per_category: int = 0) -> list[Question]:
+    """MT-bench-style JSONL (`turns[0]` is the prompt); also accepts `prompt` or `question` fields."""
+    if not path:
+        path = default_questions_path()
+        if path is None:
+            raise ConfigError(f"bench.questions: no questions file given and {DEFAULT_QUESTIONS} is not present; pass --questions FILE")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"bench.questions: {path} does not exist")
+    questions: list[Question] = []
+    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"bench.questions: {path}:{line_number} is not JSON ({error.msg})") from error
+        prompt = (record.get("turns") or [None])[0] or record.get("prompt") or record.get("question")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ConfigError(f"bench.questions: {path}:{line_number} has no prompt (expected turns[0], prompt or question)")
+        questions.append(
+            Question(str(record.get("question_id", line_number)), str(record.get("category", "all")), prompt)
+        )
+    if per_category:
+        taken: dict[str, int] = defaultdict(int)
+        kept = []
+        for question in questions:
+            if taken[question.category] < per_category:
+                taken[question.category] += 1
+                kept.append(question)
+        questions = kept
+    if limit:
+        questions = questions[:limit]
+    if not questions:
+        raise ConfigError(f"bench.questions: {path} holds no questions")
+    return questions
+
+
+def _hf_generate(target: Target, prompt_ids: torch.Tensor, decode: DecodeConfig, **extra: Any) -> GenerationStats:
+    """Times HF `generate` with the same stopping rules (EOS, max_new_tokens) and sampling settings."""
+    sampling = {} if decode.greedy else {"temperature": decode.temperature, "top_p": decode.top_p}
+    eos = sorted(target.eos_token_ids)
+    pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else eos[0]
+    if target.device.type == "cuda":
+        torch.cuda.synchronize(target.device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        output = target.model.generate(
+            input_ids=prompt_ids,
+            attention_mask=torch.ones_like(prompt_ids),
+            max_new_tokens=decode.max_new_tokens,
+            do_sample=not decode.greedy,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            **sampling,
+            **extra,
+        )
+    if target.device.type == "cuda":
+        torch.cuda.synchronize(target.device)
+    elapsed = time.perf_counter() - started
+    new_tokens = output.shape[1] - prompt_ids.shape[1]
+    return GenerationStats(prompt_tokens=prompt_ids.shape[1], new_tokens=new_tokens, wall_time_s=elapsed)
+
+
+def _run_all_methods(
+    target: Target, drafter: DraftHead, prompt_ids: torch.Tensor, decode: DecodeConfig, bench: BenchConfig
+) -> dict[str, Any]:
+    vanilla = generate(target, prompt_ids, config=decode)
+    speculative = generate(target, prompt_ids, config=decode, drafter=drafter)
+    record: dict[str, Any] = {
+        "vanilla": vanilla.stats,
+        "speculative": speculative.stats,
+        "exact_match": vanilla.token_ids == speculative.token_ids,
+    }
+    if bench.include_hf:
+        record["hf_generate"] = _hf_generate(target, prompt_ids, decode)
+        record["hf_prompt_lookup"] = _hf_generate(
+            target, prompt_ids, decode, prompt_lookup_num_tokens=bench.prompt_lookup_num_tokens
+        )
+    return record
+
+
+def run_bench(
+    target: Target,
+    drafter: DraftHead,
+    questions: list[Question],
+    *,
+    decode: DecodeConfig,
+    bench: BenchConfig,
+    settings: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Runs every method on every question (alternating, same process) and returns the report dict."""
+    warmup = decode.replace(max_new_tokens=min(WARMUP_TOKENS, decode.max_new_tokens))
+    for question in questions[: bench.warmup_prompts]:
+        _run_all_methods(target, drafter, target.encode_prompt(question.prompt), warmup, bench)
+
+    per_method: dict[str, list[GenerationStats]] = defaultdict(list)
+    per_prompt = []
+    for question in tqdm(questions, desc="koala bench", unit="prompt", disable=not progress):
+        prompt_ids = target.encode_prompt(question.prompt)
+        record = _run_all_methods(target, drafter, prompt_ids, decode, bench)
+        for method in METHODS:
+            if method in record:
+                per_method[method].append(record[method])
+        spec: GenerationStats = record["speculative"]
+        per_prompt.append({
+            "question_id": question.question_id,
+            "category": question.category,
+            "prompt_tokens": spec.prompt_tokens,
+            "new_tokens": spec.new_tokens,
+            "tau": spec.acceptance_length,
+            "exact_match": record["exact_match"],
+            **{f"{m}_s": round(record[m].wall_time_s, 4) for m in METHODS if m in record},
+        })
+    return build_report(per_method, per_prompt, decode=decode, settings=settings or {})
+
+
+def build_report(
+    per_method: dict[str, list[GenerationStats]],
+    per_prompt: list[dict[str, Any]],
+    *,
+    decode: DecodeConfig,
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    vanilla, speculative = per_method["vanilla"], per_method["speculative"]
+    tokens_per_s = {method: metrics.tokens_per_second(stats) for method, stats in per_method.items()}
+    target_step = metrics.target_ms_per_forward(vanilla)
+    draft_step = metrics.draft_ms_per_token(speculative)
+    exact = [p["exact_match"] for p in per_prompt]
+    return {
+        "n_prompts": len(per_prompt),
+        "speedup": metrics.speedup(speculative, vanilla),
+        "tau": metrics.acceptance_length(speculative),
+        "alpha": metrics.n_alpha(speculative, max_n=3),
+        # Token-for-token equality is the guarantee only for greedy decoding.
+        "exact_match": sum(exact) / len(exact) if decode.greedy else None,
+        "tokens_per_s": tokens_per_s,
+        "vanilla_vs_hf_generate": (
+            tokens_per_s["vanilla"] / tokens_per_s["hf_generate"] if tokens_per_s.get("hf_generate") else None
+        ),
+        "step_cost": {
+            "target_step_ms": target_step,
+            "draft_ms_per_token": draft_step,
+            "draft_to_target_ratio": draft_step / target_step if draft_step and target_step else None,
+            "verify_forward_ms": metrics.target_ms_per_forward(speculative),
+        },
+        "total_new_tokens": {method: metrics.total_tokens(stats) for method, stats in per_method.items()},
+        "total_time_s": {method: metrics.total_time(stats) for method, stats in per_method.items()},
+        "settings": {**settings, **decode.to_dict()},
+        "per_prompt": per_prompt,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    rows = [("method", "tokens/s", "vs vanilla")]
+    base = report["tokens_per_s"]["vanilla"]
+    for method in METHODS:
+        if method in report["tokens_per_s"]:
+            rate = report["tokens_per_s"][method]
+            rows.append((method, f"{rate:.2f}", f"{rate / base:.3f}x" if base else "-"))
+    width = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(width[i]) for i, cell in enumerate(row)) for row in rows]
+    alpha = ", ".join("-" if a is None else f"{a:.3f}" for a in report["alpha"])
+    exact = "n/a (sampling)" if report["exact_match"] is None else f"{report['exact_match']:.3f}"
+    cost = report["step_cost"]
+    ratio = "-" if cost["draft_to_target_ratio"] is None else f"{cost['draft_to_target_ratio']:.3f}"
+    target_ms = "-" if cost["target_step_ms"] is None else f"{cost['target_step_ms']:.1f}"
+    draft_ms = "-" if cost["draft_ms_per_token"] is None else f"{cost['draft_ms_per_token']:.1f}"
+    lines += [
+        "",
+        f"prompts {report['n_prompts']}  speedup {report['speedup']:.3f}x  tau {report['tau']:.3f}  "
+        f"alpha(1..3) [{alpha}]  exact_match {exact}",
+        f"target step {target_ms} ms  draft step {draft_ms} ms/token  draft/target {ratio}",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path

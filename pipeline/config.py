@@ -1,0 +1,217 @@
+"""Stage configurations: frozen keyword-only dataclasses, loadable from dicts and YAML, validated on load.
+
+Every validation error is a `ConfigError` whose message names the bad field and what it accepts, so a typo in a
+YAML file never surfaces as a traceback from deep inside torch or Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import yaml
+
+HEAD_TYPES = ("medusa", "eagle")
+PROMPT_FORMATS = ("auto", "chat", "vicuna", "plain")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """Base class: typed construction from plain dicts with field-level errors."""
+
+    section: ClassVar[str] = "config"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Subclasses raise `ConfigError` naming the field; called on every construction."""
+
+    def fail(self, field: str, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{self.section}.{field}: {message}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> Self:
+        values = dict(values or {})
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{cls.section}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        coerced = {name: _coerce(f"{cls.section}.{name}", value, hints[name]) for name, value in values.items()}
+        return cls(**coerced)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Self:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{cls.section}: config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{cls.section}: {path} must hold a mapping of field: value")
+        return cls.from_dict(loaded)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> Self:
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Checks `value` against a simple type hint (int, float, str, bool, X | None, tuple[X, ...])."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(name, value, option)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        (item_hint, _ellipsis) = typing.get_args(hint)
+        return tuple(_coerce(name, item, item_hint) for item in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HeadConfig(Config):
+    """Architecture of a KOALA draft head.
+
+    `num_layers` is K: residual blocks per Medusa head, or decoder layers in the EAGLE head (K=1 is the original).
+    `num_heads` is the number of Medusa heads, i.e. the longest chain Medusa can draft; EAGLE drafts
+    autoregressively and uses `num_heads` only as its default draft length.
+    `draft_vocab_size` = 0 means the full target vocabulary; N > 0 restricts the head's LM head to N token ids
+    (FR-Spec style), whose map is stored with the head.
+    """
+
+    section: ClassVar[str] = "head"
+
+    head_type: str = "eagle"
+    num_layers: int = 1
+    num_heads: int = 4
+    draft_vocab_size: int = 0
+
+    def validate(self) -> None:
+        if self.head_type not in HEAD_TYPES:
+            self.fail("head_type", f"unknown head type {self.head_type!r}; choose one of {list(HEAD_TYPES)}")
+        if self.num_layers < 1:
+            self.fail("num_layers", f"must be >= 1 (K=1 is the original head), got {self.num_layers}")
+        if self.num_heads < 1:
+            self.fail("num_heads", f"must be >= 1, got {self.num_heads}")
+        if self.draft_vocab_size < 0:
+            self.fail("draft_vocab_size", f"must be 0 (full vocabulary) or a positive size, got {self.draft_vocab_size}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecodeConfig(Config):
+    """Generation settings shared by the vanilla baseline and the speculative decoder.
+
+    `temperature` = 0 is greedy. `draft_length` = 0 means the head's default (`num_heads`). `stop` holds stop
+    strings; EOS tokens always stop.
+    """
+
+    section: ClassVar[str] = "decode"
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    draft_length: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            self.fail("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            self.fail("temperature", f"must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            self.fail("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.draft_length < 0:
+            self.fail("draft_length", f"must be >= 0 (0 = the head's default), got {self.draft_length}")
+        if any(not s for s in self.stop):
+            self.fail("stop", "stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TargetConfig(Config):
+    """Which target model to load and how to turn a user prompt into its input text."""
+
+    section: ClassVar[str] = "target"
+
+    spec: str = "smollm2"
+    dtype: str = "auto"
+    device: str = "auto"
+    prompt_format: str = "auto"
+    system_prompt: str | None = None
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        if not self.spec:
+            self.fail("spec", "must name a target: 'smollm2', a hub id, a model directory or a .gguf file")
+        if self.dtype not in DTYPES:
+            self.fail("dtype", f"unknown dtype {self.dtype!r}; choose one of {list(DTYPES)}")
+        if self.prompt_format not in PROMPT_FORMATS:
+            self.fail("prompt_format", f"unknown prompt format {self.prompt_format!r}; choose one of {list(PROMPT_FORMATS)}")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            self.fail("device", f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BenchConfig(Config):
+    """`koala bench`: which prompts, how many, and the decode settings every method shares."""
+
+    section: ClassVar[str] = "bench"
+
+    questions: str = ""
+    limit: int = 0
+    per_category: int = 0
+    warmup_prompts: int = 1
+    prompt_lookup_num_tokens: int = 10
+    include_hf: bool = True
+
+    def validate(self) -> None:
+        if self.limit < 0:
+            self.fail("limit", f"must be >= 0 (0 = all), got {self.limit}")
+        if self.per_category < 0:
+            self.fail("per_category", f"must be >= 0 (0 = no per-category cap), got {self.per_category}")
+        if self.limit and self.per_category:
+            self.fail("limit", "use either limit or per_category, not both")
+        if self.warmup_prompts < 0:
+            self.fail("warmup_prompts", f"must be >= 0, got {self.warmup_prompts}")
+        if self.prompt_lookup_num_tokens < 1:
+            self.fail("prompt_lookup_num_tokens", f"must be >= 1, got {self.prompt_lookup_num_tokens}")

@@ -1,0 +1,299 @@
+"""Vanilla and speculative (chain-draft) generation through one code path.
+
+`generate(target, prompt_ids, config=..., drafter=None)` is plain autoregressive decoding with the KV cache; with a
+drafter, each round proposes a chain of draft tokens, the target scores them all in one forward pass, and the
+longest acceptable prefix plus one target token is kept. Greedy verification reproduces vanilla greedy output
+token for token; sampling uses speculative sampling with the residual distribution (Leviathan et al. 2023; Chen
+et al. 2023), so the output distribution is the target's.
+
+The loop is a chain of pure steps: `draft -> score -> verify -> commit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import time
+from typing import Any
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from pipeline.config import DecodeConfig
+from pipeline.heads import DraftHead, Proposal, rollback_cache
+from pipeline.target import Target
+
+
+class PromptTooLongError(ValueError):
+    """The prompt does not fit the target's context window."""
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """Counters of one generation. Position lists are indexed by draft position (0 = first drafted token).
+
+    `evaluated[i]` counts rounds in which draft token i was checked (all earlier ones accepted), so
+    `accepted[i] / evaluated[i]` is the paper's (i+1)-alpha.
+    """
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    target_forward_passes: int = 0
+    draft_tokens: int = 0
+    drafted: list[int] = dataclasses.field(default_factory=list)
+    evaluated: list[int] = dataclasses.field(default_factory=list)
+    accepted: list[int] = dataclasses.field(default_factory=list)
+    wall_time_s: float = 0.0
+    target_time_s: float = 0.0
+    draft_time_s: float = 0.0
+
+    @property
+    def acceptance_length(self) -> float:
+        """tau: tokens produced per target forward pass (the prefill counts as one)."""
+        return self.new_tokens / self.target_forward_passes if self.target_forward_passes else 0.0
+
+    def record_round(self, num_drafted: int, num_accepted: int) -> None:
+        _grow(self.drafted, num_drafted)
+        _grow(self.evaluated, num_drafted)
+        _grow(self.accepted, num_drafted)
+        for position in range(num_drafted):
+            self.drafted[position] += 1
+            if position <= num_accepted:
+                self.evaluated[position] += 1
+            if position < num_accepted:
+                self.accepted[position] += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "acceptance_length": self.acceptance_length}
+
+
+def _grow(counts: list[int], length: int) -> None:
+    counts.extend([0] * (length - len(counts)))
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    stats: GenerationStats
+
+
+def sampling_probs(logits: torch.Tensor, *, temperature: float, top_p: float) -> torch.Tensor:
+    """logits `(..., V)` -> the sampling distribution `(..., V)` after temperature and nucleus (top-p) filtering.
+
+    Top-p keeps the smallest set of most likely tokens whose mass reaches `top_p` (at least one token).
+    """
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    filtered = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return filtered / filtered.sum(dim=-1, keepdim=True)
+
+
+def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor) -> tuple[int, int]:
+    """target_logits `(k+1, V)` scored at [pending, d_1..d_k]; draft_tokens `(k,)`.
+
+    Returns (number of accepted draft tokens a, the target's own next token after them).
+    """
+    choices = target_logits.argmax(dim=-1)  # (k+1,)
+    num_accepted = int((choices[:-1] == draft_tokens).int().cumprod(dim=0).sum())
+    return num_accepted, int(choices[num_accepted])
+
+
+def verify_sampling(
+    target_probs: torch.Tensor, draft_tokens: torch.Tensor, draft_probs: torch.Tensor, generator: torch.Generator
+) -> tuple[int, int]:
+    """Speculative sampling. target_probs `(k+1, V)`, draft_tokens `(k,)`, draft_probs `(k, V)` (full vocabulary).
+
+    Draft token i is accepted with probability min(1, p_i(d)/q_i(d)); at the first rejection the replacement is
+    drawn from the residual norm(max(0, p_i - q_i)); if all pass, a bonus token is drawn from p_k.
+    """
+    uniforms = torch.rand(len(draft_tokens), generator=generator, device=generator.device)
+    for i, token in enumerate(draft_tokens.tolist()):
+        p, q = target_probs[i, token], draft_probs[i, token]
+        if uniforms[i] * q <= p:
+            continue
+        residual = (target_probs[i] - draft_probs[i]).clamp_min(0.0)
+        return i, _sample(residual / residual.sum(), generator)
+    return len(draft_tokens), _sample(target_probs[-1], generator)
+
+
+def _sample(probs: torch.Tensor, generator: torch.Generator) -> int:
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class StopChecker:
+    """Decides after each new token whether generation ends: EOS, a stop string, max_new_tokens or the context."""
+
+    def __init__(self, target: Target, *, config: DecodeConfig, max_total_tokens: int, prompt_tokens: int) -> None:
+        self.tokenizer = target.tokenizer
+        self.eos_token_ids = target.eos_token_ids
+        self.stop_strings = config.stop
+        self.max_new_tokens = min(config.max_new_tokens, max_total_tokens - prompt_tokens)
+        # A stop string of n characters spans at most n tokens; a few more cover multi-token characters.
+        self.tail_tokens = max((len(s) for s in self.stop_strings), default=0) + 4
+
+    def check(self, output_ids: list[int]) -> str | None:
+        if output_ids[-1] in self.eos_token_ids:
+            return "stop"
+        if self.stop_strings:
+            tail = self.tokenizer.decode(output_ids[-self.tail_tokens :], skip_special_tokens=True)
+            if any(stop in tail for stop in self.stop_strings):
+                return "stop"
+        if len(output_ids) >= self.max_new_tokens:
+            return "length"
+        return None
+
+    def remaining(self, output_ids: list[int]) -> int:
+        return self.max_new_tokens - len(output_ids)
+
+    def final_text(self, output_ids: list[int]) -> str:
+        text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
+        cut = min((text.find(s) for s in self.stop_strings if s in text), default=-1)
+        return text[:cut] if cut >= 0 else text
+
+
+@dataclasses.dataclass
+class _ScoreResult:
+    logits: torch.Tensor  # (T, V) or (1, V)
+    features: torch.Tensor | None  # (1, T, H)
+
+
+def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def score(
+    model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache, *, last_logits_only: bool, want_features: bool
+) -> _ScoreResult:
+    """One target forward over `input_ids` `(1, T)` appended to `cache`."""
+    kwargs: dict[str, Any] = {}
+    if last_logits_only and _accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = 1
+    output = model(
+        input_ids=input_ids, past_key_values=cache, use_cache=True, output_hidden_states=want_features, **kwargs
+    )
+    features = output.hidden_states[-1] if want_features else None
+    return _ScoreResult(logits=output.logits[0], features=features)
+
+
+class _Picker:
+    """Chooses a token from logits: argmax when greedy, else a sample from the processed distribution."""
+
+    def __init__(self, config: DecodeConfig, generator: torch.Generator | None) -> None:
+        self.config = config
+        self.generator = generator
+
+    def __call__(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        if self.config.greedy:
+            return int(logits.argmax()), None
+        probs = sampling_probs(logits, temperature=self.config.temperature, top_p=self.config.top_p)
+        return _sample(probs, self.generator), probs
+
+
+def _draft_probs_full(proposal: Proposal, drafter: DraftHead, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """Stacks the draft distributions `(k, V_draft)` into the target vocabulary `(k, V)`."""
+    draft = torch.stack(proposal.draft_probs)
+    token_ids = drafter.vocabulary.draft_token_ids
+    if token_ids is None:
+        return draft
+    full = torch.zeros(draft.shape[0], vocab_size, device=device, dtype=draft.dtype)
+    return full.index_copy_(1, token_ids, draft)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def generate(
+    target: Target,
+    prompt_ids: torch.Tensor,
+    *,
+    config: DecodeConfig,
+    drafter: DraftHead | None = None,
+) -> GenerationResult:
+    """Generates a continuation of prompt_ids `(1, T)`. Without a drafter this is the vanilla baseline."""
+    model, device = target.model, target.device
+    prompt_length = prompt_ids.shape[1]
+    context = target.context_window
+    if prompt_length >= context:
+        raise PromptTooLongError(
+            f"prompt has {prompt_length} tokens but the target's context window is {context}; shorten the prompt"
+        )
+    stats = GenerationStats(prompt_tokens=prompt_length)
+    stopper = StopChecker(target, config=config, max_total_tokens=context, prompt_tokens=prompt_length)
+    generator = None
+    if not config.greedy:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+    pick = _Picker(config, generator)
+    want_features = drafter is not None
+    draft_length = min(config.draft_length or drafter.config.num_heads, drafter.max_draft_length) if drafter else 0
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+
+    _synchronize(device)
+    started = time.perf_counter()
+    cache = DynamicCache(config=model.config)
+    prefill = score(model, prompt_ids.to(device), cache, last_logits_only=True, want_features=want_features)
+    stats.target_forward_passes += 1
+    pending, _ = pick(prefill.logits[-1])
+    output_ids = [pending]
+    finish_reason = stopper.check(output_ids)
+    new_features = prefill.features
+    next_tokens = torch.cat([prompt_ids[:, 1:].to(device), torch.tensor([[pending]], device=device)], dim=1)
+    draft_state = drafter.new_state() if drafter else None
+
+    while finish_reason is None:
+        committed = cache.get_seq_length()
+        draft_started = time.perf_counter()
+        proposal = Proposal(token_ids=[], draft_probs=[])
+        if drafter is not None:
+            budget = min(draft_length, stopper.remaining(output_ids) - 1, context - committed - 2)
+            proposal = drafter.propose(draft_state, new_features, next_tokens, max(budget, 0), pick)
+            stats.draft_tokens += len(proposal.token_ids)
+        _synchronize(device)
+        target_started = time.perf_counter()
+        stats.draft_time_s += target_started - draft_started
+
+        draft_tokens = torch.tensor(proposal.token_ids, dtype=torch.long, device=device)
+        scored = score(
+            model, torch.cat([torch.tensor([pending], device=device), draft_tokens])[None], cache,
+            last_logits_only=False, want_features=want_features,
+        )
+        stats.target_forward_passes += 1
+        if config.greedy:
+            num_accepted, pending = verify_greedy(scored.logits, draft_tokens)
+        else:
+            target_probs = sampling_probs(scored.logits, temperature=config.temperature, top_p=config.top_p)
+            if len(draft_tokens):
+                draft_probs = _draft_probs_full(proposal, drafter, vocab_size, device)
+                num_accepted, pending = verify_sampling(target_probs, draft_tokens, draft_probs, generator)
+            else:
+                num_accepted, pending = 0, _sample(target_probs[-1], generator)
+        rollback_cache(cache, committed + 1 + num_accepted)
+        _synchronize(device)
+        stats.target_time_s += time.perf_counter() - target_started
+        stats.record_round(len(draft_tokens), num_accepted)
+
+        emitted = proposal.token_ids[:num_accepted] + [pending]
+        for token in emitted:
+            output_ids.append(token)
+            finish_reason = stopper.check(output_ids)
+            if finish_reason:
+                break
+        if want_features:
+            new_features = scored.features[:, : num_accepted + 1]
+            next_tokens = torch.tensor([emitted], device=device)
+
+    _synchronize(device)
+    stats.wall_time_s = time.perf_counter() - started
+    stats.new_tokens = len(output_ids)
+    return GenerationResult(
+        token_ids=output_ids, text=stopper.final_text(output_ids), finish_reason=finish_reason, stats=stats
+    )

