@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
 import torch
 
-from pipeline.config import BenchConfig, ConfigError, DecodeConfig, HeadConfig, TargetConfig
+import yaml
+
+from pipeline.config import BenchConfig, ConfigError, DecodeConfig, DistillConfig, HeadConfig, TargetConfig, TrainConfig
 
 log = logging.getLogger("koala")
 
@@ -63,7 +66,97 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=1, help="prompts run once before timing")
     bench.add_argument("--no-hf", action="store_true", help="skip the HF generate and prompt-lookup baselines")
     bench.add_argument("--json", type=Path, help="write the full report here")
+
+    distill = commands.add_parser("distill", help="the target writes distillation data (Ray Data)")
+    _add_stage_arguments(distill)
+    distill.add_argument("--prompts", nargs="+", help="ShareGPT/OpenAI-style .json/.jsonl files or HF dataset names")
+    distill.add_argument("--mode", help="generate (the target answers) or teacher-forced (text as it is)")
+    distill.add_argument("--max-prompts", type=int, help="data budget: prompts to use (0 = all)")
+    distill.add_argument("--max-new-tokens", type=int, help="data budget: tokens per response")
+    distill.add_argument("--target", help="target spec (default smollm2)")
+    distill.add_argument("--out", help="output directory for the Parquet shards")
+    distill.add_argument("--num-actors", type=int, help="target replicas (one GPU each where there are GPUs)")
+    distill.add_argument("--no-ray", action="store_true", help="run in this process without Ray")
+
+    train = commands.add_parser("train", help="train one KOALA head (Ray Train)")
+    _add_stage_arguments(train)
+    train.add_argument("--data", nargs="+", help="directories written by koala distill")
+    train.add_argument("--out", help="run directory; the trained head is exported to OUT/head")
+    train.add_argument("--head-type", help="eagle or medusa")
+    train.add_argument("--num-layers", type=int, help="K")
+    train.add_argument("--adv-weight", type=float, help="lambda (0 = plain distillation)")
+    train.add_argument("--draft-vocab-size", type=int, help="0 = full vocabulary")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--max-steps", type=int)
+    train.add_argument("--num-workers", type=int)
+    train.add_argument("--target", help="target spec (default smollm2)")
     return parser
+
+
+def _add_stage_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML file with the stage's fields")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override any field, dotted for nested ones (e.g. --set target.dtype=float32)")
+
+
+def _stage_values(args: argparse.Namespace, flags: dict[str, str]) -> dict:
+    """YAML file, then dedicated flags, then --set overrides (later wins)."""
+    values: dict = {}
+    if args.config:
+        if not args.config.is_file():
+            raise ConfigError(f"{args.command}: config file {args.config} does not exist")
+        values = yaml.safe_load(args.config.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{args.command}: {args.config} must hold a mapping of field: value")
+    for attribute, field in flags.items():
+        value = getattr(args, attribute, None)
+        if value is not None:
+            _assign(values, field, value)
+    for item in args.set:
+        field, separator, raw = item.partition("=")
+        if not separator:
+            raise ConfigError(f"{args.command}: --set expects FIELD=VALUE, got {item!r}")
+        _assign(values, field, yaml.safe_load(raw))
+    return values
+
+
+def _assign(values: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for parent in parents:
+        values = values.setdefault(parent, {})
+    values[leaf] = value
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from pipeline.stages.distill import run_distill
+
+    flags = {"prompts": "prompts", "mode": "mode", "max_prompts": "max_prompts", "max_new_tokens": "max_new_tokens",
+             "target": "target.spec", "out": "out_dir", "num_actors": "num_actors"}
+    config = DistillConfig.from_dict(_stage_values(args, flags))
+    summary = run_distill(config, use_ray=not args.no_ray)
+    skipped = ", ".join(f"{reason} {n}" for reason, n in summary["prompts_skipped"].items()) or "none"
+    rate = summary["tokens_per_s"]
+    print(f"distill: {summary['prompts_in']} prompts in, {summary['prompts_kept']} kept, skipped: {skipped}")
+    print(f"distill: {summary['shards']} shards ({summary['shards_reused']} reused), "
+          f"{summary['response_tokens_this_run']} tokens generated this run"
+          + (f" at {rate:.1f} tokens/s end to end ({summary['actor_tokens_per_s']:.1f} per actor while generating)"
+             if rate else "") + f", wall time {summary['wall_time_s']:.1f}s")
+    print(f"distill: data in {config.out_dir}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.stages.train import run_train
+
+    flags = {"data": "data_dirs", "out": "out_dir", "head_type": "head.head_type", "num_layers": "head.num_layers",
+             "adv_weight": "adv_weight", "draft_vocab_size": "head.draft_vocab_size", "epochs": "epochs",
+             "max_steps": "max_steps", "num_workers": "num_workers", "target": "target.spec"}
+    config = TrainConfig.from_dict(_stage_values(args, flags))
+    summary = run_train(config)
+    metrics = {k: v for k, v in summary["metrics"].items() if k.startswith(("val_", "loss_", "step"))}
+    print(f"train: {json.dumps(metrics, default=float)}")
+    print(f"train: head exported to {summary['head_dir']} (load it with koala bench --drafter)")
+    return 0
 
 
 def cmd_head_init(args: argparse.Namespace) -> int:
@@ -131,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.heads import HeadLoadError
     from pipeline.target import TargetLoadError
 
-    handlers = {("head", "init"): cmd_head_init, ("bench", None): cmd_bench}
+    handlers = {("head", "init"): cmd_head_init, ("bench", None): cmd_bench, ("distill", None): cmd_distill,
+                ("train", None): cmd_train}
     handler = handlers[(args.command, getattr(args, "head_command", None))]
     try:
         return handler(args)

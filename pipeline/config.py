@@ -81,10 +81,18 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
                 errors.append(str(error))
         raise ConfigError(errors[0])
     if origin is tuple:
+        if isinstance(value, str):
+            value = [value]  # a single item where a list is expected
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}: expected a list, got {value!r}")
         (item_hint, _ellipsis) = typing.get_args(hint)
         return tuple(_coerce(name, item, item_hint) for item in value)
+    if isinstance(hint, type) and issubclass(hint, Config):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping of {hint.section} fields, got {value!r}")
+        return hint.from_dict(value)
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{name}: expected true or false, got {value!r}")
@@ -215,3 +223,147 @@ class BenchConfig(Config):
             self.fail("warmup_prompts", f"must be >= 0, got {self.warmup_prompts}")
         if self.prompt_lookup_num_tokens < 1:
             self.fail("prompt_lookup_num_tokens", f"must be >= 1, got {self.prompt_lookup_num_tokens}")
+
+
+DATA_MODES = ("generate", "teacher-forced")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrackingConfig(Config):
+    """MLflow: `uri` empty means the embedded default, a SQLite store `<run_dir>/mlflow.db`."""
+
+    section: ClassVar[str] = "tracking"
+
+    uri: str = ""
+    run_dir: str = "runs"
+    experiment: str = "koala"
+    enabled: bool = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistillConfig(Config):
+    """`koala distill`: the target writes its own training data (or labels existing text) as Parquet shards.
+
+    The data budget is explicit: `max_prompts` (0 = all), `max_new_tokens` per response, and `mode` —
+    `generate` (the target answers each prompt; about 10x the cost per token of `teacher-forced`, which uses the
+    text as it is). Mix modes by distilling into two directories and training on both.
+    """
+
+    section: ClassVar[str] = "distill"
+
+    prompts: tuple[str, ...] = ()
+    split: str = "train"
+    mode: str = "generate"
+    max_prompts: int = 0
+    max_prompt_tokens: int = 1024
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 16
+    shard_size: int = 64
+    num_actors: int = 1
+    cpus_per_actor: int = 2
+    use_gpu: str = "auto"
+    out_dir: str = "runs/data/distill"
+    target: TargetConfig = dataclasses.field(default_factory=TargetConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        if not self.prompts:
+            self.fail("prompts", "name prompt files (.json/.jsonl, ShareGPT or OpenAI messages) or HF datasets")
+        if self.mode not in DATA_MODES:
+            self.fail("mode", f"unknown mode {self.mode!r}; choose one of {list(DATA_MODES)}")
+        for field in ("max_prompt_tokens", "max_new_tokens", "batch_size", "shard_size", "num_actors", "cpus_per_actor"):
+            if getattr(self, field) < 1:
+                self.fail(field, f"must be >= 1, got {getattr(self, field)}")
+        if self.max_prompts < 0:
+            self.fail("max_prompts", f"must be >= 0 (0 = all), got {self.max_prompts}")
+        if self.temperature < 0:
+            self.fail("temperature", f"must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            self.fail("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.use_gpu not in ("auto", "yes", "no"):
+            self.fail("use_gpu", f"must be 'auto', 'yes' or 'no', got {self.use_gpu!r}")
+
+    def generation_settings(self) -> dict[str, Any]:
+        """Everything that changes the content of a shard: a different value means different data."""
+        return {
+            "target": self.target.spec, "prompt_format": self.target.prompt_format,
+            "system_prompt": self.target.system_prompt, "mode": self.mode, "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed, "shard_size": self.shard_size,
+            "max_prompt_tokens": self.max_prompt_tokens, "dtype": self.target.dtype,
+        }
+
+
+FEATURE_CACHE_MODES = ("auto", "on", "off")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig(Config):
+    """`koala train`: one KOALA head (type, K, lambda) trained on distilled data.
+
+    `adv_weight` is lambda: 0 disables the discriminator (the plain distillation baseline). `feature_cache`
+    `auto` caches the target's features (fp16 safetensors) when the estimate stays below `cache_limit_gb`,
+    otherwise every step recomputes them with the frozen target. `fail_once_at_step` is a test-only fault
+    injection: the worker process exits once after that step.
+    """
+
+    section: ClassVar[str] = "train"
+
+    data_dirs: tuple[str, ...] = ()
+    out_dir: str = "runs/heads/koala"
+    head: HeadConfig = dataclasses.field(default_factory=HeadConfig)
+    adv_weight: float = 0.0
+    discriminator_layers: int = 2
+    discriminator_hidden_size: int = 256
+    discriminator_lr: float = 1e-4
+    head_lr: float = 5e-4
+    feature_loss_weight: float = 1.0
+    g_steps: int = 1
+    d_steps: int = 1
+    epochs: int = 1
+    max_steps: int = 0
+    batch_size: int = 8
+    max_seq_len: int = 512
+    val_fraction: float = 0.05
+    seed: int = 0
+    num_workers: int = 1
+    cpus_per_worker: int = 2
+    use_gpu: str = "auto"
+    feature_cache: str = "auto"
+    cache_limit_gb: float = 4.0
+    checkpoint_every_steps: int = 100
+    log_every_steps: int = 10
+    max_failures: int = 2
+    fail_once_at_step: int = 0
+    target: TargetConfig = dataclasses.field(default_factory=TargetConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        if not self.data_dirs:
+            self.fail("data_dirs", "name at least one directory written by koala distill")
+        if self.adv_weight < 0:
+            self.fail("adv_weight", f"lambda must be >= 0 (0 disables the adversarial loss), got {self.adv_weight}")
+        if not 1 <= self.discriminator_layers <= 3:
+            self.fail("discriminator_layers", f"must be 1, 2 or 3, got {self.discriminator_layers}")
+        for field in ("discriminator_lr", "head_lr"):
+            if getattr(self, field) <= 0:
+                self.fail(field, f"must be > 0, got {getattr(self, field)}")
+        for field in ("g_steps", "d_steps", "epochs", "batch_size", "max_seq_len", "num_workers", "cpus_per_worker",
+                      "checkpoint_every_steps", "log_every_steps", "discriminator_hidden_size"):
+            if getattr(self, field) < 1:
+                self.fail(field, f"must be >= 1, got {getattr(self, field)}")
+        for field in ("max_steps", "max_failures", "fail_once_at_step"):
+            if getattr(self, field) < 0:
+                self.fail(field, f"must be >= 0, got {getattr(self, field)}")
+        if self.feature_loss_weight < 0:
+            self.fail("feature_loss_weight", f"must be >= 0, got {self.feature_loss_weight}")
+        if not 0 <= self.val_fraction < 1:
+            self.fail("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        if self.use_gpu not in ("auto", "yes", "no"):
+            self.fail("use_gpu", f"must be 'auto', 'yes' or 'no', got {self.use_gpu!r}")
+        if self.feature_cache not in FEATURE_CACHE_MODES:
+            self.fail("feature_cache", f"unknown mode {self.feature_cache!r}; choose one of {list(FEATURE_CACHE_MODES)}")
+        if self.cache_limit_gb < 0:
+            self.fail("cache_limit_gb", f"must be >= 0, got {self.cache_limit_gb}")

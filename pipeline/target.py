@@ -47,6 +47,42 @@ class TargetIdentity:
 
 
 @dataclasses.dataclass
+class PromptFormat:
+    """Turns conversations into the target's prompt text: its chat template, Vicuna's template, or plain text.
+
+    Needs only the tokenizer, so data stages can format and measure prompts without loading the model.
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    style: str
+    system_prompt: str | None = None
+
+    def render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+        """Conversation (`role`/`content` dicts) -> prompt text; with `add_generation_prompt` it ends where the
+        assistant's next turn begins."""
+        if self.system_prompt and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        if self.style == "chat":
+            return self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
+        if self.style == "vicuna":
+            return _vicuna_prompt(messages, add_generation_prompt=add_generation_prompt)
+        return "\n\n".join(m["content"] for m in messages if m["role"] != "system")
+
+    @property
+    def adds_special_tokens(self) -> bool:
+        # Chat templates already contain BOS and friends; plain and vicuna text gets the tokenizer's usual specials.
+        return self.style != "chat"
+
+    def encode(self, prompt: str | list[dict[str, str]]) -> list[int]:
+        """Prompt text (one user turn) or a message list -> input ids."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = self.render(messages)
+        return self.tokenizer(text, add_special_tokens=self.adds_special_tokens)["input_ids"]
+
+
+@dataclasses.dataclass
 class Target:
     """A loaded target model with its tokenizer and prompt format."""
 
@@ -55,6 +91,10 @@ class Target:
     name: str
     prompt_format: str
     system_prompt: str | None = None
+
+    @property
+    def formatter(self) -> PromptFormat:
+        return PromptFormat(self.tokenizer, self.prompt_format, self.system_prompt)
 
     @property
     def device(self) -> torch.device:
@@ -89,26 +129,15 @@ class Target:
         return frozenset([source] if isinstance(source, int) else source)
 
     def format_messages(self, messages: list[dict[str, str]]) -> str:
-        """Renders a conversation (`role`/`content` dicts) ending with a user turn as the target's prompt text."""
-        if self.system_prompt and not any(m["role"] == "system" for m in messages):
-            messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        if self.prompt_format == "chat":
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        if self.prompt_format == "vicuna":
-            return _vicuna_prompt(messages)
-        return "\n\n".join(m["content"] for m in messages)
+        """Renders a conversation ending with a user turn as the target's prompt text."""
+        return self.formatter.render(messages)
 
     def encode_prompt(self, prompt: str | list[dict[str, str]]) -> torch.Tensor:
         """Prompt text (one user turn) or a message list -> input ids `(1, T)` on the target's device."""
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        text = self.format_messages(messages)
-        # Chat templates already contain BOS and friends; plain and vicuna text gets the tokenizer's usual specials.
-        add_special = self.prompt_format != "chat"
-        ids = self.tokenizer(text, add_special_tokens=add_special, return_tensors="pt")["input_ids"]
-        return ids.to(self.device)
+        return torch.tensor([self.formatter.encode(prompt)], device=self.device)
 
 
-def _vicuna_prompt(messages: list[dict[str, str]]) -> str:
+def _vicuna_prompt(messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
     system = next((m["content"] for m in messages if m["role"] == "system"), VICUNA_SYSTEM)
     parts = [system]
     for message in messages:
@@ -116,7 +145,8 @@ def _vicuna_prompt(messages: list[dict[str, str]]) -> str:
             parts.append(f"USER: {message['content']}")
         elif message["role"] == "assistant":
             parts.append(f"ASSISTANT: {message['content']}</s>")
-    parts.append("ASSISTANT:")
+    if add_generation_prompt:
+        parts.append("ASSISTANT:")
     return " ".join(parts)
 
 
@@ -194,6 +224,20 @@ def resolve_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return spec, {}
 
 
+def load_tokenizer(spec: str = SMOLLM2_ALIAS, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Only the target's tokenizer (for data stages that format and count tokens on the driver)."""
+    location, extra = resolve_spec(spec)
+    try:
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError) as error:
+        raise TargetLoadError(f"target {spec!r}: could not load its tokenizer from {location!r} ({_first_line(error)})") from error
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def load_target(
     spec: str = SMOLLM2_ALIAS,
     *,
@@ -213,9 +257,8 @@ def load_target(
             location, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
         )
     except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise TargetLoadError(
-            f"target {spec!r}: could not load it as a Hugging Face causal LM from {location!r} ({first_line})"
+            f"target {spec!r}: could not load it as a Hugging Face causal LM from {location!r} ({_first_line(error)})"
         ) from error
     model.to(torch_device).eval()
     model.requires_grad_(False)

@@ -71,3 +71,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present next to the repository")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama saved as a local model directory (loadable by spec, like a user's own model)."""
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(directory)
+    char_tokenizer().save_pretrained(directory)
+    return directory

@@ -1,0 +1,1 @@
+"""The Ray layer: thin wrappers that run the core stages on a Ray cluster."""

@@ -1,0 +1,105 @@
+"""The one place that talks to MLflow. Called from the driver and from rank 0 only.
+
+Runs are created on the driver and their id handed to Ray workers, so a worker restarted after a failure keeps
+logging into the same run instead of starting a new one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import TrackingConfig
+
+log = logging.getLogger(__name__)
+MAX_PARAM_LENGTH = 500
+
+
+def tracking_uri(config: TrackingConfig) -> str:
+    """The configured URI, or the embedded default: a SQLite store in the project's run directory."""
+    if config.uri:
+        return config.uri
+    path = Path(config.run_dir).resolve() / "mlflow.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def default_artifact_location(uri: str) -> str | None:
+    """For a local SQLite store, artifacts go next to the database (not into the working directory)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config dicts -> MLflow params `a.b.c: str`, values cut to MLflow's length limit."""
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, f"{name}."))
+        else:
+            text = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+            flat[name] = text[:MAX_PARAM_LENGTH]
+    return flat
+
+
+class Run:
+    """An MLflow run addressed by id through `MlflowClient` (no global active-run state, safe in Ray workers)."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.run_id = run_id
+        self.client = MlflowClient(tracking_uri=uri)
+
+    @classmethod
+    def start(cls, uri: str, *, experiment: str, run_name: str, params: Mapping[str, Any],
+              tags: Mapping[str, str] | None = None, parent_run_id: str | None = None) -> Run:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(
+            experiment, artifact_location=default_artifact_location(uri)
+        )
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        tracked = cls(uri, run.info.run_id)
+        tracked.log_params(params)
+        return tracked
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = [Param(k, v) for k, v in flatten_params(params).items()]
+        for start in range(0, len(flat), 100):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, params=flat[start : start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float | None], *, step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, data: Any, name: str) -> None:
+        self.client.log_dict(self.run_id, data, name)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)

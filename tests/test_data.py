@@ -1,0 +1,144 @@
+"""Distillation data: prompt formats, skips, teacher-forced masks, batched responses, atomic resumable shards."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import make_tiny_target
+from pipeline.config import ConfigError, DecodeConfig, DistillConfig
+from pipeline.data import (
+    Conversation,
+    encode_teacher_forced,
+    generate_responses,
+    load_conversations,
+    normalize_record,
+    shard_metadata,
+)
+from pipeline.decoding import generate
+
+SHAREGPT = [
+    {"id": "a", "conversations": [{"from": "human", "value": "hello there"}, {"from": "gpt", "value": "hi, friend"}]},
+    {"id": "b", "conversations": [{"from": "human", "value": "hello there"}]},  # duplicate first turn
+    {"id": "c", "conversations": [{"from": "gpt", "value": "i start"}, {"from": "human", "value": "odd"}]},
+    {"id": "d", "conversations": [{"from": "human", "value": "   "}]},
+    {"id": "e", "conversations": [{"from": "gpt", "value": "only me"}]},
+    {"id": "f", "conversations": [{"from": "human", "value": "what is two plus two?"}]},
+]
+
+
+def test_normalize_accepts_sharegpt_openai_and_plain_prompts():
+    assert normalize_record({"messages": [{"role": "user", "content": "x"}]}) == ([{"role": "user", "content": "x"}], None)
+    assert normalize_record({"prompt": " y "}) == ([{"role": "user", "content": "y"}], None)
+    assert normalize_record({"turns": ["q1", "q2"]})[0] == [{"role": "user", "content": "q1"}]
+    assert normalize_record({"foo": 1}) == (None, "unknown_format")
+    assert normalize_record({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]})[0][0]["role"] == "system"
+
+
+def test_load_conversations_counts_every_skip(tmp_path):
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(SHAREGPT))
+    kept, skipped, total = load_conversations(str(path), keep_responses=False)
+    assert total == 6
+    assert [c.messages[0]["content"] for c in kept] == ["hello there", "what is two plus two?"]
+    assert dict(skipped) == {"duplicate": 1, "first_turn_not_user": 1, "empty_text": 1, "no_user_turn": 1}
+    with_responses, _, _ = load_conversations(str(path), keep_responses=True)
+    assert with_responses[0].messages[-1] == {"role": "assistant", "content": "hi, friend"}
+
+
+def test_bad_prompt_files_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_conversations(str(tmp_path / "missing.json"), keep_responses=False)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(b"\xff\xfe not json")
+    with pytest.raises(ConfigError, match="not readable JSON"):
+        load_conversations(str(broken), keep_responses=False)
+    unknown = tmp_path / "unknown.jsonl"
+    unknown.write_text('{"foo": 1}\n{"bar": 2}\n')
+    with pytest.raises(ConfigError, match="unknown dataset format"):
+        load_conversations(str(unknown), keep_responses=False)
+
+
+def test_teacher_forced_mask_covers_exactly_the_assistant_text(tiny_target):
+    conversation = Conversation("x", ({"role": "user", "content": "hello there"},
+                                      {"role": "assistant", "content": "hi, friend"},
+                                      {"role": "user", "content": "more"},
+                                      {"role": "assistant", "content": "ok"}))
+    row = encode_teacher_forced(tiny_target.formatter, conversation)
+    masked = [token for token, keep in zip(row.input_ids, row.loss_mask) if keep]
+    assert tiny_target.tokenizer.decode(masked) == "hi, friendok"
+    assert row.response_tokens == len(masked)
+
+
+def test_batched_responses_equal_one_by_one_greedy_generation():
+    target = make_tiny_target(seed=4)
+    prompts = ["hi", "the quick brown fox", "a longer prompt with more words in it", "x"]
+    conversations = [Conversation(str(i), ({"role": "user", "content": p},)) for i, p in enumerate(prompts)]
+    rows = generate_responses(target, conversations, max_new_tokens=12, batch_size=3)
+    for row, prompt in zip(rows, prompts):
+        alone = generate(target, target.encode_prompt(prompt), config=DecodeConfig(max_new_tokens=12))
+        assert row.input_ids[row.prompt_tokens:] == alone.token_ids
+        assert row.loss_mask == [0] * row.prompt_tokens + [1] * row.response_tokens
+
+
+def _distill_config(tmp_path, prompts_path, model_dir, **overrides):
+    values = {"prompts": str(prompts_path), "out_dir": str(tmp_path / "data"), "shard_size": 2, "batch_size": 2,
+              "max_new_tokens": 8, "target": {"spec": str(model_dir), "device": "cpu"},
+              "tracking": {"run_dir": str(tmp_path / "runs")}}
+    values.update(overrides)
+    return DistillConfig.from_dict(values)
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    texts = ["hello there", "the quick brown fox", "what is two plus two?", "tell me a story", "why is the sky blue?"]
+    path.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": t}]}) for t in texts) + "\n")
+    return path
+
+
+def test_interrupted_distillation_resumes_without_duplicates(tmp_path, prompts_file, tiny_model_dir):
+    from pipeline.stages.distill import run_distill
+
+    config = _distill_config(tmp_path, prompts_file, tiny_model_dir, tracking={"enabled": False})
+    first = run_distill(config, use_ray=False)
+    shards = sorted((tmp_path / "data").glob("shard-*.parquet"))
+    assert first["shards"] == len(shards) == 3 and first["shards_reused"] == 0
+    original = {p.name: pq.read_table(p).to_pylist() for p in shards}
+    # Simulate a crash: one shard never renamed into place, a temporary file left behind.
+    shards[1].unlink()
+    (tmp_path / "data" / ".shard-00001.parquet.999.tmp").write_bytes(b"half a file")
+    second = run_distill(config, use_ray=False)
+    assert second["shards_reused"] == 2
+    rows = [row for p in sorted((tmp_path / "data").glob("shard-*.parquet")) for row in pq.read_table(p).to_pylist()]
+    ids = [row["prompt_id"] for row in rows]
+    assert len(ids) == len(set(ids)) == 5
+    assert pq.read_table(shards[1]).to_pylist() == original[shards[1].name]
+    assert shard_metadata(shards[0])["settings"]["max_new_tokens"] == 8
+    frequencies = json.loads((tmp_path / "data" / "token_freq.json").read_text())["counts"]
+    assert sum(frequencies.values()) == sum(row["response_tokens"] for row in rows)
+    with pytest.raises(ConfigError, match="different settings"):
+        run_distill(config.replace(max_new_tokens=9), use_ray=False)
+
+
+def test_teacher_forced_mode_uses_text_as_it_is(tmp_path, tiny_model_dir):
+    from pipeline.stages.distill import run_distill
+
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(SHAREGPT))
+    config = _distill_config(tmp_path, path, tiny_model_dir, mode="teacher-forced", tracking={"enabled": False})
+    summary = run_distill(config, use_ray=False)
+    assert summary["prompts_kept"] == 3  # a (with response), b (same first turn, no response: distinct), f
+    rows = [r for p in sorted((tmp_path / "data").glob("shard-*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert all(sum(r["loss_mask"]) == r["response_tokens"] > 0 for r in rows)
+
+
+def test_distill_config_errors_name_fields(tmp_path):
+    with pytest.raises(ConfigError, match="distill.mode"):
+        DistillConfig(prompts="x.json", mode="dream")
+    with pytest.raises(ConfigError, match="distill.prompts"):
+        DistillConfig()
+    with pytest.raises(ConfigError, match="distill.max_new_tokens"):
+        DistillConfig(prompts="x.json", max_new_tokens=0)
