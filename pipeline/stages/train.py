@@ -264,8 +264,10 @@ def run_train(config: TrainConfig, *, run_name: str | None = None, parent_run_id
 
     dataset = ray.data.read_parquet([str(p) for p in paths], columns=["prompt_id", "input_ids", "loss_mask"])
     fraction = config.val_fraction
-    train_set = dataset.filter(lambda row: not is_validation(row["prompt_id"], fraction))
-    validation_set = dataset.filter(lambda row: is_validation(row["prompt_id"], fraction))
+    # Materialised on the driver, before the workers claim their CPUs: token ids are small, and Ray Data tasks
+    # started later would wait for CPUs that the training workers hold (a deadlock on a one-node cluster).
+    train_set = dataset.filter(lambda row: not is_validation(row["prompt_id"], fraction)).materialize()
+    validation_set = dataset.filter(lambda row: is_validation(row["prompt_id"], fraction)).materialize()
 
     tracking = _start_run(config, stats, cache_reason, run_name=run_name, parent_run_id=parent_run_id)
     data_key = hashlib.sha1(json.dumps([str(p) for p in paths] + [stats["tokens"], config.max_seq_len,
