@@ -168,9 +168,9 @@ class KoalaTrainer:
         self.head_optimizer.step()
         metrics = {"loss_distill": loss_distill.item(), "loss_g": loss.item()}
         if predictions.loss_feature is not None:
-            metrics["loss_feature"] = float(predictions.loss_feature)
+            metrics["loss_feature"] = predictions.loss_feature.item()
         if self.discriminator is not None:
-            metrics["loss_adv_g"] = float(loss_adv_g)
+            metrics["loss_adv_g"] = loss_adv_g.item()
         return metrics
 
     def discriminator_step(self, batch: TrainBatch) -> dict[str, float]:

@@ -135,6 +135,17 @@ def test_teacher_forced_mode_uses_text_as_it_is(tmp_path, tiny_model_dir):
     assert all(sum(r["loss_mask"]) == r["response_tokens"] > 0 for r in rows)
 
 
+def test_bad_prompt_input_writes_nothing(tmp_path, tiny_model_dir):
+    from pipeline.stages.distill import run_distill
+
+    unknown = tmp_path / "unknown.jsonl"
+    unknown.write_text('{"foo": 1}\n')
+    config = _distill_config(tmp_path, unknown, tiny_model_dir, tracking={"enabled": False})
+    with pytest.raises(ConfigError, match="unknown dataset format"):
+        run_distill(config, use_ray=False)
+    assert not (tmp_path / "data").exists()
+
+
 def test_distill_config_errors_name_fields(tmp_path):
     with pytest.raises(ConfigError, match="distill.mode"):
         DistillConfig(prompts="x.json", mode="dream")

@@ -132,10 +132,10 @@ def run_distill(config: DistillConfig, *, use_ray: bool = True) -> dict[str, Any
     frequency table and a summary, and logs the stage to MLflow."""
     started = time.perf_counter()
     out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     conversations, skipped, total = select_prompts(config)
     if not conversations:
-        raise ConfigError(f"distill.prompts: no usable prompts in {config.prompts!r} (skipped: {dict(skipped)})")
+        raise ConfigError(f"distill.prompts: no usable prompts in {list(config.prompts)} (skipped: {dict(skipped)})")
+    out_dir.mkdir(parents=True, exist_ok=True)
     shards = [conversations[i : i + config.shard_size] for i in range(0, len(conversations), config.shard_size)]
     _check_manifest(out_dir, config.generation_settings(), [[c.prompt_id for c in shard] for shard in shards])
     pending = [i for i in range(len(shards)) if not shard_path(out_dir, i).is_file()]
