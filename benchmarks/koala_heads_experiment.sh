@@ -9,13 +9,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 K=.venv/bin/koala
 DATA="${DATA:-runs/data/sharegpt-1k}"
-EPOCHS="${EPOCHS:-4}"
+EPOCHS="${EPOCHS:-3}"
+HEAD_LR="${HEAD_LR:-1e-3}"
 VOCAB="${VOCAB:-8192}"
 for spec in "eagle 1 0" "eagle 2 0.1" "medusa 1 0" "medusa 2 0.1"; do
     read -r type layers lambda <<<"$spec"
     name="$type-k$layers-l$lambda"
     $K train --data "$DATA" --out "runs/train/$name" --head-type "$type" --num-layers "$layers" \
-        --adv-weight "$lambda" --draft-vocab-size "$VOCAB" --epochs "$EPOCHS" --set head.num_heads=3
+        --adv-weight "$lambda" --draft-vocab-size "$VOCAB" --epochs "$EPOCHS" --set head.num_heads=3 --set head_lr="$HEAD_LR"
 done
 for spec in "eagle 1 0" "eagle 2 0.1" "medusa 1 0" "medusa 2 0.1"; do
     read -r type layers lambda <<<"$spec"

@@ -108,3 +108,22 @@ def test_core_does_not_import_ray():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_stage_config_from_yaml_flags_and_set_overrides(tmp_path):
+    from pipeline.cli import _stage_values, build_parser
+    from pipeline.config import TrainConfig
+
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text("data_dirs: [a]\nadv_weight: 0.3\nhead:\n  head_type: medusa\n  num_layers: 2\n")
+    args = build_parser().parse_args(["train", "--config", str(config_file), "--num-layers", "3",
+                                      "--set", "target.dtype=float32", "--set", "adv_weight=0.05",
+                                      "--set", "head_lr=1e-3"])
+    flags = {"num_layers": "head.num_layers"}
+    config = TrainConfig.from_dict(_stage_values(args, flags))
+    assert (config.head.head_type, config.head.num_layers) == ("medusa", 3)
+    assert config.adv_weight == 0.05 and config.target.dtype == "float32"
+    assert config.head_lr == 0.001  # YAML reads "1e-3" as a string; float fields accept it
+    bad = build_parser().parse_args(["train", "--config", str(config_file), "--set", "head.num_layers=0"])
+    with pytest.raises(Exception, match="head.num_layers: must be >= 1"):
+        TrainConfig.from_dict(_stage_values(bad, flags))
