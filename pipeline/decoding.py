@@ -12,6 +12,7 @@ The loop is a chain of pure steps: `draft -> score -> verify -> commit`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import time
 from typing import Any
@@ -163,8 +164,10 @@ class _ScoreResult:
     features: torch.Tensor | None  # (1, T, H)
 
 
-def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+@functools.cache
+def _accepts_logits_to_keep(model_class: type) -> bool:
+    # Asked once per model class: signature inspection is too slow for the per-step path.
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def score(
@@ -172,7 +175,7 @@ def score(
 ) -> _ScoreResult:
     """One target forward over `input_ids` `(1, T)` appended to `cache`."""
     kwargs: dict[str, Any] = {}
-    if last_logits_only and _accepts_logits_to_keep(model):
+    if last_logits_only and _accepts_logits_to_keep(type(model)):
         kwargs["logits_to_keep"] = 1
     output = model(
         input_ids=input_ids, past_key_values=cache, use_cache=True, output_hidden_states=want_features, **kwargs

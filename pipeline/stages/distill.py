@@ -30,6 +30,7 @@ from pipeline.data import (
     write_json_atomically,
     write_table_atomically,
 )
+from pipeline.stages.resources import use_gpus
 from pipeline.target import load_target_from_config, load_tokenizer, choose_prompt_format, PromptFormat
 
 log = logging.getLogger(__name__)
@@ -116,17 +117,6 @@ class DistillActor:
         return {key: [r[key] for r in results] for key in results[0]}
 
 
-def _gpus_per_actor(config: DistillConfig) -> float:
-    import ray
-
-    if config.use_gpu == "no":
-        return 0
-    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    if config.use_gpu == "yes" and not has_gpus:
-        raise ConfigError("distill.use_gpu: 'yes' but the Ray cluster has no GPUs; use 'auto' or 'no'")
-    return 1 if has_gpus else 0
-
-
 def run_distill(config: DistillConfig, *, use_ray: bool = True) -> dict[str, Any]:
     """Plans shards, distils the pending ones (on Ray, or in-process with `use_ray=False`), writes the token
     frequency table and a summary, and logs the stage to MLflow."""
@@ -183,7 +173,7 @@ def _run_pending(config: DistillConfig, shards: list[list[Conversation]], pendin
         batch_size=1,
         concurrency=min(config.num_actors, len(items)),
         num_cpus=config.cpus_per_actor,
-        num_gpus=_gpus_per_actor(config),
+        num_gpus=1 if use_gpus(config.use_gpu, section="distill") else 0,
     )
     return dataset.take_all()
 

@@ -24,6 +24,7 @@ import torch
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.data import FREQUENCY_FILE, read_token_frequencies, shard_metadata
 from pipeline.heads import build_head, save_head, target_identity_dict
+from pipeline.stages.resources import use_gpus
 from pipeline.target import load_target_from_config
 from pipeline.training import KoalaTrainer, TrainBatch, iterate_batches, pad_rows, target_features
 from pipeline.vocab import top_token_ids
@@ -260,7 +261,7 @@ def run_train(config: TrainConfig, *, run_name: str | None = None, parent_run_id
     draft_ids = draft_vocabulary(config, _eos_ids(config)) if config.head.draft_vocab_size else None
     if not ray.is_initialized():
         ray.init()
-    use_gpu = _use_gpu(config)
+    use_gpu = use_gpus(config.use_gpu, section="train")
 
     dataset = ray.data.read_parquet([str(p) for p in paths], columns=["prompt_id", "input_ids", "loss_mask"])
     fraction = config.val_fraction
@@ -328,15 +329,6 @@ def _eos_ids(config: TrainConfig) -> list[int]:
 
     tokenizer = load_tokenizer(config.target.spec, trust_remote_code=config.target.trust_remote_code)
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-
-
-def _use_gpu(config: TrainConfig) -> bool:
-    import ray
-
-    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    if config.use_gpu == "yes" and not has_gpus:
-        raise ConfigError("train.use_gpu: 'yes' but the Ray cluster has no GPUs; use 'auto' or 'no'")
-    return config.use_gpu != "no" and has_gpus
 
 
 def _start_run(config: TrainConfig, stats: dict[str, Any], cache_reason: str, *, run_name: str | None,
