@@ -103,3 +103,43 @@ class Run:
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+CHAMPION_ALIAS = "champion"
+
+
+def register_champion(uri: str, *, model_name: str, run_id: str, artifact_path: str = "head",
+                      tags: Mapping[str, Any] | None = None, description: str = "") -> str:
+    """Registers `runs:/<run_id>/<artifact_path>` (a head directory) as a new version of `model_name` and points
+    the `champion` alias at it. Returns the version. Tag values are stored as strings (JSON for structures)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException:
+        client.create_registered_model(model_name, description="KOALA draft heads; alias 'champion' is the sweep winner")
+    version = client.create_model_version(
+        model_name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id,
+        tags={k: v if isinstance(v, str) else json.dumps(v) for k, v in (tags or {}).items()},
+        description=description,
+    )
+    client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version.version)
+    return version.version
+
+
+def download_registered_head(uri: str, model_uri: str, dst: str | Path) -> Path:
+    """`models:/NAME@champion` (or `models:/NAME/VERSION`) -> a local head directory that `load_head` reads."""
+    import mlflow.artifacts
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    name, _, selector = model_uri.removeprefix("models:/").partition("@")
+    if selector:
+        source = client.get_model_version_by_alias(name, selector).source
+    else:
+        name, _, number = model_uri.removeprefix("models:/").partition("/")
+        source = client.get_model_version(name, number).source
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=uri))
