@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import inspect
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,6 +28,11 @@ from pipeline.target import Target
 
 class PromptTooLongError(ValueError):
     """The prompt does not fit the target's context window."""
+
+
+# on_tokens(new_token_ids) sees the tokens each round commits, in order; returning False stops generation with
+# finish_reason "cancelled" (a streaming client that went away should not keep the target busy).
+TokenCallback = Callable[[list[int]], bool | None]
 
 
 @dataclasses.dataclass
@@ -76,7 +82,7 @@ def _grow(counts: list[int], length: int) -> None:
 class GenerationResult:
     token_ids: list[int]
     text: str
-    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    finish_reason: str  # "stop" (EOS or stop string), "length", or "cancelled" (on_tokens returned False)
     stats: GenerationStats
 
 
@@ -208,6 +214,16 @@ def _draft_probs_full(proposal: Proposal, drafter: DraftHead, vocab_size: int, d
     return full.index_copy_(1, token_ids, draft)
 
 
+def _notify(on_tokens: TokenCallback | None, output_ids: list[int], start: int, finish_reason: str | None) -> str | None:
+    """Hands output_ids[start:] to the callback; a False answer ends an unfinished generation as "cancelled"."""
+    if on_tokens is None:
+        return finish_reason
+    keep_going = on_tokens(output_ids[start:])
+    if keep_going is False and finish_reason is None:
+        return "cancelled"
+    return finish_reason
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -220,8 +236,13 @@ def generate(
     *,
     config: DecodeConfig,
     drafter: DraftHead | None = None,
+    on_tokens: TokenCallback | None = None,
 ) -> GenerationResult:
-    """Generates a continuation of prompt_ids `(1, T)`. Without a drafter this is the vanilla baseline."""
+    """Generates a continuation of prompt_ids `(1, T)`. Without a drafter this is the vanilla baseline.
+
+    `on_tokens`, when given, is called with each round's newly committed tokens (see `TokenCallback`); it never
+    changes which tokens are generated, only when generation stops.
+    """
     model, device = target.model, target.device
     prompt_length = prompt_ids.shape[1]
     context = target.context_window
@@ -247,7 +268,7 @@ def generate(
     stats.target_forward_passes += 1
     pending, _ = pick(prefill.logits[-1])
     output_ids = [pending]
-    finish_reason = stopper.check(output_ids)
+    finish_reason = _notify(on_tokens, output_ids, 0, stopper.check(output_ids))
     new_features = prefill.features
     next_tokens = torch.cat([prompt_ids[:, 1:].to(device), torch.tensor([[pending]], device=device)], dim=1)
     draft_state = drafter.new_state() if drafter else None
@@ -285,11 +306,13 @@ def generate(
         stats.record_round(len(draft_tokens), num_accepted)
 
         emitted = proposal.token_ids[:num_accepted] + [pending]
+        committed_before = len(output_ids)
         for token in emitted:
             output_ids.append(token)
             finish_reason = stopper.check(output_ids)
             if finish_reason:
                 break
+        finish_reason = _notify(on_tokens, output_ids, committed_before, finish_reason)
         if want_features:
             new_features = scored.features[:, : num_accepted + 1]
             next_tokens = torch.tensor([emitted], device=device)

@@ -273,3 +273,35 @@ def test_metrics_pool_over_generations():
     a = GenerationStats(new_tokens=10, target_forward_passes=5, wall_time_s=1.0)
     b = GenerationStats(new_tokens=30, target_forward_passes=10, wall_time_s=1.0)
     assert acceptance_length([a, b]) == pytest.approx(40 / 15)
+
+
+@pytest.mark.parametrize("with_drafter", [False, True])
+def test_on_tokens_sees_every_token_once_and_changes_nothing(tiny_target, with_drafter):
+    torch.manual_seed(0)
+    head = build_head(HeadConfig(head_type="eagle", num_layers=1, num_heads=3), tiny_target.model) if with_drafter else None
+    prompt_ids = _prompt_ids(tiny_target, PROMPTS[1])
+    for config in (_greedy(), DecodeConfig(max_new_tokens=40, temperature=0.8, seed=3)):
+        plain = generate(tiny_target, prompt_ids, config=config, drafter=head)
+        rounds: list[list[int]] = []
+        streamed = generate(tiny_target, prompt_ids, config=config, drafter=head, on_tokens=rounds.append)
+        assert streamed.token_ids == plain.token_ids
+        assert streamed.finish_reason == plain.finish_reason
+        assert [t for r in rounds for t in r] == streamed.token_ids
+        assert all(rounds), "every call carries at least one new token"
+
+
+def test_on_tokens_returning_false_cancels_generation(tiny_target):
+    head = build_head(HeadConfig(head_type="medusa", num_layers=1, num_heads=3), tiny_target.model)
+    prompt_ids = _prompt_ids(tiny_target, PROMPTS[0])
+    full = generate(tiny_target, prompt_ids, config=_greedy(60), drafter=head)
+    calls = []
+
+    def stop_after_three_rounds(new_ids):
+        calls.append(new_ids)
+        return len(calls) < 3
+
+    cancelled = generate(tiny_target, prompt_ids, config=_greedy(60), drafter=head, on_tokens=stop_after_three_rounds)
+    assert len(calls) == 3
+    assert cancelled.finish_reason == "cancelled"
+    assert cancelled.token_ids == full.token_ids[: len(cancelled.token_ids)]
+    assert len(cancelled.token_ids) < len(full.token_ids)
