@@ -1,0 +1,81 @@
+"""`ServeConfig`: everything `koala serve`, `serve run serve/config.yaml` and the pipeline job need to deploy."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from pipeline.config import Config, TargetConfig, TrackingConfig
+
+REGISTRY_PREFIX = "models:/"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServeConfig(Config):
+    """A Ray Serve deployment of one target and (optionally) one draft head.
+
+    `drafter` is a head directory or a registry URI (`models:/koala-drafter@champion`, resolved through
+    `tracking.uri`); empty or `use_drafter: false` serves plain (vanilla) decoding. Replicas are fixed at
+    `num_replicas` unless `max_replicas` > 0, which autoscales between `min_replicas` and `max_replicas` aiming at
+    `target_ongoing_requests` per replica. Each replica decodes one request at a time (CPU decoding of one model
+    does not get faster by interleaving); `max_ongoing_requests` bounds how many wait inside a replica.
+    `api_key_env` names an environment variable holding the API key; when set, the variable must be non-empty
+    on the replicas and requests need `Authorization: Bearer <key>`.
+    """
+
+    section: ClassVar[str] = "serve"
+
+    target: TargetConfig = dataclasses.field(default_factory=TargetConfig)
+    drafter: str = ""
+    use_drafter: bool = True
+    draft_length: int = 0
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    model_name: str = "koala"
+    app_name: str = "koala"
+    route_prefix: str = "/"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key_env: str = ""
+    num_replicas: int = 1
+    min_replicas: int = 1
+    max_replicas: int = 0
+    target_ongoing_requests: float = 2.0
+    max_ongoing_requests: int = 16
+    use_gpu: str = "auto"
+    cpus_per_replica: float = 1.0
+    default_max_tokens: int = 256
+    max_tokens_limit: int = 1024
+
+    def validate(self) -> None:
+        if self.use_drafter and self.drafter.startswith(REGISTRY_PREFIX) and len(self.drafter) == len(REGISTRY_PREFIX):
+            self.fail("drafter", "a registry URI needs a model name, e.g. models:/koala-drafter@champion")
+        if self.draft_length < 0:
+            self.fail("draft_length", f"must be >= 0 (0 = the head's default), got {self.draft_length}")
+        for field in ("model_name", "app_name", "host"):
+            if not getattr(self, field):
+                self.fail(field, "must not be empty")
+        if not self.route_prefix.startswith("/"):
+            self.fail("route_prefix", f"must start with '/', got {self.route_prefix!r}")
+        if not 0 < self.port < 65536:
+            self.fail("port", f"must be a TCP port in 1..65535, got {self.port}")
+        for field in ("num_replicas", "min_replicas", "max_ongoing_requests", "default_max_tokens", "max_tokens_limit"):
+            if getattr(self, field) < 1:
+                self.fail(field, f"must be >= 1, got {getattr(self, field)}")
+        if self.max_replicas and self.max_replicas < self.min_replicas:
+            self.fail("max_replicas", f"must be 0 (no autoscaling) or >= min_replicas ({self.min_replicas}), got {self.max_replicas}")
+        if self.target_ongoing_requests <= 0:
+            self.fail("target_ongoing_requests", f"must be > 0, got {self.target_ongoing_requests}")
+        if self.cpus_per_replica <= 0:
+            self.fail("cpus_per_replica", f"must be > 0, got {self.cpus_per_replica}")
+        if self.use_gpu not in ("auto", "yes", "no"):
+            self.fail("use_gpu", f"must be 'auto', 'yes' or 'no', got {self.use_gpu!r}")
+        if self.default_max_tokens > self.max_tokens_limit:
+            self.fail("default_max_tokens", f"must be <= max_tokens_limit ({self.max_tokens_limit}), got {self.default_max_tokens}")
+
+    @property
+    def drafter_enabled(self) -> bool:
+        return self.use_drafter and bool(self.drafter)
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.max_replicas > 0

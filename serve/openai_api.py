@@ -1,0 +1,240 @@
+"""The OpenAI wire format: request parsing with field-level errors, response and stream-chunk shapes.
+
+Plain Python (pydantic + json), no Ray: the HTTP layer in `serve.app` calls these, and tests call them directly.
+Only what the endpoint implements is accepted with meaning (`model`, `prompt`/`messages`, `max_tokens`,
+`temperature`, `top_p`, `stop`, `stream`, `stream_options`, `seed`, `n` = 1); other OpenAI fields are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.config import ConfigError, DecodeConfig
+from pipeline.decoding import GenerationStats
+
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+
+
+class ApiError(Exception):
+    """An error the client caused (or may retry); rendered as OpenAI's `{"error": {...}}` body."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 error_type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.error_type = error_type
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+
+
+class _Request(BaseModel):
+    # strict: "5" is not an integer and 1 is not a boolean; clients should learn that from a 400, not by surprise.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # the chat API's newer name for max_tokens
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default and range; 0 = greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1)  # one choice per request: the decoder produces one sequence
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ApiError(400, f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", param="stop")
+        if any(not s for s in stops):
+            raise ApiError(400, "stop: stop strings must be non-empty", param="stop")
+        return tuple(stops)
+
+    def decode_config(self, *, default_max_tokens: int, max_tokens_limit: int, draft_length: int) -> DecodeConfig:
+        max_tokens = self.max_tokens or self.max_completion_tokens or default_max_tokens
+        if max_tokens > max_tokens_limit:
+            raise ApiError(400, f"max_tokens: {max_tokens} is above this server's limit of {max_tokens_limit}",
+                           param="max_tokens")
+        try:
+            return DecodeConfig(max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                                draft_length=draft_length, stop=self.stop_strings(), seed=self.seed)
+        except ConfigError as error:  # the pydantic bounds above should make this unreachable
+            raise ApiError(400, str(error).removeprefix("decode.")) from error
+
+    @property
+    def include_usage_chunk(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool = False
+
+
+class CompletionRequest(_Request):
+    prompt: str = Field(min_length=1)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def as_dict(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+    def conversation(self) -> list[dict[str, str]]:
+        messages = [m.as_dict() for m in self.messages]
+        if not any(m["content"].strip() for m in messages):
+            raise ApiError(400, "messages: every message is empty; send some text", param="messages")
+        return messages
+
+
+_Request.model_rebuild()
+
+
+def parse_request(body: bytes, request_type: type[_Request]) -> _Request:
+    """Raw body -> a validated request, or an `ApiError` (400) naming the first bad field."""
+    try:
+        return request_type.model_validate_json(body)
+    except ValidationError as error:
+        raise ApiError(400, _describe(error.errors()[0]), param=_param(error.errors()[0])) from None
+
+
+def _param(error: dict[str, Any]) -> str | None:
+    loc = [str(part) for part in error.get("loc", ())]
+    # a union reports the member type it tried as the last location part ("str", "list[str]"): drop it
+    while loc and not (loc[-1].isidentifier() or loc[-1].isdigit()):
+        loc.pop()
+    return ".".join(loc) or None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    if error["type"] == "json_invalid":
+        return f"request body is not valid JSON ({error['msg'].removeprefix('Invalid JSON: ')})"
+    if error["type"] == "model_type" and not error.get("loc"):
+        return "request body must be a JSON object"
+    param = _param(error)
+    if error["type"] == "missing":
+        return f"{param}: this field is required"
+    if error["type"] == "string_too_short":
+        return f"{param}: must not be empty"
+    if error["type"] == "too_short":
+        return f"{param}: must hold at least one item"
+    return f"{param}: {error['msg'][:1].lower()}{error['msg'][1:]}" if param else error["msg"]
+
+
+def usage(stats: GenerationStats, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": stats.prompt_tokens + completion_tokens}
+
+
+def speculative_stats(stats: GenerationStats, *, drafter: bool) -> dict[str, Any]:
+    """This request's speculation: tokens drafted and accepted, and tau (tokens per target forward pass)."""
+    return {"drafter": drafter, "drafted_tokens": stats.draft_tokens, "accepted_tokens": sum(stats.accepted),
+            "target_forward_passes": stats.target_forward_passes,
+            "acceptance_length": round(stats.acceptance_length, 4)}
+
+
+class ResponseShape:
+    """Ids, timestamps and field names of one request's response, for the completions or the chat API."""
+
+    def __init__(self, *, chat: bool, model: str) -> None:
+        self.chat = chat
+        self.model = model
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def _envelope(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def response(self, text: str, finish_reason: str, *, usage: dict, speculative: dict) -> dict[str, Any]:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
+                      "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        return {**self._envelope("chat.completion" if self.chat else "text_completion"), "choices": [choice],
+                "usage": usage, "speculative": speculative}
+
+    def chunk(self, text: str, finish_reason: str | None = None, *, first: bool = False,
+              usage: dict | None = None, speculative: dict | None = None) -> dict[str, Any]:
+        if self.chat:
+            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        chunk = {**self._envelope("chat.completion.chunk" if self.chat else "text_completion"), "choices": [choice]}
+        if usage is not None:
+            chunk["usage"] = usage
+        if speculative is not None:
+            chunk["speculative"] = speculative
+        return chunk
+
+    def usage_chunk(self, usage: dict, speculative: dict) -> dict[str, Any]:
+        """OpenAI's `stream_options.include_usage` chunk: no choices, only usage."""
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return {**self._envelope(kind), "choices": [], "usage": usage, "speculative": speculative}
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    """One Server-Sent Event in OpenAI's format: `data: <json>` and a blank line."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+SSE_DONE = sse("[DONE]")
+
+
+class StreamText:
+    """Turns growing token ids into text deltas that never need taking back.
+
+    A delta never includes text a stop string might still cut off (a tail that is a prefix of a stop string) or a
+    half-decoded multi-byte character (U+FFFD at the end), so the concatenated deltas equal the final text.
+    """
+
+    def __init__(self, decode, stop: tuple[str, ...]) -> None:
+        self.decode = decode  # token ids -> text
+        self.stop = stop
+        self.token_ids: list[int] = []
+        self.sent = ""
+
+    def add(self, new_ids: list[int]) -> str:
+        self.token_ids.extend(new_ids)
+        return self._advance(self._safe_text(self.decode(self.token_ids)))
+
+    def finish(self, final_text: str) -> str:
+        return self._advance(final_text)
+
+    def _advance(self, text: str) -> str:
+        if not text.startswith(self.sent):  # a tokenizer whose decode is not prefix-stable: send nothing more early
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+    def _safe_text(self, text: str) -> str:
+        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+        if cut >= 0:
+            return text[:cut]
+        hold = max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
+        text = text[: len(text) - hold]
+        return text.rstrip("\ufffd")

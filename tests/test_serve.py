@@ -1,0 +1,377 @@
+"""The OpenAI-compatible endpoint: request parsing and streaming text without Ray, then real HTTP on 127.0.0.1
+against Ray Serve started by the test (tiny random Llama + a random EAGLE head)."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import char_tokenizer, make_tiny_target, tiny_llama
+from pipeline.config import ConfigError, DecodeConfig, HeadConfig
+from pipeline.decoding import GenerationResult, generate
+from pipeline.heads import build_head, load_head, save_head, target_identity_dict
+from pipeline.target import load_target
+from serve.client import post_json, smoke_request
+from serve.config import ServeConfig
+from serve.engine import Engine
+from serve.openai_api import ApiError, ChatRequest, CompletionRequest, StreamText, parse_request
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY_ENV = "KOALA_TEST_API_KEY"
+API_KEY = "test-key-123"
+CONTEXT = 2048  # long enough that a disconnected stream would otherwise run for seconds
+MAX_TOKENS_LIMIT = 1900
+
+
+# ---------------------------------------------------------------------------------------------- without Ray
+
+
+def test_serve_config_validates_fields_and_loads_the_repo_serve_config():
+    with pytest.raises(ConfigError, match="serve.max_replicas"):
+        ServeConfig(min_replicas=3, max_replicas=2)
+    with pytest.raises(ConfigError, match="serve.default_max_tokens"):
+        ServeConfig(default_max_tokens=100, max_tokens_limit=10)
+    with pytest.raises(ConfigError, match="serve.port"):
+        ServeConfig.from_dict({"port": 0})
+    with pytest.raises(ConfigError, match="target.dtype"):
+        ServeConfig.from_dict({"target": {"dtype": "int3"}})
+    assert ServeConfig().host == "127.0.0.1"
+    deployed = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    app = deployed["applications"][0]
+    assert app["import_path"] == "serve.app:build_app"
+    assert ServeConfig.from_dict(app["args"]).drafter.startswith("models:/")
+    assert deployed["http_options"]["host"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    (b'{"prompt": "hi"}', "model"),
+    (b'{"model": "koala"}', "prompt"),
+    (b'{"model": "koala", "prompt": ""}', "prompt"),
+    (b'{"model": "koala", "prompt": 7}', "prompt"),
+    (b'{"model": "koala", "prompt": "hi", "max_tokens": "10"}', "max_tokens"),
+    (b'{"model": "koala", "prompt": "hi", "max_tokens": 0}', "max_tokens"),
+    (b'{"model": "koala", "prompt": "hi", "temperature": -0.5}', "temperature"),
+    (b'{"model": "koala", "prompt": "hi", "stream": "yes"}', "stream"),
+    (b'{"model": "koala", "prompt": "hi", "n": 2}', "n"),
+])
+def test_bad_completion_requests_name_the_problem(body, param):
+    with pytest.raises(ApiError) as raised:
+        parse_request(body, CompletionRequest)
+    assert raised.value.status == 400 and raised.value.param == param
+    if param:
+        assert raised.value.message.startswith(param)
+
+
+def test_chat_request_parsing_and_limits():
+    parsed = parse_request(json.dumps({"model": "m", "messages": [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+    ], "stop": "x", "seed": 3}).encode(), ChatRequest)
+    assert parsed.conversation() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    config = parsed.decode_config(default_max_tokens=16, max_tokens_limit=32, draft_length=0)
+    assert config == DecodeConfig(max_new_tokens=16, temperature=1.0, stop=("x",), seed=3)
+    for bad, param in [({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role")]:
+        with pytest.raises(ApiError) as raised:
+            parse_request(json.dumps({"model": "m", **bad}).encode(), ChatRequest)
+        assert raised.value.param == param
+    too_many = parse_request(b'{"model": "m", "prompt": "p", "max_tokens": 33}', CompletionRequest)
+    with pytest.raises(ApiError, match="above this server's limit of 32"):
+        too_many.decode_config(default_max_tokens=16, max_tokens_limit=32, draft_length=0)
+
+
+def test_stream_text_never_sends_what_a_stop_string_may_cut():
+    pieces = ["Hel", "lo E", "N", "D and more"]
+    stream = StreamText(lambda ids: "".join(pieces[i] for i in ids), stop=("END",))
+    deltas = [stream.add([i]) for i in range(len(pieces))]
+    assert deltas == ["Hel", "lo ", "", ""]  # "E" and "EN" are held back, "END" cuts
+    assert stream.finish("Hello ") == ""
+    half_char = StreamText(lambda ids: "ab\ufffd" if len(ids) == 1 else "abé", stop=())
+    assert half_char.add([0]) == "ab" and half_char.add([1]) == "é"
+
+
+def test_engine_cancels_a_stream_that_is_closed_early():
+    target = make_tiny_target(max_positions=1024)
+    with torch.no_grad():
+        target.model.lm_head.weight[2].zero_()  # never EOS: the full generation would run all 900 tokens
+    engine = Engine(target, drafter=None)
+    prompt_ids = engine.completion_prompt_ids("hello")
+
+    async def read_two_rounds_then_leave() -> int:
+        rounds = engine.stream(prompt_ids, DecodeConfig(max_new_tokens=900))
+        seen = [await anext(rounds), await anext(rounds)]
+        await rounds.aclose()
+        return len(seen)
+
+    assert asyncio.run(read_two_rounds_then_leave()) == 2
+    engine._worker.submit(lambda: None).result(timeout=60)  # wait until the worker thread is idle again
+    assert engine.cancelled_generations == 1
+
+    async def complete() -> GenerationResult:
+        return await engine.complete(prompt_ids, DecodeConfig(max_new_tokens=5))
+
+    assert asyncio.run(complete()).token_ids == generate(target, torch.tensor([prompt_ids]), config=DecodeConfig(max_new_tokens=5)).token_ids
+    engine.close()
+
+
+def test_request_layer_does_not_import_ray():
+    code = "import sys, serve.config, serve.openai_api, serve.engine, serve.client; print('ray' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert result.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------------------- Ray Serve over HTTP
+
+
+@pytest.fixture(scope="module")
+def served_model(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny Llama with a 2048-token context that never emits EOS, and a random EAGLE head for it."""
+    root = tmp_path_factory.mktemp("serve")
+    model = tiny_llama(max_positions=CONTEXT)
+    with torch.no_grad():
+        model.lm_head.weight[2].zero_()  # EOS logit 0 never beats the (peaked) best token: generations run to max_tokens
+    model.save_pretrained(root / "model")
+    char_tokenizer().save_pretrained(root / "model")
+    torch.manual_seed(0)
+    head = build_head(HeadConfig(head_type="eagle", num_layers=1, num_heads=3), model)
+    torch.nn.init.normal_(head.fc.weight, std=0.2)  # drafts that are neither constant nor always right
+    save_head(head, root / "head", target_identity=target_identity_dict(model, str(root / "model")))
+    return root / "model", root / "head"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def endpoint(served_model):
+    """Ray + Serve on this machine with two apps: `/` (drafter on) and `/auth` (drafter off, API key required)."""
+    import ray
+    from ray import serve
+
+    from serve.app import run_serve
+
+    model_dir, head_dir = served_model
+    # PYTHONPATH: replicas import this checkout's `serve` and `pipeline`, not an installed copy.
+    ray.init(num_cpus=4, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), API_KEY_ENV: API_KEY}})
+    port = _free_port()
+    common = {"target": {"spec": str(model_dir), "device": "cpu"}, "port": port, "default_max_tokens": 16,
+              "max_tokens_limit": MAX_TOKENS_LIMIT, "use_gpu": "no", "cpus_per_replica": 1}
+    main = ServeConfig.from_dict({**common, "drafter": str(head_dir), "app_name": "main", "max_ongoing_requests": 64})
+    guarded = ServeConfig.from_dict({**common, "drafter": str(head_dir), "use_drafter": False, "app_name": "auth",
+                                     "route_prefix": "/auth", "api_key_env": API_KEY_ENV})
+    urls = {"main": run_serve(main), "auth": run_serve(guarded)}
+    yield urls
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(served_model):
+    """The same target and head in this process: what the core decoder outputs for a request."""
+    model_dir, head_dir = served_model
+    target = load_target(str(model_dir), device="cpu")
+    return target, load_head(head_dir, target.model, target_name=target.name)
+
+
+def _vanilla(target, prompt_ids: list[int], max_tokens: int) -> GenerationResult:
+    return generate(target, torch.tensor([prompt_ids]), config=DecodeConfig(max_new_tokens=max_tokens))
+
+
+def _completion_ids(target, prompt: str) -> list[int]:
+    return target.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def _get(url: str, api_key: str | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _post_raw(url: str, raw: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=raw, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.slow
+def test_greedy_completion_over_http_equals_core_vanilla_greedy(endpoint, reference):
+    target, _ = reference
+    for prompt in ["hello world", "The quick brown fox"]:
+        status, answer = post_json(f"{endpoint['main']}/completions",
+                                   {"model": "koala", "prompt": prompt, "max_tokens": 24, "temperature": 0})
+        assert status == 200, answer
+        expected = _vanilla(target, _completion_ids(target, prompt), 24)
+        assert answer["object"] == "text_completion"
+        assert answer["choices"][0]["text"] == expected.text
+        assert answer["choices"][0]["finish_reason"] == "length"
+        assert answer["usage"] == {"prompt_tokens": len(_completion_ids(target, prompt)), "completion_tokens": 24,
+                                   "total_tokens": len(_completion_ids(target, prompt)) + 24}
+        speculative = answer["speculative"]
+        assert speculative["drafter"] is True and speculative["drafted_tokens"] > 0
+        assert 0 <= speculative["accepted_tokens"] <= speculative["drafted_tokens"]
+        assert speculative["acceptance_length"] == pytest.approx(24 / speculative["target_forward_passes"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_openai_client_chat_and_completions_streaming_and_not(endpoint, reference):
+    openai = pytest.importorskip("openai")
+    target, _ = reference
+    client = openai.OpenAI(base_url=endpoint["main"], api_key="unused", max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list().data] == ["koala"]
+
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Name a color."}]
+    chat = client.chat.completions.create(model="koala", messages=messages, max_tokens=20, temperature=0)
+    expected = _vanilla(target, target.formatter.encode(messages), 20)
+    assert chat.choices[0].message.content == expected.text
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.usage.completion_tokens == 20
+    assert chat.model_extra["speculative"]["drafter"] is True
+
+    chunks = list(client.chat.completions.create(model="koala", messages=messages, max_tokens=20, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == expected.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+
+    completion = client.completions.create(model="koala", prompt="hello world", max_tokens=12, temperature=0)
+    assert completion.choices[0].text == _vanilla(target, _completion_ids(target, "hello world"), 12).text
+    pieces = list(client.completions.create(model="koala", prompt="hello world", max_tokens=12, temperature=0,
+                                            stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == completion.choices[0].text
+    assert pieces[-1].usage.completion_tokens == 12
+
+
+@pytest.mark.slow
+def test_raw_sse_stream_has_openai_chunks_usage_and_stats(endpoint):
+    body = json.dumps({"model": "koala", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10,
+                       "temperature": 0.7, "seed": 5, "stream": True, "stop": ["zz"]}).encode()
+    request = urllib.request.Request(f"{endpoint['main']}/chat/completions", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.read().decode().split("\n\n") if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    last = chunks[-1]
+    assert last["choices"][0]["finish_reason"] in ("stop", "length")
+    assert last["usage"]["completion_tokens"] >= 1 and set(last["speculative"]) >= {"drafted_tokens", "accepted_tokens",
+                                                                                   "acceptance_length"}
+    # seeded sampling is reproducible, streamed or not
+    status, again = post_json(f"{endpoint['main']}/chat/completions", {**json.loads(body), "stream": False})
+    assert status == 200
+    assert again["choices"][0]["message"]["content"] == "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+
+
+@pytest.mark.slow
+def test_every_bad_input_gets_a_4xx_and_the_next_request_succeeds(endpoint):
+    url = endpoint["main"]
+    good = {"model": "koala", "prompt": "hello", "max_tokens": 4}
+    cases = [
+        ("/completions", b"{not json", 400, None, None),
+        ("/completions", b'"just a string"', 400, None, None),
+        ("/completions", json.dumps({"prompt": "hi"}).encode(), 400, "model", None),
+        ("/completions", json.dumps({"model": "koala"}).encode(), 400, "prompt", None),
+        ("/completions", json.dumps({**good, "prompt": ""}).encode(), 400, "prompt", None),
+        ("/completions", json.dumps({**good, "max_tokens": "4"}).encode(), 400, "max_tokens", None),
+        ("/completions", json.dumps({**good, "max_tokens": 0}).encode(), 400, "max_tokens", None),
+        ("/completions", json.dumps({**good, "max_tokens": -3}).encode(), 400, "max_tokens", None),
+        ("/completions", json.dumps({**good, "max_tokens": MAX_TOKENS_LIMIT + 1}).encode(), 400, "max_tokens", None),
+        ("/completions", json.dumps({**good, "temperature": -1}).encode(), 400, "temperature", None),
+        ("/completions", json.dumps({**good, "prompt": "a" * (CONTEXT + 10)}).encode(), 400, "prompt",
+         "context_length_exceeded"),
+        ("/completions", json.dumps({**good, "model": "gpt-4"}).encode(), 404, "model", "model_not_found"),
+        ("/chat/completions", json.dumps({"model": "koala", "messages": []}).encode(), 400, "messages", None),
+        ("/chat/completions", json.dumps({"model": "koala", "messages": "hi"}).encode(), 400, "messages", None),
+        ("/chat/completions", json.dumps({"model": "koala", "messages": [{"role": "user"}]}).encode(), 400,
+         "messages.0.content", None),
+    ]
+    for path, raw, status, param, code in cases:
+        got_status, answer = _post_raw(url + path, raw)
+        assert got_status == status, (raw[:80], answer)
+        error = answer["error"]
+        assert error["param"] == param and error["message"], (raw[:80], error)
+        if code:
+            assert error["code"] == code
+    assert _get(url.removesuffix("/v1") + "/nope")[0] == 404
+    status, answer = post_json(url + "/completions", good)
+    assert status == 200 and answer["usage"]["completion_tokens"] == 4
+    assert _get(url.removesuffix("/v1") + "/health") == (200, {"status": "ok", "model": "koala", "drafter": True,
+                                                               "cancelled_generations": 0})
+
+
+@pytest.mark.slow
+def test_32_concurrent_requests_each_get_their_solo_output(endpoint, reference):
+    target, _ = reference
+    prompts = [f"request {i}: {'abcdefghij'[i % 10] * (1 + i % 4)} go" for i in range(32)]
+
+    def ask(prompt: str) -> tuple[int, dict]:
+        return post_json(f"{endpoint['main']}/completions",
+                         {"model": "koala", "prompt": prompt, "max_tokens": 12, "temperature": 0})
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(ask, prompts))
+    assert [status for status, _ in answers] == [200] * 32
+    expected = [_vanilla(target, _completion_ids(target, p), 12).text for p in prompts]
+    assert [a["choices"][0]["text"] for _, a in answers] == expected
+    assert len(set(expected)) > 16, "prompts should lead to different outputs, or the test proves little"
+
+
+@pytest.mark.slow
+def test_api_key_is_required_when_configured(endpoint):
+    url = endpoint["auth"]
+    body = {"model": "koala", "prompt": "hello", "max_tokens": 3}
+    status, answer = post_json(f"{url}/completions", body)
+    assert status == 401 and answer["error"]["code"] == "invalid_api_key"
+    assert post_json(f"{url}/completions", body, api_key="wrong")[0] == 401
+    assert _get(f"{url}/models")[0] == 401
+    status, answer = post_json(f"{url}/completions", body, api_key=API_KEY)
+    assert status == 200 and answer["speculative"]["drafter"] is False and answer["speculative"]["drafted_tokens"] == 0
+    assert _get(f"{url}/models", api_key=API_KEY)[0] == 200
+    assert _get(url.removesuffix("/v1") + "/health")[0] == 200  # load balancers probe without a key
+    assert smoke_request(url, api_key=API_KEY)["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.slow
+def test_client_disconnect_mid_stream_stops_the_generation(endpoint):
+    host, port = endpoint["main"].removeprefix("http://").split("/")[0].split(":")
+    health = endpoint["main"].removesuffix("/v1") + "/health"
+    before = _get(health)[1]["cancelled_generations"]
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = json.dumps({"model": "koala", "prompt": "go", "max_tokens": MAX_TOKENS_LIMIT, "temperature": 0, "stream": True})
+    connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.readline().startswith(b"data: ")  # generation is under way
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+    deadline = time.monotonic() + 60
+    while _get(health)[1]["cancelled_generations"] == before:
+        assert time.monotonic() < deadline, "the generation kept running after the client left"
+        time.sleep(0.2)
+    status, answer = post_json(f"{endpoint['main']}/completions", {"model": "koala", "prompt": "hi", "max_tokens": 3})
+    assert status == 200
