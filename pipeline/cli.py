@@ -1,4 +1,4 @@
-"""The `koala` command line: `koala head init`, `koala bench`."""
+"""The `koala` command line: `koala head init`, `koala bench`, `koala distill`, `koala train`, `koala serve`."""
 
 from __future__ import annotations
 
@@ -90,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=int)
     train.add_argument("--num-workers", type=int)
     train.add_argument("--target", help="target spec (default smollm2)")
+
+    serve = commands.add_parser("serve", help="serve target + drafter over an OpenAI-compatible HTTP API (Ray Serve)")
+    _add_stage_arguments(serve)
+    serve.add_argument("--target", help="target spec (default smollm2)")
+    serve.add_argument("--drafter", help="head directory or registry URI, e.g. models:/koala-drafter@champion")
+    serve.add_argument("--no-drafter", dest="use_drafter", action="store_const", const=False,
+                       help="plain decoding (the drafter-off baseline)")
+    serve.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ drafters (default runs/mlflow.db)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    serve.add_argument("--model-name", help="the model id clients send (default koala)")
+    serve.add_argument("--num-replicas", type=int)
+    serve.add_argument("--max-replicas", type=int, help="> 0 enables autoscaling between min and max replicas")
+    serve.add_argument("--api-key-env", help="environment variable holding the API key (requests then need it)")
     return parser
 
 
@@ -159,6 +173,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline.heads import read_head_metadata
+    from serve.config import REGISTRY_PREFIX, ServeConfig
+
+    flags = {"target": "target.spec", "drafter": "drafter", "use_drafter": "use_drafter",
+             "tracking_uri": "tracking.uri", "host": "host", "port": "port", "model_name": "model_name",
+             "num_replicas": "num_replicas", "max_replicas": "max_replicas", "api_key_env": "api_key_env"}
+    config = ServeConfig.from_dict(_stage_values(args, flags))
+    if config.drafter_enabled and not config.drafter.startswith(REGISTRY_PREFIX):
+        read_head_metadata(config.drafter)  # fail on a bad drafter dir before starting Ray
+    from serve.app import run_serve
+
+    run_serve(config, blocking=True)
+    return 0
+
+
 def cmd_head_init(args: argparse.Namespace) -> int:
     from pipeline.heads import build_head, save_head, target_identity_dict
     from pipeline.target import load_target_from_config
@@ -225,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.target import TargetLoadError
 
     handlers = {("head", "init"): cmd_head_init, ("bench", None): cmd_bench, ("distill", None): cmd_distill,
-                ("train", None): cmd_train}
+                ("train", None): cmd_train, ("serve", None): cmd_serve}
     handler = handlers[(args.command, getattr(args, "head_command", None))]
     try:
         return handler(args)

@@ -4,7 +4,7 @@
 `run_serve(config)` deploys it on the connected Ray cluster (a local one if none) and returns the API's base URL.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI must see the real `Request` class through Serve's method wrappers.
 
 import contextlib
 import hmac

@@ -375,3 +375,11 @@ def test_client_disconnect_mid_stream_stops_the_generation(endpoint):
         time.sleep(0.2)
     status, answer = post_json(f"{endpoint['main']}/completions", {"model": "koala", "prompt": "hi", "max_tokens": 3})
     assert status == 200
+
+
+def test_koala_serve_rejects_bad_settings_before_starting_ray(tmp_path):
+    from pipeline.cli import main
+
+    assert main(["serve", "--drafter", str(tmp_path / "missing")]) == 2
+    assert main(["serve", "--set", "port=0"]) == 2
+    assert main(["serve", "--set", "max_tokens_limit=8", "--set", "default_max_tokens=9"]) == 2
