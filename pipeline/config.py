@@ -416,6 +416,16 @@ class EvalConfig(Config):
 SWEEP_CONTROLLED_FIELDS = ("data_dirs", "out_dir", "target", "tracking", "head")
 
 
+def _flatten_grid(grid: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in grid.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten_grid(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _default_grid() -> dict[str, list[Any]]:
     return {"head.head_type": ["medusa", "eagle"], "head.num_layers": [1, 2], "adv_weight": [0.0, 0.1]}
 
@@ -437,6 +447,11 @@ class SweepConfig(Config):
     model_name: str = "koala-drafter"
     register: bool = True
     out_dir: str = "runs/sweeps"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.grid, dict):  # `head: {num_layers: [1, 2]}` is the same as `head.num_layers: [1, 2]`
+            object.__setattr__(self, "grid", _flatten_grid(self.grid))
+        super().__post_init__()
 
     def validate(self) -> None:
         if not isinstance(self.grid, dict) or not self.grid:
