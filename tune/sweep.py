@@ -94,6 +94,21 @@ def evaluation_questions(config: EvalConfig, data_dirs: list[str]) -> tuple[list
     return kept, dropped
 
 
+def _check_draft_vocabulary(config: SweepConfig, data_dirs: list[str]) -> None:
+    """A draft vocabulary larger than the data's distinct tokens would fail every trial: fail once, up front."""
+    from pipeline.data import FREQUENCY_FILE, read_token_frequencies
+
+    sizes = {config.trial_config(o).head.draft_vocab_size for o in config.trial_overrides()} - {0}
+    if not sizes:
+        return
+    distinct = set()
+    for directory in data_dirs:
+        distinct.update(read_token_frequencies(Path(directory) / FREQUENCY_FILE))
+    if max(sizes) > len(distinct):
+        raise ConfigError(f"sweep.train.head.draft_vocab_size: {max(sizes)} exceeds the {len(distinct)} distinct "
+                          "tokens in the training data; use a smaller size, 0 (full vocabulary), or more data")
+
+
 def _absolute_spec(target: TargetConfig) -> TargetConfig:
     """Trials may run in another working directory (or node): paths are made absolute first."""
     return target.replace(spec=str(Path(target.spec).resolve())) if Path(target.spec).exists() else target
@@ -191,6 +206,7 @@ def run_sweep(config: SweepConfig, *, data_dirs: list[str], parent_run_id: str |
     started = time.perf_counter()
     data_dirs = [str(Path(d).resolve()) for d in data_dirs]
     data_shards(config.train.replace(data_dirs=tuple(data_dirs)))  # fails early when the data is missing
+    _check_draft_vocabulary(config, data_dirs)
     questions, dropped = evaluation_questions(config.eval, data_dirs)
     key = sweep_key(config, data_dirs, questions)
     sweep_dir = (Path(config.out_dir) / key).resolve()
