@@ -158,6 +158,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     if world > 1:
         trainer.wrap_discriminator(lambda module: ray.train.torch.prepare_model(module, move_to_device=False))
 
+    import ray.data
+
+    # The shards are read once into memory; their progress bars would only clutter the sweep's output.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     train_rows = _rows(ray.train.get_dataset_shard("train"))
     validation_rows = _rows(ray.train.get_dataset_shard("validation")) if rank == 0 else []
     cache_dir = Path(payload["cache_dir"]) if payload["use_feature_cache"] else None
