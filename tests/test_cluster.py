@@ -117,3 +117,18 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tiny_model_dir, tmp_path):
     assert all(not row.get("error") for row in summary["rows"])
     used = {row[key] for row in summary["rows"] for key in ("train_node_id", "eval_node_id")}
     assert used == nodes, f"trials ran on {used}, cluster nodes {nodes}"
+
+
+def test_tracking_uri_reaches_the_driver_node_from_other_nodes(monkeypatch, tmp_path):
+    from pipeline.config import TrackingConfig
+    from pipeline.tracking import reachable_from_cluster, tracking_uri
+
+    assert reachable_from_cluster("http://127.0.0.1:5000", "10.0.0.7") == "http://10.0.0.7:5000"
+    assert reachable_from_cluster("http://localhost:5000/path", "10.0.0.7") == "http://10.0.0.7:5000/path"
+    assert reachable_from_cluster("http://mlflow.internal:5000", "10.0.0.7") == "http://mlflow.internal:5000"
+    assert reachable_from_cluster("sqlite:////tmp/x.db", "10.0.0.7") == "sqlite:////tmp/x.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri(TrackingConfig(run_dir=str(tmp_path))) == "http://127.0.0.1:5000"
+    assert tracking_uri(TrackingConfig(uri="http://other:5000")) == "http://other:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking_uri(TrackingConfig(run_dir=str(tmp_path))) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
