@@ -227,3 +227,32 @@ def write_report(report: dict[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     return path
+
+
+def drop_training_overlap(questions: list[Question], training_prompt_ids: set[str]) -> tuple[list[Question], int]:
+    """Evaluation prompts must be unseen: drops questions whose prompt (as a one-turn conversation, hashed the way
+    the distillation data hashes prompts) is in the training data. Returns (kept, dropped count)."""
+    from pipeline.data import content_hash
+
+    kept = [q for q in questions
+            if content_hash([{"role": "user", "content": q.prompt.strip()}]) not in training_prompt_ids]
+    return kept, len(questions) - len(kept)
+
+
+def evaluate_head(target: Target, drafter: DraftHead, questions: list[Question], *, decode: DecodeConfig,
+                  bench: BenchConfig) -> dict[str, Any]:
+    """A trial's measurement: speculative vs vanilla on the same prompts, flattened to scalar metrics."""
+    report = run_bench(target, drafter, questions, decode=decode, bench=bench.replace(include_hf=False),
+                       progress=False)
+    alpha = {f"alpha_{n}": a for n, a in enumerate(report["alpha"], start=1)}
+    return {
+        "speedup": report["speedup"],
+        "tau": report["tau"],
+        **alpha,
+        "exact_match": report["exact_match"],
+        "vanilla_tokens_per_s": report["tokens_per_s"]["vanilla"],
+        "speculative_tokens_per_s": report["tokens_per_s"]["speculative"],
+        "draft_to_target_ratio": report["step_cost"]["draft_to_target_ratio"],
+        "eval_prompts": report["n_prompts"],
+        "eval_new_tokens": report["total_new_tokens"]["speculative"],
+    }

@@ -1,4 +1,4 @@
-"""The `koala` command line: `koala head init`, `koala bench`, `koala distill`, `koala train`, `koala serve`."""
+"""The `koala` command line: head init, bench, distill, train, tune, run, serve."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import torch
 
 import yaml
 
-from pipeline.config import BenchConfig, ConfigError, DecodeConfig, DistillConfig, HeadConfig, TargetConfig, TrainConfig
+from pipeline.config import (
+    BenchConfig, ConfigError, DecodeConfig, DistillConfig, HeadConfig, SweepConfig, TargetConfig, TrainConfig,
+)
 
 log = logging.getLogger("koala")
 
@@ -66,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=1, help="prompts run once before timing")
     bench.add_argument("--no-hf", action="store_true", help="skip the HF generate and prompt-lookup baselines")
     bench.add_argument("--json", type=Path, help="write the full report here")
+
+    tune = commands.add_parser("tune", help="Ray Tune sweep over head type x K x lambda; registers the winner")
+    _add_stage_arguments(tune)
+    tune.add_argument("--data", action="append", help="distilled data directory (repeatable)")
+    tune.add_argument("--out", help="sweep directory (default runs/sweeps)")
+
+    run = commands.add_parser("run", help="the full pipeline: distill -> sweep -> register -> serve")
+    run.add_argument("--config", default="cpu-demo", help="a preset (cpu-demo, smoke, paper-vicuna-7b) or a YAML file")
+    run.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override any field, dotted")
 
     distill = commands.add_parser("distill", help="the target writes distillation data (Ray Data)")
     _add_stage_arguments(distill)
@@ -189,6 +200,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pipeline.tracking import tracking_uri
+    from tune.sweep import register_winner, run_sweep
+
+    values = _stage_values(args, {"out": "out_dir"})
+    data_dirs = args.data or list(values.get("train", {}).get("data_dirs", []))
+    if not data_dirs:
+        raise ConfigError("tune: name the distilled data with --data DIR (or train.data_dirs in the YAML)")
+    config = SweepConfig.from_dict(values)
+    summary = run_sweep(config, data_dirs=data_dirs)
+    print(Path(summary["table"]).read_text())
+    uri = tracking_uri(config.train.tracking) if config.train.tracking.enabled else None
+    if config.register:
+        registered = register_winner(summary, model_name=config.model_name, tracking_uri=uri, target=config.train.target)
+        if registered:
+            print(f"tune: winner {registered['trial']} registered as {registered['model_uri']}")
+    return 0 if summary["winner"] else 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from jobs.full_pipeline import main as run_pipeline_main
+
+    return run_pipeline_main(["--config", args.config, *(f"--set={item}" for item in args.set)])
+
+
 def cmd_head_init(args: argparse.Namespace) -> int:
     from pipeline.heads import build_head, save_head, target_identity_dict
     from pipeline.target import load_target_from_config
@@ -255,13 +291,19 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.target import TargetLoadError
 
     handlers = {("head", "init"): cmd_head_init, ("bench", None): cmd_bench, ("distill", None): cmd_distill,
-                ("train", None): cmd_train, ("serve", None): cmd_serve}
+                ("train", None): cmd_train, ("tune", None): cmd_tune, ("run", None): cmd_run,
+                ("serve", None): cmd_serve}
     handler = handlers[(args.command, getattr(args, "head_command", None))]
     try:
         return handler(args)
     except (ConfigError, TargetLoadError, HeadLoadError, PromptTooLongError) as error:
         print(f"koala {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        if type(error).__name__ != "SweepInterrupted":  # tune/ is imported lazily: no Ray import for other commands
+            raise
+        print(f"koala {args.command}: {error}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -346,8 +346,7 @@ class TrainConfig(Config):
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
-        if not self.data_dirs:
-            self.fail("data_dirs", "name at least one directory written by koala distill")
+        # data_dirs may be empty here: the pipeline fills it with the distillation output; run_train checks it.
         if self.adv_weight < 0:
             self.fail("adv_weight", f"lambda must be >= 0 (0 disables the adversarial loss), got {self.adv_weight}")
         if not 1 <= self.discriminator_layers <= 3:
@@ -372,3 +371,161 @@ class TrainConfig(Config):
             self.fail("feature_cache", f"unknown mode {self.feature_cache!r}; choose one of {list(FEATURE_CACHE_MODES)}")
         if self.cache_limit_gb < 0:
             self.fail("cache_limit_gb", f"must be >= 0, got {self.cache_limit_gb}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig(Config):
+    """How a sweep measures each trial: vanilla and speculative greedy decoding timed alternately in one process on
+    the same prompts (MT-bench first turns by default), with `cpus` CPU threads (or one GPU) for every trial alike.
+    Prompts that also occur in the training data are dropped and counted."""
+
+    section: ClassVar[str] = "eval"
+
+    questions: str = ""
+    per_category: int = 1
+    limit: int = 0
+    max_new_tokens: int = 64
+    draft_length: int = 0
+    warmup_prompts: int = 1
+    cpus: int = 2
+    use_gpu: str = "auto"
+
+    def validate(self) -> None:
+        self.bench_config()
+        self.decode_config()
+        if self.cpus < 1:
+            self.fail("cpus", f"must be >= 1, got {self.cpus}")
+        if self.use_gpu not in ("auto", "yes", "no"):
+            self.fail("use_gpu", f"must be 'auto', 'yes' or 'no', got {self.use_gpu!r}")
+
+    def bench_config(self) -> BenchConfig:
+        try:
+            return BenchConfig(questions=self.questions, per_category=self.per_category, limit=self.limit,
+                               warmup_prompts=self.warmup_prompts, include_hf=False)
+        except ConfigError as error:
+            raise ConfigError(f"eval.{str(error).removeprefix('bench.')}") from None
+
+    def decode_config(self) -> DecodeConfig:
+        try:
+            return DecodeConfig(max_new_tokens=self.max_new_tokens, draft_length=self.draft_length)
+        except ConfigError as error:
+            raise ConfigError(f"eval.{str(error).removeprefix('decode.')}") from None
+
+
+# Fields a sweep grid must not vary: the sweep sets them for every trial.
+SWEEP_CONTROLLED_FIELDS = ("data_dirs", "out_dir", "target", "tracking", "head")
+
+
+def _flatten_grid(grid: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in grid.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten_grid(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _default_grid() -> dict[str, list[Any]]:
+    return {"head.head_type": ["medusa", "eagle"], "head.num_layers": [1, 2], "adv_weight": [0.0, 0.1]}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SweepConfig(Config):
+    """`koala tune`: a grid over head/training fields (dotted names, e.g. `head.num_layers`, `adv_weight`,
+    `head_lr`), each trial trained with `train` as the base config and measured with `eval`. The winner (best
+    measured speedup, tau breaks ties) is registered as `model_name` with the alias `champion`.
+    `max_concurrent_trials` = 0 runs as many trials at once as the cluster's CPUs (or GPUs) allow."""
+
+    section: ClassVar[str] = "sweep"
+
+    grid: dict[str, Any] = dataclasses.field(default_factory=_default_grid)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    max_concurrent_trials: int = 0
+    max_trial_failures: int = 1
+    model_name: str = "koala-drafter"
+    register: bool = True
+    out_dir: str = "runs/sweeps"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.grid, dict):  # `head: {num_layers: [1, 2]}` is the same as `head.num_layers: [1, 2]`
+            object.__setattr__(self, "grid", _flatten_grid(self.grid))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        if not isinstance(self.grid, dict) or not self.grid:
+            self.fail("grid", "name at least one field with a list of values, e.g. {adv_weight: [0, 0.1]}")
+        for key, values in self.grid.items():
+            self._check_grid_entry(key, values)
+        if self.max_concurrent_trials < 0:
+            self.fail("max_concurrent_trials", f"must be >= 0 (0 = as resources allow), got {self.max_concurrent_trials}")
+        if self.max_trial_failures < 0:
+            self.fail("max_trial_failures", f"must be >= 0, got {self.max_trial_failures}")
+        if not self.model_name:
+            self.fail("model_name", "must name the registered model, e.g. koala-drafter")
+
+    def _check_grid_entry(self, key: str, values: Any) -> None:
+        head_fields = {f.name for f in dataclasses.fields(HeadConfig)}
+        train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(SWEEP_CONTROLLED_FIELDS)
+        parent, _, leaf = key.partition(".")
+        if not (key in train_fields or (parent == "head" and leaf in head_fields)):
+            self.fail(f"grid.{key}", f"not a sweepable field; use head.<{'|'.join(sorted(head_fields))}> "
+                                     f"or one of {sorted(train_fields)}")
+        if not isinstance(values, (list, tuple)) or not values:
+            self.fail(f"grid.{key}", f"expected a non-empty list of values, got {values!r}")
+        for value in values:
+            try:
+                self.trial_config({key: value})
+            except ConfigError as error:
+                self.fail(f"grid.{key}", f"value {value!r} is invalid: {error}")
+
+    def trial_overrides(self) -> list[dict[str, Any]]:
+        """Every combination of the grid, as {dotted field: value}, in a stable order."""
+        combinations: list[dict[str, Any]] = [{}]
+        for key, values in self.grid.items():
+            combinations = [{**c, key: v} for c in combinations for v in values]
+        return combinations
+
+    def trial_config(self, overrides: dict[str, Any], **fixed: Any) -> TrainConfig:
+        values = self.train.to_dict()
+        for dotted, value in {**overrides, **fixed}.items():
+            *parents, leaf = dotted.split(".")
+            node = values
+            for parent in parents:
+                node = node[parent]
+            node[leaf] = value
+        return TrainConfig.from_dict(values)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PipelineConfig(Config):
+    """`jobs/full_pipeline.py` / `koala run`: distill -> sweep (train + evaluate each trial) -> register the
+    winner -> serve it. `target` and `tracking` are set once here and apply to every stage; each stage's output
+    lives under `run_dir`, keyed by a content hash of its inputs, so a re-run skips what is already done."""
+
+    section: ClassVar[str] = "pipeline"
+
+    name: str = "koala"
+    run_dir: str = "runs"
+    target: TargetConfig = dataclasses.field(default_factory=TargetConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    distill: DistillConfig
+    sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
+    serve: bool = True
+
+    def validate(self) -> None:
+        for stage, config in (("distill", self.distill), ("sweep.train", self.sweep.train)):
+            for shared in ("target", "tracking"):
+                value = getattr(config, shared)
+                if value != type(value)() and value != getattr(self, shared):
+                    self.fail(f"{stage}.{shared}", f"set {shared} once, at the top level ({shared}:), for every stage")
+        if not self.name or "/" in self.name:
+            self.fail("name", f"must be a non-empty name without '/', got {self.name!r}")
+
+    def distill_config(self, out_dir: str) -> DistillConfig:
+        return self.distill.replace(target=self.target, tracking=self.tracking, out_dir=out_dir)
+
+    def sweep_config(self, out_dir: str) -> SweepConfig:
+        return self.sweep.replace(train=self.sweep.train.replace(target=self.target, tracking=self.tracking),
+                                  out_dir=out_dir)

@@ -128,7 +128,7 @@ def normalize_record(record: Any) -> tuple[list[dict[str, str]] | None, str | No
     return messages, None
 
 
-def _content_hash(messages: Iterable[dict[str, str]]) -> str:
+def content_hash(messages: Iterable[dict[str, str]]) -> str:
     return hashlib.sha1(json.dumps(list(messages), sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -156,7 +156,7 @@ def load_conversations(
         if not keep_responses:
             first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
             messages = messages[: first_user + 1]
-        prompt_id = _content_hash(messages)
+        prompt_id = content_hash(messages)
         if prompt_id in seen:
             skipped["duplicate"] += 1
             continue
@@ -293,7 +293,7 @@ def write_table_atomically(table: pa.Table, path: Path) -> None:
 
 def write_json_atomically(data: Any, path: Path) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    temporary.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(temporary, path)
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 from typing import Any
 
 from pipeline.config import TrackingConfig
@@ -20,12 +22,23 @@ MAX_PARAM_LENGTH = 500
 
 
 def tracking_uri(config: TrackingConfig) -> str:
-    """The configured URI, or the embedded default: a SQLite store in the project's run directory."""
+    """The configured URI, else `MLFLOW_TRACKING_URI`, else the embedded default: a SQLite store in the run
+    directory."""
     if config.uri:
         return config.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
     path = Path(config.run_dir).resolve() / "mlflow.db"
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
+
+
+def reachable_from_cluster(uri: str, driver_ip: str) -> str:
+    """A tracking server at localhost on the driver's node is at the driver's IP for every other node."""
+    parsed = urlsplit(uri)
+    if parsed.scheme in ("http", "https") and parsed.hostname in ("127.0.0.1", "localhost"):
+        return urlunsplit(parsed._replace(netloc=parsed.netloc.replace(parsed.hostname, driver_ip, 1)))
+    return uri
 
 
 def default_artifact_location(uri: str) -> str | None:

@@ -1,11 +1,8 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: set up, write a fresh EAGLE head for SmolLM2-135M-Instruct and benchmark
-# it against vanilla decoding, HF generate and HF prompt-lookup decoding on MT-bench first turns.
-# (Later issues replace this with the full distill -> train -> tune -> serve pipeline.)
+# The main job on the embedded default: set up, then run the whole KOALA pipeline (the cpu-demo preset) on
+# SmolLM2-135M-Instruct: distill -> Ray Tune sweep (train + measure 8 heads) -> register the winner -> serve it.
+# Extra arguments go to jobs/full_pipeline.py, e.g. `bash scripts/main.sh --config smoke` for a first look.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-HEAD_DIR="${HEAD_DIR:-runs/heads/eagle-fresh}"
-.venv/bin/koala head init --type eagle --num-layers 1 --target smollm2 --out "$HEAD_DIR"
-.venv/bin/koala bench --target smollm2 --drafter "$HEAD_DIR" --per-category 1 --max-new-tokens "${MAX_NEW_TOKENS:-64}" \
-    --json runs/bench.json "$@"
+.venv/bin/python jobs/full_pipeline.py --config cpu-demo "$@"

@@ -117,7 +117,7 @@ class DistillActor:
         return {key: [r[key] for r in results] for key in results[0]}
 
 
-def run_distill(config: DistillConfig, *, use_ray: bool = True) -> dict[str, Any]:
+def run_distill(config: DistillConfig, *, use_ray: bool = True, parent_run_id: str | None = None) -> dict[str, Any]:
     """Plans shards, distils the pending ones (on Ray, or in-process with `use_ray=False`), writes the token
     frequency table and a summary, and logs the stage to MLflow."""
     started = time.perf_counter()
@@ -154,7 +154,7 @@ def run_distill(config: DistillConfig, *, use_ray: bool = True) -> dict[str, Any
         "settings": config.generation_settings(),
     }
     write_json_atomically(summary, out_dir / SUMMARY_FILE)
-    _track(config, summary)
+    _track(config, summary, parent_run_id=parent_run_id)
     return summary
 
 
@@ -178,7 +178,7 @@ def _run_pending(config: DistillConfig, shards: list[list[Conversation]], pendin
     return dataset.take_all()
 
 
-def _track(config: DistillConfig, summary: dict[str, Any]) -> None:
+def _track(config: DistillConfig, summary: dict[str, Any], *, parent_run_id: str | None) -> None:
     if not config.tracking.enabled:
         return
     from pipeline.tracking import Run, tracking_uri
@@ -186,7 +186,7 @@ def _track(config: DistillConfig, summary: dict[str, Any]) -> None:
     run = Run.start(
         tracking_uri(config.tracking), experiment=config.tracking.experiment, run_name="distill",
         params={**config.to_dict(), "data": {k: v for k, v in summary.items() if k != "settings"}},
-        tags={"koala.stage": "distill"},
+        tags={"koala.stage": "distill"}, parent_run_id=parent_run_id,
     )
     run.log_metrics({k: summary[k] for k in ("prompts_kept", "response_tokens_total", "tokens_per_s",
                                              "actor_tokens_per_s", "wall_time_s")})

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.data import FREQUENCY_FILE, read_token_frequencies, shard_metadata
+from pipeline.data import FREQUENCY_FILE, read_token_frequencies, shard_metadata, write_json_atomically
 from pipeline.heads import build_head, save_head, target_identity_dict
 from pipeline.stages.resources import use_gpus
 from pipeline.target import load_target_from_config
@@ -31,9 +31,12 @@ from pipeline.vocab import top_token_ids
 
 log = logging.getLogger(__name__)
 FEATURE_BYTES = 2  # fp16
+TRAIN_SUMMARY_FILE = "train_summary.json"
 
 
 def data_shards(config: TrainConfig) -> list[Path]:
+    if not config.data_dirs:
+        raise ConfigError("train.data_dirs: name at least one directory written by koala distill")
     paths: list[Path] = []
     for directory in map(Path, config.data_dirs):
         found = sorted(directory.glob("shard-*.parquet"))
@@ -155,6 +158,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     if world > 1:
         trainer.wrap_discriminator(lambda module: ray.train.torch.prepare_model(module, move_to_device=False))
 
+    import ray.data
+
+    # The shards are read once into memory; their progress bars would only clutter the sweep's output.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     train_rows = _rows(ray.train.get_dataset_shard("train"))
     validation_rows = _rows(ray.train.get_dataset_shard("validation")) if rank == 0 else []
     cache_dir = Path(payload["cache_dir"]) if payload["use_feature_cache"] else None
@@ -188,7 +195,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             if tracking and (epoch_done or trainer.step % config.log_every_steps == 0):
                 tracking.log_metrics(metrics, step=trainer.step)
             if epoch_done or trainer.step % config.checkpoint_every_steps == 0:
-                metrics.update(step=trainer.step, seconds=time.perf_counter() - started)
+                metrics.update(step=trainer.step, seconds=time.perf_counter() - started, node_id=ray.get_runtime_context().get_node_id())
                 _report(trainer, metrics, rank=rank, payload=payload)
             if config.fail_once_at_step and trainer.step == config.fail_once_at_step:
                 _fail_once(Path(payload["fault_marker"]))
@@ -243,8 +250,11 @@ def _worker_run(payload: dict[str, Any]):
 # ----------------------------------------------------------------------------------------------- driver side
 
 
-def run_train(config: TrainConfig, *, run_name: str | None = None, parent_run_id: str | None = None) -> dict[str, Any]:
-    """Trains one head on Ray Train and exports it to `<out_dir>/head`. Returns the final metrics and paths."""
+def run_train(config: TrainConfig, *, run_name: str | None = None, parent_run_id: str | None = None,
+              end_run: bool = True) -> dict[str, Any]:
+    """Trains one head on Ray Train and exports it to `<out_dir>/head`. Returns the final metrics and paths.
+
+    With `end_run=False` the MLflow run stays open for the caller (a sweep adds the evaluation to it)."""
     import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -308,18 +318,19 @@ def run_train(config: TrainConfig, *, run_name: str | None = None, parent_run_id
         shutil.copytree(Path(directory) / "head", head_dir)
     summary = {"metrics": result.metrics, "head_dir": str(head_dir), "feature_cache": cache_reason,
                "data": {k: v for k, v in stats.items() if k != "distill_settings"},
-               "wall_time_s": time.perf_counter() - started}
-    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+               "wall_time_s": time.perf_counter() - started,
+               "mlflow_run_id": tracking.run_id if tracking else None}
+    write_json_atomically(summary, out_dir / TRAIN_SUMMARY_FILE)
     if tracking:
         tracking.log_metrics({"wall_time_s": summary["wall_time_s"]}, step=int(result.metrics.get("step", 0)))
         tracking.log_artifact(head_dir, "head")
-        tracking.log_artifact(out_dir / "train_summary.json")
+        tracking.log_artifact(out_dir / TRAIN_SUMMARY_FILE)
         tracking.log_dict(config.to_dict(), "train_config.json")
         frequency = Path(config.data_dirs[0]) / FREQUENCY_FILE
         if frequency.is_file():
             tracking.log_artifact(frequency, "data")
-        tracking.end()
-        summary["mlflow_run_id"] = tracking.run_id
+        if end_run:
+            tracking.end()
     return summary
 
 

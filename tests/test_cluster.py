@@ -1,0 +1,134 @@
+"""Scaling out: a simulated two-node Ray cluster runs sweep trials on both nodes; cluster.yaml passes Ray's own
+cluster-config validation; bad pipeline configs fail before any work starts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.full_pipeline import load_pipeline_config, main as pipeline_main
+from pipeline.config import ConfigError, DistillConfig, SweepConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_cluster_yaml_passes_rays_validator():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    prepared = prepare_config(config)
+    validate_config(prepared)
+    assert prepared["head_node_type"] == "head"
+    assert prepared["available_node_types"]["gpu_worker"]["max_workers"] >= 1
+    assert any("mlflow server" in command for command in prepared["head_start_ray_commands"])
+    assert any("pip install" in command for command in prepared["setup_commands"])
+
+    broken = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    broken["available_node_types"]["gpu_worker"]["min_workers"] = "many"
+    with pytest.raises(Exception, match="min_workers|not of type"):
+        validate_config(prepare_config(broken))
+
+
+def test_runtime_env_file_is_valid():
+    from ray.runtime_env import RuntimeEnv
+
+    env = RuntimeEnv(**yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text()))
+    assert env["working_dir"] == "."
+
+
+@pytest.mark.parametrize("preset", ["cpu-demo", "smoke", "paper-vicuna-7b"])
+def test_presets_load_and_validate(preset, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    config = load_pipeline_config(preset, [f"distill.prompts=[{prompts}]"])
+    trials = config.sweep.trial_overrides()
+    assert len(trials) >= 2
+    if preset == "cpu-demo":
+        assert len(trials) == 8 and config.target.spec == "smollm2"
+    if preset == "paper-vicuna-7b":
+        assert len(trials) == 30 and config.sweep.train.use_gpu == "yes"
+
+
+@pytest.mark.parametrize(("override", "field"), [
+    ("sweep.grid.head.head_type=[medusa, hydra]", "sweep.grid.head.head_type"),
+    ("sweep.grid={}", "sweep.grid"),
+    ("sweep.grid.adv_weight=[0, -0.1]", "sweep.grid.adv_weight"),
+    ("sweep.grid.head.num_layers=[]", "sweep.grid.head.num_layers"),
+    ("sweep.grid.out_dir=[a, b]", "sweep.grid.out_dir"),
+    ("sweep.eval.max_new_tokens=0", "eval.max_new_tokens"),
+    ("sweep.train.tracking.uri=http://elsewhere:5000", "sweep.train.tracking"),
+    ("distill.prompts=[missing_prompts.jsonl]", "distill.prompts"),
+])
+def test_bad_pipeline_config_fails_before_any_work(override, field, tmp_path, capsys):
+    run_dir = tmp_path / "runs"
+    code = pipeline_main(["--config", "smoke", "--set", f"run_dir={run_dir}", "--set", override])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert field in error and "Traceback" not in error
+    assert not run_dir.exists()
+
+
+def test_unknown_preset_names_the_choices(capsys):
+    assert pipeline_main(["--config", "no-such-preset"]) == 2
+    assert "cpu-demo" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_node_cluster_runs_trials_on_both_nodes(tiny_model_dir, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from pipeline.stages.distill import run_distill
+    from tune.sweep import run_sweep
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"prompt number {i}"}) for i in range(6)) + "\n")
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(json.dumps({"turns": ["a question"]}) + "\n")
+    run_distill(DistillConfig.from_dict({
+        "prompts": [str(prompts)], "out_dir": str(tmp_path / "data"), "max_new_tokens": 16,
+        "target": {"spec": str(tiny_model_dir), "device": "cpu"}, "tracking": {"enabled": False},
+    }), use_ray=False)
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster.add_node(num_cpus=2)
+    try:
+        ray.init(address=cluster.address)
+        cluster.wait_for_nodes()
+        config = SweepConfig.from_dict({
+            "grid": {"head.head_type": ["medusa", "eagle"]},
+            # Each trial's training worker takes a whole node's 2 CPUs, so two trials at once need both nodes.
+            "train": {"head": {"num_heads": 2}, "max_steps": 2, "batch_size": 2, "cpus_per_worker": 2,
+                      "val_fraction": 0.0, "target": {"spec": str(tiny_model_dir), "device": "cpu"},
+                      "tracking": {"enabled": False}},
+            "eval": {"questions": str(questions), "per_category": 0, "max_new_tokens": 4, "cpus": 2,
+                     "warmup_prompts": 0},
+            "out_dir": str(tmp_path / "sweeps"),
+        })
+        summary = run_sweep(config, data_dirs=[str(tmp_path / "data")])
+        nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert len(nodes) == 2
+    assert all(not row.get("error") for row in summary["rows"])
+    used = {row[key] for row in summary["rows"] for key in ("train_node_id", "eval_node_id")}
+    assert used == nodes, f"trials ran on {used}, cluster nodes {nodes}"
+
+
+def test_tracking_uri_reaches_the_driver_node_from_other_nodes(monkeypatch, tmp_path):
+    from pipeline.config import TrackingConfig
+    from pipeline.tracking import reachable_from_cluster, tracking_uri
+
+    assert reachable_from_cluster("http://127.0.0.1:5000", "10.0.0.7") == "http://10.0.0.7:5000"
+    assert reachable_from_cluster("http://localhost:5000/path", "10.0.0.7") == "http://10.0.0.7:5000/path"
+    assert reachable_from_cluster("http://mlflow.internal:5000", "10.0.0.7") == "http://mlflow.internal:5000"
+    assert reachable_from_cluster("sqlite:////tmp/x.db", "10.0.0.7") == "sqlite:////tmp/x.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri(TrackingConfig(run_dir=str(tmp_path))) == "http://127.0.0.1:5000"
+    assert tracking_uri(TrackingConfig(uri="http://other:5000")) == "http://other:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking_uri(TrackingConfig(run_dir=str(tmp_path))) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"

@@ -1,0 +1,205 @@
+"""The Ray Tune sweep and the full pipeline on a local Ray cluster with a tiny model: every trial trains and is
+measured, MLflow holds the parent and child runs, plots and the registered champion; an interrupted sweep resumes
+without retraining; a second pipeline run reuses every stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import PipelineConfig, SweepConfig
+from tune.sweep import register_winner, run_sweep
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["hello there", "the quick brown fox", "what is two plus two?", "tell me a story", "why is the sky blue?",
+           "name three colors", "count to five", "say something nice"]
+QUESTIONS = ["hello there", "what is the capital of france?", "describe a cat", "list four fruits"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep-inputs")
+    (root / "prompts.jsonl").write_text(
+        "\n".join(json.dumps({"conversations": [{"from": "human", "value": p}]}) for p in PROMPTS) + "\n")
+    (root / "questions.jsonl").write_text(
+        "\n".join(json.dumps({"question_id": i, "category": "c", "turns": [q]}) for i, q in enumerate(QUESTIONS)) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def distilled(ray_cluster, inputs, tiny_model_dir, tmp_path_factory):
+    from pipeline.config import DistillConfig
+    from pipeline.stages.distill import run_distill
+
+    out = tmp_path_factory.mktemp("sweep-data")
+    run_distill(DistillConfig.from_dict({
+        "prompts": [str(inputs / "prompts.jsonl")], "out_dir": str(out), "shard_size": 4, "batch_size": 4,
+        "max_new_tokens": 24, "target": {"spec": str(tiny_model_dir), "device": "cpu"},
+        "tracking": {"enabled": False},
+    }), use_ray=False)
+    return out
+
+
+def sweep_values(tiny_model_dir, inputs, root, **overrides):
+    values = {
+        "grid": {"head.head_type": ["medusa", "eagle"], "adv_weight": [0.0, 0.1]},
+        "train": {"head": {"num_layers": 1, "num_heads": 2}, "max_steps": 3, "batch_size": 2,
+                  "cpus_per_worker": 1, "val_fraction": 0.25, "checkpoint_every_steps": 3, "log_every_steps": 1,
+                  "target": {"spec": str(tiny_model_dir), "device": "cpu"},
+                  "tracking": {"run_dir": str(root / "mlruns")}},
+        "eval": {"questions": str(inputs / "questions.jsonl"), "per_category": 0, "max_new_tokens": 8, "cpus": 1,
+                 "warmup_prompts": 0},
+        "out_dir": str(root / "sweeps"),
+        "max_concurrent_trials": 2,
+    }
+    values.update(overrides)
+    return values
+
+
+def mlflow_client(root):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{(root / 'mlruns' / 'mlflow.db').resolve()}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+
+
+def train_runs(client, experiment="koala"):
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    return client.search_runs([experiment_id], "tags.`koala.stage` = 'train'")
+
+
+def test_sweep_measures_every_trial_tracks_them_and_registers_the_fastest(distilled, tiny_model_dir, inputs, tmp_path):
+    config = SweepConfig.from_dict(sweep_values(tiny_model_dir, inputs, tmp_path))
+    summary = run_sweep(config, data_dirs=[str(distilled)])
+
+    rows = summary["rows"]
+    assert sorted(r["trial"] for r in rows) == sorted(
+        ["medusa-lambda0", "medusa-lambda0.1", "eagle-lambda0", "eagle-lambda0.1"])
+    for row in rows:
+        assert not row.get("error"), row
+        assert row["speedup"] > 0 and row["tau"] >= 1.0 and row["exact_match"] == 1.0
+        assert row["eval_prompts"] == 3  # "hello there" is a training prompt: dropped
+    assert summary["eval_prompts_dropped"] == 1
+    best = max(rows, key=lambda r: (r["speedup"], r["tau"]))
+    assert summary["winner"]["trial"] == best["trial"]
+
+    client, uri = mlflow_client(tmp_path)
+    children = train_runs(client)
+    assert len(children) == 4
+    parent_ids = {run.data.tags["mlflow.parentRunId"] for run in children}
+    assert len(parent_ids) == 1
+    parent = client.get_run(parent_ids.pop())
+    assert parent.data.metrics["best_speedup"] == pytest.approx(best["speedup"])
+    for run in children:
+        assert {"speedup", "tau", "alpha_1", "loss_distill"} <= set(run.data.metrics)
+        assert run.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert {"sweep/trials.csv", "sweep/trials.md", "sweep/plots"} <= artifacts
+    for plot in summary["plots"]:
+        data = Path(plot).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000, plot
+    assert len(Path(summary["sweep_dir"], "trials.csv").read_text().splitlines()) == 5
+
+    registered = register_winner(summary, model_name="koala-drafter", tracking_uri=uri,
+                                 target=config.train.target)
+    champion = client.get_model_version_by_alias("koala-drafter", "champion")
+    assert champion.version == registered["version"]
+    assert champion.run_id == summary["winner"]["mlflow_run_id"]
+    assert json.loads(champion.tags["metrics"])["speedup"] == pytest.approx(best["speedup"])
+
+    from pipeline.heads import load_head
+    from pipeline.target import load_target
+    from pipeline.tracking import download_registered_head
+
+    head_dir = download_registered_head(uri, "models:/koala-drafter@champion", tmp_path / "download")
+    load_head(head_dir, load_target(str(tiny_model_dir), device="cpu").model, target_name=str(tiny_model_dir))
+
+    again = run_sweep(config, data_dirs=[str(distilled)])
+    assert again["cached"] and again["winner"]["trial"] == best["trial"]
+
+
+def test_interrupted_sweep_resumes_without_retraining_finished_trials(distilled, tiny_model_dir, inputs, tmp_path):
+    values = sweep_values(tiny_model_dir, inputs, tmp_path, max_concurrent_trials=1)
+    config_path = tmp_path / "sweep.yaml"
+    import yaml
+
+    config_path.write_text(yaml.safe_dump(values))
+    command = [sys.executable, "-m", "pipeline.cli", "tune", "--config", str(config_path), "--data", str(distilled)]
+    log = tmp_path / "first-run.log"
+    with log.open("w") as output:  # a file, not a pipe: Ray logs enough to fill a pipe and block the process
+        process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "RAY_ADDRESS": "local"}, start_new_session=True)
+    trials = tmp_path / "sweeps"
+    deadline = time.monotonic() + 240
+    while len(list(trials.glob("*/trials/*/eval.json"))) < 2:
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the sweep did not finish two trials in time"
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and stops
+    try:
+        process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    assert process.returncode == 130, log.read_text()[-3000:]
+    assert "run the same command again to resume" in log.read_text()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/trials/*/train_summary.json")
+                if (p.parent / "eval.json").is_file()}
+    assert len(finished) >= 2
+    assert not list(trials.glob("*/results.json")), "the sweep was not interrupted"
+
+    summary = run_sweep(SweepConfig.from_dict(values), data_dirs=[str(distilled)])
+    assert len(summary["rows"]) == 4 and all(not r.get("error") for r in summary["rows"])
+    for name, mtime in finished.items():
+        assert next(trials.glob(f"*/trials/{name}/train_summary.json")).stat().st_mtime_ns == mtime, name
+    client, _ = mlflow_client(tmp_path)
+    names = sorted(run.info.run_name for run in train_runs(client))
+    assert len(names) == len(set(names)) == 4, names  # no trial trained twice
+
+
+def test_second_pipeline_run_reuses_every_stage(ray_cluster, inputs, tiny_model_dir, tmp_path):
+    from jobs.full_pipeline import run_pipeline
+
+    sweep = sweep_values(tiny_model_dir, inputs, tmp_path, grid={"head.head_type": ["medusa", "eagle"]})
+    sweep["train"].pop("target")
+    sweep["train"].pop("tracking")
+    sweep.pop("out_dir")
+    config = PipelineConfig.from_dict({
+        "run_dir": str(tmp_path / "runs"), "serve": False, "tracking": {"run_dir": str(tmp_path / "runs")},
+        "target": {"spec": str(tiny_model_dir), "device": "cpu"},
+        "distill": {"prompts": [str(inputs / "prompts.jsonl")], "shard_size": 4, "batch_size": 4,
+                    "max_new_tokens": 16, "cpus_per_actor": 1},
+        "sweep": sweep,
+    })
+    first = run_pipeline(config)
+    assert not any(stage["cached"] for stage in first["stages"].values())
+    assert first["registered"]["model_uri"] == "models:/koala-drafter@champion"
+    second = run_pipeline(config)
+    assert all(stage["cached"] for stage in second["stages"].values())
+    assert second["winner"]["trial"] == first["winner"]["trial"]
+    assert second["mlflow_parent_run_id"] == first["mlflow_parent_run_id"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=first["mlflow_uri"])
+    assert len(train_runs(client)) == 2
+    stages = client.search_runs([client.get_experiment_by_name("koala").experiment_id], "tags.`koala.stage` = 'distill'")
+    assert len(stages) == 1

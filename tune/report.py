@@ -1,0 +1,134 @@
+"""The sweep's result table, the winner, and the plots: plain functions over trial rows (no Ray).
+
+A row is a flat dict: `trial`, the grid values (`head.head_type`, `head.num_layers`, `adv_weight`, ...) and the
+measured metrics (`speedup`, `tau`, `alpha_1..3`, `exact_match`, ...) or an `error`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+TABLE_COLUMNS = ("trial", "speedup", "tau", "alpha_1", "alpha_2", "alpha_3", "exact_match", "vanilla_tokens_per_s",
+                 "speculative_tokens_per_s", "draft_to_target_ratio", "val_acc_1", "train_wall_time_s",
+                 "eval_wall_time_s", "error")
+
+
+def is_valid(row: dict[str, Any]) -> bool:
+    """A trial counts when it finished and its greedy output matched vanilla decoding (the lossless check)."""
+    return not row.get("error") and row.get("speedup") is not None and row.get("exact_match") in (None, 1.0)
+
+
+def pick_winner(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Best measured speedup; tau breaks ties."""
+    candidates = [r for r in rows if is_valid(r)]
+    return max(candidates, key=lambda r: (r["speedup"], r["tau"]), default=None)
+
+
+def pick_baseline(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The best plain (non-KOALA) trial: K=1, lambda=0."""
+    plain = [r for r in rows if is_valid(r) and r.get("head.num_layers", 1) == 1 and r.get("adv_weight", 0.0) == 0]
+    return max(plain, key=lambda r: (r["speedup"], r["tau"]), default=None)
+
+
+def _columns(rows: Sequence[dict[str, Any]], grid_keys: Sequence[str]) -> list[str]:
+    present = {k for r in rows for k in r}
+    return ["trial", *grid_keys, *(c for c in TABLE_COLUMNS[1:] if c in present)]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def table_csv(rows: Sequence[dict[str, Any]], grid_keys: Sequence[str]) -> str:
+    columns = _columns(rows, grid_keys)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in sorted(rows, key=_sort_key):
+        writer.writerow({c: _cell(row.get(c)) for c in columns})
+    return buffer.getvalue()
+
+
+def table_markdown(rows: Sequence[dict[str, Any]], grid_keys: Sequence[str], *, winner: str | None = None) -> str:
+    columns = _columns(rows, grid_keys)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in sorted(rows, key=_sort_key):
+        cells = [_cell(row.get(c)) for c in columns]
+        if row["trial"] == winner:
+            cells[0] = f"**{cells[0]}** (winner)"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _sort_key(row: dict[str, Any]) -> tuple:
+    return (-(row.get("speedup") or -math.inf), row["trial"])
+
+
+def plot_heatmaps(rows: Sequence[dict[str, Any]], metric: str, path: Path) -> Path:
+    """One heatmap per head type: K (rows) x lambda (columns); a cell holds the best value over other grid fields."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    valid = [r for r in rows if is_valid(r)]
+    head_types = sorted({r.get("head.head_type", "head") for r in valid}) or ["head"]
+    figure, axes = plt.subplots(1, len(head_types), figsize=(4.5 * len(head_types), 3.8), squeeze=False)
+    for axis, head_type in zip(axes[0], head_types):
+        subset = [r for r in valid if r.get("head.head_type", "head") == head_type]
+        layers = sorted({r.get("head.num_layers", 1) for r in subset})
+        lambdas = sorted({r.get("adv_weight", 0.0) for r in subset})
+        grid = [[math.nan] * len(lambdas) for _ in layers]
+        for r in subset:
+            i, j = layers.index(r.get("head.num_layers", 1)), lambdas.index(r.get("adv_weight", 0.0))
+            grid[i][j] = r[metric] if math.isnan(grid[i][j]) else max(grid[i][j], r[metric])
+        image = axis.imshow(grid, cmap="viridis", aspect="auto")
+        axis.set_xticks(range(len(lambdas)), [f"{v:g}" for v in lambdas])
+        axis.set_yticks(range(len(layers)), [str(v) for v in layers])
+        axis.set_xlabel("λ (adv_weight)")
+        axis.set_ylabel("K (num_layers)")
+        axis.set_title(f"{head_type}: {metric}")
+        for i, line in enumerate(grid):
+            for j, value in enumerate(line):
+                if not math.isnan(value):
+                    axis.text(j, i, f"{value:.3f}", ha="center", va="center", color="white")
+        figure.colorbar(image, ax=axis)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def plot_alpha(baseline: dict[str, Any] | None, winner: dict[str, Any] | None, path: Path) -> Path:
+    """n-alpha by draft position: the best K=1 lambda=0 baseline against the winner."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    for label, row, offset in (("baseline K=1 λ=0", baseline, -0.2), ("winner", winner, 0.2)):
+        if row is None:
+            continue
+        positions = [n for n in (1, 2, 3) if row.get(f"alpha_{n}") is not None]
+        axis.bar([n + offset for n in positions], [row[f"alpha_{n}"] for n in positions], width=0.4,
+                 label=f"{label}: {row['trial']}")
+    axis.set_xticks([1, 2, 3], ["1-α", "2-α", "3-α"])
+    axis.set_ylabel("acceptance rate")
+    axis.set_ylim(0, 1)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
