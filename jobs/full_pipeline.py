@@ -57,7 +57,10 @@ def load_pipeline_config(config: str, overrides: list[str] = ()) -> PipelineConf
     if isinstance(distill, dict) and "prompts" in distill:
         prompts = distill["prompts"] if isinstance(distill["prompts"], list) else [distill["prompts"]]
         distill["prompts"] = [_locate_prompt_file(str(p)) for p in prompts]
-    return PipelineConfig.from_dict(values)
+    config = PipelineConfig.from_dict(values)
+    if config.serve:
+        serve_settings(config, drafter="models:/koala-drafter@champion", tracking_uri=None)  # validate up front
+    return config
 
 
 def _locate_prompt_file(source: str) -> str:
@@ -163,17 +166,34 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     return summary
 
 
-def _serve(config: PipelineConfig, registered: dict[str, Any] | None, uri: str | None) -> dict[str, Any] | None:
-    """Deploys the champion with Ray Serve and sends one smoke request (when the Serve app is installed)."""
+def serve_settings(config: PipelineConfig, *, drafter: str, tracking_uri: str | None):
+    """The Serve stage's config: `serve_options` (any ServeConfig field) with the pipeline's target, tracking and
+    the registered champion filled in."""
+    from serve.config import ServeConfig
+
     try:
-        from serve.app import deploy_and_smoke_test
-    except ImportError:
-        print("[pipeline] serve: the Ray Serve app is not part of this installation yet; skipping deployment")
-        return None
+        return ServeConfig.from_dict({**config.serve_options, "target": config.target.to_dict(), "drafter": drafter,
+                                      "tracking": {**config.tracking.to_dict(), "uri": tracking_uri or ""}})
+    except ConfigError as error:
+        raise ConfigError(f"pipeline.serve_options: {error}") from None
+
+
+def _serve(config: PipelineConfig, registered: dict[str, Any] | None, uri: str | None) -> dict[str, Any] | None:
+    """Deploys the champion (target + registered head) with Ray Serve and sends one smoke request."""
+    from serve.app import run_serve
+    from serve.client import smoke_request
+
     if registered is None:
         print("[pipeline] serve: no registered champion to deploy")
         return None
-    return deploy_and_smoke_test(model_uri=registered["model_uri"], tracking_uri=uri, target=config.target)
+    serve_config = serve_settings(config, drafter=registered["model_uri"], tracking_uri=uri)
+    url = run_serve(serve_config)
+    answer = smoke_request(url, model=serve_config.model_name)
+    tau = answer.get("speculative", {}).get("acceptance_length", float("nan"))
+    print(f"[pipeline] serve: {url} answered the smoke request with {answer['usage']['completion_tokens']} tokens "
+          f"(tau {tau:.2f}): {answer['choices'][0]['message']['content'][:80]!r}")
+    return {"url": url, "model": serve_config.model_name, "drafter": registered["model_uri"],
+            "smoke_completion_tokens": answer["usage"]["completion_tokens"]}
 
 
 def _pipeline_run(config: PipelineConfig, run_dir: Path, uri: str | None) -> str | None:
@@ -231,8 +251,19 @@ def print_summary(summary: dict[str, Any], swept: dict[str, Any]) -> None:
         print(f"[pipeline] MLflow: {summary['mlflow_uri']} (parent run {summary['mlflow_parent_run_id']}); "
               f"browse with: mlflow ui --backend-store-uri {summary['mlflow_uri']}")
     if summary["serve"]:
-        print(f"[pipeline] Serve endpoint: {summary['serve'].get('url')}")
+        print(f"[pipeline] Serve endpoint: {summary['serve']['url']} (model {summary['serve']['model']!r}); it lives as "
+              "long as this Ray cluster: on a cluster it stays deployed, locally pass --keep-serving or run "
+              f"`koala serve --drafter {summary['serve']['drafter']}`")
     print(f"[pipeline] total wall time {summary['wall_time_s']:.0f}s")
+
+
+def _wait_for_ctrl_c(url: str) -> None:
+    print(f"[pipeline] serving at {url} until Ctrl-C")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override any field, dotted (e.g. --set sweep.eval.per_category=2)")
     parser.add_argument("--address", help="Ray cluster address (default: the job's cluster, or a local Ray)")
+    parser.add_argument("--keep-serving", action="store_true",
+                        help="keep the process (and a local Ray cluster with the endpoint) alive until Ctrl-C")
     return parser
 
 
@@ -253,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
 
             ray.init(address=args.address)
         summary = run_pipeline(config)
+        if args.keep_serving and summary["serve"]:
+            _wait_for_ctrl_c(summary["serve"]["url"])
     except ConfigError as error:
         print(f"koala run: error: {error}", file=sys.stderr)
         return 2

@@ -502,7 +502,8 @@ class SweepConfig(Config):
 class PipelineConfig(Config):
     """`jobs/full_pipeline.py` / `koala run`: distill -> sweep (train + evaluate each trial) -> register the
     winner -> serve it. `target` and `tracking` are set once here and apply to every stage; each stage's output
-    lives under `run_dir`, keyed by a content hash of its inputs, so a re-run skips what is already done."""
+    lives under `run_dir`, keyed by a content hash of its inputs, so a re-run skips what is already done.
+    `serve_options` holds ServeConfig fields (serve/config.py) for the last stage, e.g. {port: 8001}."""
 
     section: ClassVar[str] = "pipeline"
 
@@ -513,6 +514,7 @@ class PipelineConfig(Config):
     distill: DistillConfig
     sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
     serve: bool = True
+    serve_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
         for stage, config in (("distill", self.distill), ("sweep.train", self.sweep.train)):

@@ -61,6 +61,7 @@ def test_presets_load_and_validate(preset, tmp_path):
     ("sweep.eval.max_new_tokens=0", "eval.max_new_tokens"),
     ("sweep.train.tracking.uri=http://elsewhere:5000", "sweep.train.tracking"),
     ("distill.prompts=[missing_prompts.jsonl]", "distill.prompts"),
+    ("serve_options.port=0", "pipeline.serve_options"),
 ])
 def test_bad_pipeline_config_fails_before_any_work(override, field, tmp_path, capsys):
     run_dir = tmp_path / "runs"

@@ -74,6 +74,14 @@ def sweep_values(tiny_model_dir, inputs, root, **overrides):
     return values
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def mlflow_client(root):
     from mlflow.tracking import MlflowClient
 
@@ -183,7 +191,8 @@ def test_second_pipeline_run_reuses_every_stage(ray_cluster, inputs, tiny_model_
     sweep["train"].pop("tracking")
     sweep.pop("out_dir")
     config = PipelineConfig.from_dict({
-        "run_dir": str(tmp_path / "runs"), "serve": False, "tracking": {"run_dir": str(tmp_path / "runs")},
+        "run_dir": str(tmp_path / "runs"), "tracking": {"run_dir": str(tmp_path / "runs")},
+        "serve_options": {"port": free_port(), "cpus_per_replica": 1},
         "target": {"spec": str(tiny_model_dir), "device": "cpu"},
         "distill": {"prompts": [str(inputs / "prompts.jsonl")], "shard_size": 4, "batch_size": 4,
                     "max_new_tokens": 16, "cpus_per_actor": 1},
@@ -192,8 +201,9 @@ def test_second_pipeline_run_reuses_every_stage(ray_cluster, inputs, tiny_model_
     first = run_pipeline(config)
     assert not any(stage["cached"] for stage in first["stages"].values())
     assert first["registered"]["model_uri"] == "models:/koala-drafter@champion"
+    assert first["serve"]["smoke_completion_tokens"] >= 1  # the champion answered over HTTP
     second = run_pipeline(config)
-    assert all(stage["cached"] for stage in second["stages"].values())
+    assert all(stage["cached"] for name, stage in second["stages"].items() if name != "serve")
     assert second["winner"]["trial"] == first["winner"]["trial"]
     assert second["mlflow_parent_run_id"] == first["mlflow_parent_run_id"]
 
