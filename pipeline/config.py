@@ -38,6 +38,13 @@ class Config:
     def fail(self, field: str, message: str) -> typing.NoReturn:
         raise ConfigError(f"{self.section}.{field}: {message}")
 
+    def require_at_least(self, minimum: float, *fields: str, note: str = "") -> None:
+        """Fails on the first of `fields` below `minimum`; `note` explains a special value (e.g. "0 = all")."""
+        for field in fields:
+            value = getattr(self, field)
+            if value < minimum:
+                self.fail(field, f"must be >= {minimum}{f' ({note})' if note else ''}, got {value}")
+
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> Self:
         values = dict(values or {})
@@ -279,11 +286,9 @@ class DistillConfig(Config):
             self.fail("prompts", "name prompt files (.json/.jsonl, ShareGPT or OpenAI messages) or HF datasets")
         if self.mode not in DATA_MODES:
             self.fail("mode", f"unknown mode {self.mode!r}; choose one of {list(DATA_MODES)}")
-        for field in ("max_prompt_tokens", "max_new_tokens", "batch_size", "shard_size", "num_actors", "cpus_per_actor"):
-            if getattr(self, field) < 1:
-                self.fail(field, f"must be >= 1, got {getattr(self, field)}")
-        if self.max_prompts < 0:
-            self.fail("max_prompts", f"must be >= 0 (0 = all), got {self.max_prompts}")
+        self.require_at_least(1, "max_prompt_tokens", "max_new_tokens", "batch_size", "shard_size", "num_actors",
+                              "cpus_per_actor")
+        self.require_at_least(0, "max_prompts", note="0 = all")
         if self.temperature < 0:
             self.fail("temperature", f"must be >= 0 (0 is greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -354,23 +359,16 @@ class TrainConfig(Config):
         for field in ("discriminator_lr", "head_lr"):
             if getattr(self, field) <= 0:
                 self.fail(field, f"must be > 0, got {getattr(self, field)}")
-        for field in ("g_steps", "d_steps", "epochs", "batch_size", "max_seq_len", "num_workers", "cpus_per_worker",
-                      "checkpoint_every_steps", "log_every_steps", "discriminator_hidden_size"):
-            if getattr(self, field) < 1:
-                self.fail(field, f"must be >= 1, got {getattr(self, field)}")
-        for field in ("max_steps", "max_failures", "fail_once_at_step"):
-            if getattr(self, field) < 0:
-                self.fail(field, f"must be >= 0, got {getattr(self, field)}")
-        if self.feature_loss_weight < 0:
-            self.fail("feature_loss_weight", f"must be >= 0, got {self.feature_loss_weight}")
+        self.require_at_least(1, "g_steps", "d_steps", "epochs", "batch_size", "max_seq_len", "num_workers",
+                              "cpus_per_worker", "checkpoint_every_steps", "log_every_steps", "discriminator_hidden_size")
+        self.require_at_least(0, "max_steps", "max_failures", "fail_once_at_step", "feature_loss_weight",
+                              "cache_limit_gb")
         if not 0 <= self.val_fraction < 1:
             self.fail("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         if self.use_gpu not in ("auto", "yes", "no"):
             self.fail("use_gpu", f"must be 'auto', 'yes' or 'no', got {self.use_gpu!r}")
         if self.feature_cache not in FEATURE_CACHE_MODES:
             self.fail("feature_cache", f"unknown mode {self.feature_cache!r}; choose one of {list(FEATURE_CACHE_MODES)}")
-        if self.cache_limit_gb < 0:
-            self.fail("cache_limit_gb", f"must be >= 0, got {self.cache_limit_gb}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -458,10 +456,8 @@ class SweepConfig(Config):
             self.fail("grid", "name at least one field with a list of values, e.g. {adv_weight: [0, 0.1]}")
         for key, values in self.grid.items():
             self._check_grid_entry(key, values)
-        if self.max_concurrent_trials < 0:
-            self.fail("max_concurrent_trials", f"must be >= 0 (0 = as resources allow), got {self.max_concurrent_trials}")
-        if self.max_trial_failures < 0:
-            self.fail("max_trial_failures", f"must be >= 0, got {self.max_trial_failures}")
+        self.require_at_least(0, "max_concurrent_trials", note="0 = as resources allow")
+        self.require_at_least(0, "max_trial_failures")
         if not self.model_name:
             self.fail("model_name", "must name the registered model, e.g. koala-drafter")
 

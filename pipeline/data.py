@@ -8,6 +8,7 @@ training stage.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -284,17 +285,27 @@ def rows_to_table(rows: list[Row], *, metadata: dict[str, Any]) -> pa.Table:
     return table.replace_schema_metadata({"koala": json.dumps(metadata)})
 
 
-def write_table_atomically(table: pa.Table, path: Path) -> None:
-    """Writes to a temporary file in the same directory, then renames: a shard either exists whole or not at all."""
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yields a temporary path in the same directory to write to, renamed to `path` only when the block succeeds:
+    readers (and a resumed run) see the whole file or none of it, never a half-written one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, temporary)
-    os.replace(temporary, path)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_table_atomically(table: pa.Table, path: Path) -> None:
+    with atomic_path(path) as temporary:
+        pq.write_table(table, temporary)
 
 
 def write_json_atomically(data: Any, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def shard_path(directory: Path, index: int) -> Path:

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.data import FREQUENCY_FILE, read_token_frequencies, shard_metadata, write_json_atomically
+from pipeline.data import FREQUENCY_FILE, atomic_path, read_token_frequencies, shard_metadata, write_json_atomically
 from pipeline.heads import build_head, save_head, target_identity_dict
 from pipeline.stages.resources import use_gpus
 from pipeline.target import load_target_from_config
@@ -111,10 +111,8 @@ class _FeatureSource:
             hidden = target_features(self.target_model, input_ids.to(self.target_model.device), loss_mask)
             for index, row in enumerate(chunk):
                 features.append(hidden[index, : min(len(row["input_ids"]), self.max_seq_len)].half().cpu().contiguous())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({f"row{i}": f for i, f in enumerate(features)}, temporary)
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            save_file({f"row{i}": f for i, f in enumerate(features)}, temporary)
         return features
 
     def batch(self, rows: list[dict[str, Any]], indices: list[int]) -> TrainBatch:
