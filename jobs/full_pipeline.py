@@ -202,7 +202,8 @@ def _pipeline_run(config: PipelineConfig, run_dir: Path, uri: str | None) -> str
         return None
     from pipeline.tracking import Run
 
-    key = content_key(config.to_dict())
+    # How the winner is served does not change the experiment: serve_options stay out of the key.
+    key = content_key({k: v for k, v in config.to_dict().items() if k != "serve_options"})
     state_path = run_dir / "pipelines" / f"{config.name}-{key}.json"
     if state_path.is_file():
         run_id = json.loads(state_path.read_text())["run_id"]
