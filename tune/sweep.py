@@ -240,7 +240,8 @@ def run_sweep(config: SweepConfig, *, data_dirs: list[str], parent_run_id: str |
           f"data); sweep directory {sweep_dir}")
     grid = _fit(config, context, sweep_dir, list(trials))
     described = {name: _describe(TrainConfig.from_dict(values)) | trials[name] for name, values in context["trials"].items()}
-    rows = [_row(result, described) for result in grid]
+    # A trial Tune never started (the sweep was stopped first) has no config; it counts as unfinished below.
+    rows = [_row(result, described) for result in grid if result.config is not None]
     unfinished = [r["trial"] for r in rows if r.get("speedup") is None and not r.get("error")]
     if unfinished or len(rows) < len(trials):
         raise SweepInterrupted(f"the sweep stopped with {len(trials) - len(rows) + len(unfinished)} of {len(trials)} "
