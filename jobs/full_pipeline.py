@@ -23,7 +23,7 @@ if __name__ == "__main__" and not __package__:  # `python jobs/full_pipeline.py`
 
 import yaml
 
-from pipeline.config import ConfigError, PipelineConfig
+from pipeline.config import ConfigError, PipelineConfig, apply_overrides
 from tune.sweep import SweepInterrupted
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -44,15 +44,7 @@ def load_pipeline_config(config: str, overrides: list[str] = ()) -> PipelineConf
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"pipeline: {path} must hold a mapping of field: value")
-    for item in overrides:
-        field, separator, raw = item.partition("=")
-        if not separator:
-            raise ConfigError(f"pipeline: --set expects FIELD=VALUE, got {item!r}")
-        *parents, leaf = field.split(".")
-        node = values
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = yaml.safe_load(raw)
+    apply_overrides(values, overrides, section="pipeline")
     distill = values.get("distill") or {}
     if isinstance(distill, dict) and "prompts" in distill:
         prompts = distill["prompts"] if isinstance(distill["prompts"], list) else [distill["prompts"]]

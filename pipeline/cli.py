@@ -14,6 +14,7 @@ import yaml
 
 from pipeline.config import (
     BenchConfig, ConfigError, DecodeConfig, DistillConfig, HeadConfig, SweepConfig, TargetConfig, TrainConfig,
+    apply_overrides, assign_dotted,
 )
 
 log = logging.getLogger("koala")
@@ -136,20 +137,8 @@ def _stage_values(args: argparse.Namespace, flags: dict[str, str]) -> dict:
     for attribute, field in flags.items():
         value = getattr(args, attribute, None)
         if value is not None:
-            _assign(values, field, value)
-    for item in args.set:
-        field, separator, raw = item.partition("=")
-        if not separator:
-            raise ConfigError(f"{args.command}: --set expects FIELD=VALUE, got {item!r}")
-        _assign(values, field, yaml.safe_load(raw))
-    return values
-
-
-def _assign(values: dict, dotted: str, value) -> None:
-    *parents, leaf = dotted.split(".")
-    for parent in parents:
-        values = values.setdefault(parent, {})
-    values[leaf] = value
+            assign_dotted(values, field, value)
+    return apply_overrides(values, args.set, section=args.command)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:

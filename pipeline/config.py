@@ -73,6 +73,24 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+def assign_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
+    """values["a"]["b"] = value for "a.b", creating the nested mappings on the way."""
+    *parents, leaf = dotted.split(".")
+    for parent in parents:
+        values = values.setdefault(parent, {})
+    values[leaf] = value
+
+
+def apply_overrides(values: dict[str, Any], items: typing.Iterable[str], *, section: str) -> dict[str, Any]:
+    """Applies command-line `FIELD=VALUE` overrides (dotted fields, YAML values) to a config mapping."""
+    for item in items:
+        field, separator, raw = item.partition("=")
+        if not separator:
+            raise ConfigError(f"{section}: --set expects FIELD=VALUE, got {item!r}")
+        assign_dotted(values, field, yaml.safe_load(raw))
+    return values
+
+
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """Checks `value` against a simple type hint (int, float, str, bool, X | None, tuple[X, ...])."""
     origin = typing.get_origin(hint)

@@ -80,3 +80,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     tiny_llama().save_pretrained(directory)
     char_tokenizer().save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster for one test module (4 logical CPUs, so a few actors or workers fit side by side)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()

@@ -18,15 +18,6 @@ PROMPTS = ["hello there", "the quick brown fox", "what is two plus two?", "tell 
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def distilled(ray_cluster, tmp_path_factory, tiny_model_dir):
     from pipeline.stages.distill import run_distill
 

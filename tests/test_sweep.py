@@ -26,15 +26,6 @@ QUESTIONS = ["hello there", "what is the capital of france?", "describe a cat", 
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep-inputs")
     (root / "prompts.jsonl").write_text(
