@@ -101,7 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int)
     train.add_argument("--max-steps", type=int)
     train.add_argument("--num-workers", type=int)
+    train.add_argument("--unroll-depth", type=int, help="EAGLE training-time test steps (1 = no unrolling)")
+    train.add_argument("--max-train-tokens", type=int, help="data budget: response tokens to train on (0 = all)")
     train.add_argument("--target", help="target spec (default smollm2)")
+    train.add_argument("--no-ray", action="store_true",
+                       help="train in this process on one device (CUDA when present), without Ray")
 
     serve = commands.add_parser("serve", help="serve target + drafter over an OpenAI-compatible HTTP API (Ray Serve)")
     _add_stage_arguments(serve)
@@ -164,9 +168,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     flags = {"data": "data_dirs", "out": "out_dir", "head_type": "head.head_type", "num_layers": "head.num_layers",
              "adv_weight": "adv_weight", "draft_vocab_size": "head.draft_vocab_size", "epochs": "epochs",
-             "max_steps": "max_steps", "num_workers": "num_workers", "target": "target.spec"}
+             "max_steps": "max_steps", "num_workers": "num_workers", "target": "target.spec",
+             "unroll_depth": "unroll_depth", "max_train_tokens": "max_train_tokens"}
     config = TrainConfig.from_dict(_stage_values(args, flags))
-    summary = run_train(config)
+    if args.no_ray:
+        from pipeline.stages.train import run_train_local
+
+        if config.num_workers > 1:
+            raise ConfigError("train.num_workers: --no-ray trains in one process; drop num_workers or use Ray")
+        summary = run_train_local(config)
+    else:
+        summary = run_train(config)
     metrics = {k: v for k, v in summary["metrics"].items() if k.startswith(("val_", "loss_", "step"))}
     print(f"train: {json.dumps(metrics, default=float)}")
     print(f"train: head exported to {summary['head_dir']} (load it with koala bench --drafter)")

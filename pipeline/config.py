@@ -325,16 +325,31 @@ class DistillConfig(Config):
 
 
 FEATURE_CACHE_MODES = ("auto", "on", "off")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig(Config):
     """`koala train`: one KOALA head (type, K, lambda) trained on distilled data.
 
-    `adv_weight` is lambda: 0 disables the discriminator (the plain distillation baseline). `feature_cache`
-    `auto` caches the target's features (fp16 safetensors) when the estimate stays below `cache_limit_gb`,
-    otherwise every step recomputes them with the frozen target. `fail_once_at_step` is a test-only fault
-    injection: the worker process exits once after that step.
+    The recipe (defaults are the best measured on SmolLM2; README "Training recipe"):
+    - data budget: `max_train_tokens` response tokens (0 = all), rows cut at `max_seq_len`;
+    - optimiser: AdamW (`head_lr`, `weight_decay`), `warmup_fraction` of the steps linear warm-up then
+      `lr_schedule` decay to `min_lr_ratio` x lr, gradient clipping at `grad_clip` (0 = off); fp32 master weights
+      under `precision` autocast (`auto`: bf16 on CUDA, fp32 on CPU; float16 uses a gradient scaler);
+    - EAGLE training-time test: the head is unrolled `unroll_depth` drafting steps, reading its own predicted
+      features, with a loss at every step weighted `depth_loss_decay`^step; `feature_noise` adds U(-a, a) to the
+      true input features (EAGLE); `feature_loss_weight` weighs EAGLE's feature regression;
+    - selection: after every epoch a validation estimate of tau (chain acceptance of `val_draft_length` drafted
+      tokens on held-out rows, as greedy decoding accepts them); `select_best` exports the best epoch's head.
+    `max_train_seconds` > 0 stops training after that much training time (then validates and exports).
+
+    `adv_weight` is lambda: 0 disables the discriminator (the plain distillation baseline). It ramps up linearly
+    over `adv_warmup_steps`; the discriminator (`discriminator_layers` deep, 0 = the head's K) uses one-sided
+    `adv_label_smoothing`. `feature_cache` `auto` caches the target's features (fp16) when the estimate stays
+    below `cache_limit_gb`, otherwise every step recomputes them with the frozen target. `fail_once_at_step` is a
+    test-only fault injection: the worker process exits once after that step.
     """
 
     section: ClassVar[str] = "train"
@@ -343,17 +358,32 @@ class TrainConfig(Config):
     out_dir: str = "runs/heads/koala"
     head: HeadConfig = dataclasses.field(default_factory=HeadConfig)
     adv_weight: float = 0.0
-    discriminator_layers: int = 2
+    adv_warmup_steps: int = 200
+    adv_label_smoothing: float = 0.1
+    discriminator_layers: int = 0
     discriminator_hidden_size: int = 256
     discriminator_lr: float = 1e-4
-    head_lr: float = 5e-4
+    head_lr: float = 1e-3
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    warmup_fraction: float = 0.03
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    unroll_depth: int = 4
+    depth_loss_decay: float = 0.8
+    feature_noise: float = 0.0
     feature_loss_weight: float = 1.0
+    val_draft_length: int = 6
+    select_best: bool = True
     g_steps: int = 1
     d_steps: int = 1
     epochs: int = 1
     max_steps: int = 0
+    max_train_seconds: float = 0.0
+    max_train_tokens: int = 0
     batch_size: int = 8
-    max_seq_len: int = 512
+    max_seq_len: int = 1024
     val_fraction: float = 0.05
     seed: int = 0
     num_workers: int = 1
@@ -372,17 +402,29 @@ class TrainConfig(Config):
         # data_dirs may be empty here: the pipeline fills it with the distillation output; run_train checks it.
         if self.adv_weight < 0:
             self.fail("adv_weight", f"lambda must be >= 0 (0 disables the adversarial loss), got {self.adv_weight}")
-        if not 1 <= self.discriminator_layers <= 3:
-            self.fail("discriminator_layers", f"must be 1, 2 or 3, got {self.discriminator_layers}")
+        if not 0 <= self.discriminator_layers <= 3:
+            self.fail("discriminator_layers", f"must be 0 (the head's K), 1, 2 or 3, got {self.discriminator_layers}")
         for field in ("discriminator_lr", "head_lr"):
             if getattr(self, field) <= 0:
                 self.fail(field, f"must be > 0, got {getattr(self, field)}")
         self.require_at_least(1, "g_steps", "d_steps", "epochs", "batch_size", "max_seq_len", "num_workers",
-                              "cpus_per_worker", "checkpoint_every_steps", "log_every_steps", "discriminator_hidden_size")
+                              "cpus_per_worker", "checkpoint_every_steps", "log_every_steps", "discriminator_hidden_size",
+                              "unroll_depth", "val_draft_length")
         self.require_at_least(0, "max_steps", "max_failures", "fail_once_at_step", "feature_loss_weight",
-                              "cache_limit_gb")
+                              "cache_limit_gb", "weight_decay", "grad_clip", "feature_noise", "max_train_seconds",
+                              "adv_warmup_steps", note="0 = off")
+        self.require_at_least(0, "max_train_tokens", note="0 = all")
         if not 0 <= self.val_fraction < 1:
             self.fail("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        for field in ("warmup_fraction", "min_lr_ratio", "adv_label_smoothing"):
+            if not 0 <= getattr(self, field) < 1 and not (field == "min_lr_ratio" and getattr(self, field) == 1):
+                self.fail(field, f"must be in [0, 1), got {getattr(self, field)}")
+        if not 0 < self.depth_loss_decay <= 1:
+            self.fail("depth_loss_decay", f"must be in (0, 1], got {self.depth_loss_decay}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            self.fail("lr_schedule", f"unknown schedule {self.lr_schedule!r}; choose one of {list(LR_SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            self.fail("precision", f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)}")
         if self.use_gpu not in ("auto", "yes", "no"):
             self.fail("use_gpu", f"must be 'auto', 'yes' or 'no', got {self.use_gpu!r}")
         if self.feature_cache not in FEATURE_CACHE_MODES:

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -293,9 +294,20 @@ def atomic_path(path: Path) -> Iterator[Path]:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield temporary
-        os.replace(temporary, path)
+        if temporary.is_dir() and path.is_dir():
+            # A directory cannot replace a non-empty one in one rename: the old one steps aside first (a crash
+            # between the two renames leaves it as .NAME.old, never a half-written directory at `path`).
+            retired = path.with_name(f".{path.name}.{os.getpid()}.old")
+            os.replace(path, retired)
+            os.replace(temporary, path)
+            shutil.rmtree(retired)
+        else:
+            os.replace(temporary, path)
     finally:
-        temporary.unlink(missing_ok=True)
+        if temporary.is_dir():
+            shutil.rmtree(temporary)
+        else:
+            temporary.unlink(missing_ok=True)
 
 
 def write_table_atomically(table: pa.Table, path: Path) -> None:

@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from pipeline.config import DecodeConfig
-from pipeline.heads import DraftHead, Proposal, rollback_cache
+from pipeline.heads import DraftHead, Proposal, cache_argument, rollback_cache
 from pipeline.target import Target
 
 
@@ -183,9 +183,8 @@ def score(
     kwargs: dict[str, Any] = {}
     if last_logits_only and _accepts_logits_to_keep(type(model)):
         kwargs["logits_to_keep"] = 1
-    output = model(
-        input_ids=input_ids, past_key_values=cache, use_cache=True, output_hidden_states=want_features, **kwargs
-    )
+    kwargs[cache_argument(type(model).forward)] = cache
+    output = model(input_ids=input_ids, use_cache=True, output_hidden_states=want_features, **kwargs)
     features = output.hidden_states[-1] if want_features else None
     return _ScoreResult(logits=output.logits[0], features=features)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import inspect
 import json
 import logging
 from collections.abc import Callable
@@ -112,7 +114,9 @@ class MedusaHeads(nn.Module):
         self.heads = nn.ModuleList(
             self._make_head(hidden_size, lm_head_rows, config.num_layers) for _ in range(config.num_heads)
         )
-        self.to(device=lm_head_rows.device, dtype=lm_head_rows.dtype)
+        # fp32 master weights whatever the target's dtype: `load_head` casts for inference, training keeps fp32
+        # (AdamW steps on bf16 weights are lost to rounding).
+        self.to(device=lm_head_rows.device, dtype=torch.float32)
 
     @staticmethod
     def _make_head(hidden_size: int, lm_head_rows: torch.Tensor, num_layers: int) -> nn.Sequential:
@@ -165,7 +169,7 @@ def rollback_cache(cache: DynamicCache, length: int) -> None:
 
 
 def _decoder_parts(target: PreTrainedModel) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(decoder layer class instance, final norm, rotary embedding) of a Llama-style target."""
+    """(first decoder layer, final norm, rotary embedding) of a Llama-style target."""
     decoder = target.get_decoder()
     missing = [name for name in ("layers", "norm", "rotary_emb") if not hasattr(decoder, name)]
     if missing:
@@ -176,13 +180,49 @@ def _decoder_parts(target: PreTrainedModel) -> tuple[nn.Module, nn.Module, nn.Mo
     return decoder.layers[0], decoder.norm, decoder.rotary_emb
 
 
+@functools.cache
+def cache_argument(function: Callable) -> str:
+    """The name under which `function` takes the KV cache: `cache` from transformers 5.2x on (`past_key_values`
+    is deprecated and removed in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
+
+
+def attention_mask_for(allowed: torch.Tensor, *, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean "query may attend key" pattern `(B, 1, Q, K)` in the form the attention implementation takes:
+    additive floats for `eager`, booleans (True = attend) for `sdpa` and the others that accept a 4D mask."""
+    if implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+    if implementation.startswith("flash"):
+        raise ConfigError(
+            f"head: attention implementation {implementation!r} takes no 4D masks; load the target with sdpa or eager"
+        )
+    return allowed
+
+
+def unrolled_attention_pattern(length: int, depth: int, *, device: torch.device) -> torch.Tensor:
+    """Which keys a query of unroll step `depth` sees during training-time test, `(1, 1, L, (depth+1) L)` bool.
+
+    Keys are laid out as [step 0 (L positions), step 1, ..., step depth]. A step-d query at position p drafts the
+    (d+1)-th token of a chain whose verified context ends at p - d: it sees step-0 keys (built from true target
+    features) at positions <= p - d, and the step-j key at position p - d + j for j = 1..d (the chain's earlier
+    drafted positions, built from predicted features) -- exactly what the drafting cache holds at that point.
+    """
+    query = torch.arange(length, device=device)[:, None]
+    key = torch.arange(length, device=device)[None, :]
+    blocks = [key <= query - depth]
+    blocks += [key == query - depth + step for step in range(1, depth + 1)]
+    return torch.cat(blocks, dim=1)[None, None]
+
+
 class EagleHead(nn.Module):
     """EAGLE draft head with K decoder layers of the target's own architecture.
 
     Input at position t: the target feature f_t concatenated with the embedding of token t+1 (frozen target
     embedding), projected `2H -> H`; then K decoder layers; then the target's frozen final norm gives the predicted
     feature f_{t+1}, and the target's frozen LM head (draft-vocabulary rows) its logits. Drafting feeds predicted
-    features back autoregressively.
+    features back autoregressively; `forward_unrolled` trains exactly that (training-time test).
     """
 
     def __init__(self, config: HeadConfig, *, target: PreTrainedModel, draft_token_ids: torch.Tensor | None = None):
@@ -198,51 +238,95 @@ class EagleHead(nn.Module):
         self.fc = nn.Linear(2 * hidden_size, hidden_size)
         layer_class = type(first_layer)
         self.layers = nn.ModuleList(layer_class(self.layer_config, layer_idx=i) for i in range(config.num_layers))
-        self.rotary_emb = type(rotary)(config=self.layer_config)
-        # Frozen target parts are referenced, not registered: they are not head parameters and are not saved.
-        # The (sub)vocabulary LM head is a non-persistent buffer so `.to()` moves it with the head.
-        self._target_parts = (target.get_input_embeddings(), final_norm)
+        self._cache_argument = cache_argument(layer_class.forward)
+        self._mask_cache_argument = cache_argument(create_causal_mask)
+        # Frozen target parts are referenced, not registered: they are not head parameters, are not saved, and are
+        # not cast with the head. The target's own rotary module keeps its fp32 inv_freq (a bf16 copy is off by
+        # 0.36 rad at position 256). The (sub)vocabulary LM head is a non-persistent buffer so `.to()` moves it.
+        self._target_parts = (target.get_input_embeddings(), final_norm, rotary)
         self.register_buffer("lm_head_weight", _frozen_lm_head_rows(target, draft_token_ids), persistent=False)
-        weight = target.get_output_embeddings().weight
-        self.to(device=weight.device, dtype=weight.dtype)
+        # fp32 master weights whatever the target's dtype (see MedusaHeads).
+        self.to(device=target.get_output_embeddings().weight.device, dtype=torch.float32)
 
     @property
     def max_draft_length(self) -> int:
         return 1 << 16
 
-    def forward(
-        self, features: torch.Tensor, next_token_ids: torch.Tensor, *, cache: DynamicCache | None = None
+    def _layers(
+        self, features: torch.Tensor, next_token_ids: torch.Tensor, *, cache: DynamicCache | None,
+        position_ids: torch.Tensor, mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """features `(B, T, H)`, next_token_ids `(B, T)` -> predicted next features `(B, T, H)` (post-norm).
-
-        With `cache`, the T positions continue the cached ones and are appended to it.
-        """
-        embed_tokens, final_norm = self._target_parts
-        hidden = self.fc(torch.cat([embed_tokens(next_token_ids), features], dim=-1))
-        past_length = cache.get_seq_length() if cache is not None else 0
-        position_ids = torch.arange(past_length, past_length + hidden.shape[1], device=hidden.device)[None]
-        mask = create_causal_mask(
-            config=self.layer_config,
-            inputs_embeds=hidden,
-            attention_mask=None,
-            past_key_values=cache,
-            position_ids=position_ids,
-        )
-        position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
+        """The head proper on `(B, T, H)` features and `(B, T)` next tokens -> predicted features `(B, T, H)`."""
+        embed_tokens, final_norm, rotary = self._target_parts
+        embeddings = embed_tokens(next_token_ids).to(features.dtype)
+        hidden = self.fc(torch.cat([embeddings, features], dim=-1))
+        position_embeddings = rotary(hidden, position_ids=position_ids)
         for layer in self.layers:
             hidden = layer(
                 hidden,
                 attention_mask=mask,
                 position_ids=position_ids,
-                past_key_values=cache,
                 use_cache=cache is not None,
                 position_embeddings=position_embeddings,
+                **{self._cache_argument: cache},
             )
         return final_norm(hidden)
 
+    def forward(
+        self, features: torch.Tensor, next_token_ids: torch.Tensor, *, cache: DynamicCache | None = None,
+        unroll_depth: int = 0, noise: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """features `(B, T, H)`, next_token_ids `(B, T)` -> predicted next features `(B, T, H)` (post-norm).
+
+        With `cache`, the T positions continue the cached ones and are appended to it. With `unroll_depth` > 0 this
+        is `forward_unrolled` (so a DDP wrapper sees training-time test as its forward).
+        """
+        if unroll_depth:
+            return self.forward_unrolled(features, next_token_ids, depth=unroll_depth, noise=noise)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        position_ids = torch.arange(past_length, past_length + features.shape[1], device=features.device)[None]
+        mask = create_causal_mask(
+            config=self.layer_config,
+            inputs_embeds=features,
+            attention_mask=None,
+            position_ids=position_ids,
+            **{self._mask_cache_argument: cache},
+        )
+        return self._layers(features, next_token_ids, cache=cache, position_ids=position_ids, mask=mask)
+
+    def forward_unrolled(
+        self, features: torch.Tensor, next_token_ids: torch.Tensor, *, depth: int,
+        noise: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """Training-time test: `depth` drafting steps over a whole sequence at once.
+
+        features `(B, L, H)` (f_0..f_{L-1}), next_token_ids `(B, L)` (x_1..x_L) -> `depth` tensors `(B, L, H)`;
+        element d at position p is the feature predicted at draft step d+1 of a chain whose verified context ends
+        at p - d (so it is meaningful for p >= d), reading the step-d prediction at p - 1 as its input feature
+        and attending to the same keys decoding would (`unrolled_attention_pattern`). Gradients flow through
+        every step, as in HASS and EAGLE-3. `noise`, when given, perturbs the true input features (EAGLE).
+        """
+        length = features.shape[1]
+        position_ids = torch.arange(length, device=features.device)[None]
+        cache = DynamicCache(config=self.layer_config)
+        implementation = self.layer_config._attn_implementation or "sdpa"
+        step_input = noise(features) if noise is not None else features
+        predictions = []
+        for step in range(depth):
+            allowed = unrolled_attention_pattern(length, step, device=features.device)
+            mask_dtype = torch.get_autocast_dtype(features.device.type) if torch.is_autocast_enabled(
+                features.device.type) else self.fc.weight.dtype
+            mask = attention_mask_for(allowed, implementation=implementation, dtype=mask_dtype)
+            predicted = self._layers(step_input, next_token_ids, cache=cache, position_ids=position_ids, mask=mask)
+            predictions.append(predicted)
+            # The next step's input at position p is this step's prediction at p - 1 (position 0 gets a copy of
+            # itself: it only feeds positions p < step, which are never scored).
+            step_input = torch.cat([predicted[:, :1], predicted[:, :-1]], dim=1)
+        return predictions
+
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """features `(..., H)` -> draft logits `(..., V_draft)`."""
-        return F.linear(features, self.lm_head_weight)
+        return F.linear(features, self.lm_head_weight.to(features.dtype))
 
     def new_state(self) -> EagleState:
         return EagleState(cache=DynamicCache(config=self.layer_config))
@@ -261,7 +345,7 @@ class EagleHead(nn.Module):
         if num_tokens == 0:
             return proposal
         rollback_cache(state.cache, state.committed)
-        verified_features = torch.cat(state.pending_features, dim=1)
+        verified_features = torch.cat(state.pending_features, dim=1).to(self.fc.weight.dtype)
         verified_tokens = torch.cat(state.pending_tokens, dim=1)
         state.pending_features.clear()
         state.pending_tokens.clear()
@@ -315,11 +399,18 @@ def target_identity_dict(target: PreTrainedModel, name: str) -> dict[str, Any]:
     }
 
 
-def save_head(head: MedusaHeads | EagleHead, directory: str | Path, *, target_identity: dict[str, Any]) -> Path:
-    """Writes `head.safetensors` and `head_config.json` (head config + the target's identity)."""
+def save_head(
+    head: MedusaHeads | EagleHead, directory: str | Path, *, target_identity: dict[str, Any],
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Writes `head.safetensors` and `head_config.json` (head config + the target's identity); `dtype` casts the
+    floating-point weights (e.g. float16 for a head that ships in the repository)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in head.state_dict().items()}
+    tensors = {
+        name: (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).detach().contiguous().cpu()
+        for name, tensor in head.state_dict().items()
+    }
     save_file(tensors, directory / HEAD_WEIGHTS_FILE)
     metadata = {"format_version": FORMAT_VERSION, "head": head.config.to_dict(), "target": target_identity}
     (directory / HEAD_CONFIG_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
@@ -366,4 +457,6 @@ def load_head(directory: str | Path, target: PreTrainedModel, *, target_name: st
     draft_token_ids = tensors.get("vocabulary.draft_token_ids")
     head = build_head(config, target, draft_token_ids=draft_token_ids)
     head.load_state_dict(tensors, strict=True)
+    # Inference runs in the target's dtype (the fp32 master copy is for training only).
+    head.to(dtype=target.get_output_embeddings().weight.dtype)
     return head.eval().requires_grad_(False)

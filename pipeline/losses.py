@@ -36,9 +36,17 @@ def adversarial_generator_loss(draft_scores: torch.Tensor, mask: torch.Tensor) -
     return _masked_mean(F.softplus(-draft_scores.float()), mask)
 
 
-def discriminator_loss(draft_scores: torch.Tensor, target_scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """L_D = E[-log(1 - D(draft))] + E[-log D(target)]. Scores `(N,)` are discriminator logits."""
-    return _masked_mean(F.softplus(draft_scores.float()), mask) + _masked_mean(F.softplus(-target_scores.float()), mask)
+def discriminator_loss(
+    draft_scores: torch.Tensor, target_scores: torch.Tensor, mask: torch.Tensor, *, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """L_D = E[-log(1 - D(draft))] + E[-log D(target)]. Scores `(N,)` are discriminator logits.
+
+    `label_smoothing` eps > 0 is one-sided label smoothing (a GAN stabiliser): the target's label is 1 - eps, so
+    its term becomes E[-(1 - eps) log D(target) - eps log(1 - D(target))]; eps = 0 is the paper's formula."""
+    target_term = (1 - label_smoothing) * F.softplus(-target_scores.float())
+    if label_smoothing:
+        target_term = target_term + label_smoothing * F.softplus(target_scores.float())
+    return _masked_mean(F.softplus(draft_scores.float()), mask) + _masked_mean(target_term, mask)
 
 
 def generator_loss(loss_distill: torch.Tensor, loss_adv_g: torch.Tensor, *, adv_weight: float) -> torch.Tensor:

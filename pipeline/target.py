@@ -233,6 +233,17 @@ def load_tokenizer(spec: str = SMOLLM2_ALIAS, *, trust_remote_code: bool = False
         raise TargetLoadError(f"target {spec!r}: could not load its tokenizer from {location!r} ({_first_line(error)})") from error
 
 
+def load_model_config(spec: str = SMOLLM2_ALIAS, *, trust_remote_code: bool = False):
+    """Only the target's model config (sizes), without loading its weights."""
+    from transformers import AutoConfig
+
+    location, extra = resolve_spec(spec)
+    try:
+        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError) as error:
+        raise TargetLoadError(f"target {spec!r}: could not load its config from {location!r} ({_first_line(error)})") from error
+
+
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__

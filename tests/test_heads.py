@@ -158,3 +158,57 @@ def test_draft_vocabulary_requires_a_map(tiny_target):
     with pytest.raises(ConfigError, match="holds 3 ids"):
         build_head(HeadConfig(head_type="eagle", draft_vocab_size=8), tiny_target.model,
                    draft_token_ids=torch.tensor([1, 2, 3]))
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_unrolled_training_forward_equals_step_by_step_drafting(num_layers, attention):
+    """forward_unrolled's step-d output at position p is what drafting computes at step d+1 of a chain whose
+    verified context ends at p - d (teacher-forced tokens), for every attention implementation."""
+    target = make_tiny_target(seed=3)
+    target.model.config._attn_implementation = attention
+    torch.manual_seed(0)
+    head = build_head(HeadConfig(head_type="eagle", num_layers=num_layers), target.model)
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+        ids, features = _features(target, length=12)
+        unrolled = head.forward_unrolled(features[:, :-1], ids[:, 1:], depth=4)
+        for start in (0, 3, 6):
+            cache = head.new_state().cache
+            predicted = head(features[:, : start + 1], ids[:, 1 : start + 2], cache=cache)[:, -1:]
+            for step in range(4):
+                position = start + step
+                torch.testing.assert_close(predicted[0, 0], unrolled[step][0, position], atol=1e-5, rtol=1e-4)
+                if position + 2 < ids.shape[1]:
+                    predicted = head(predicted, ids[:, position + 2 : position + 3], cache=cache)
+
+
+def test_eagle_rotary_stays_fp32_and_master_weights_are_fp32_on_a_bf16_target():
+    """Defects 1 and 2: a head built for a bf16 target trains fp32 weights and its rotary angles stay exact even
+    after the head is cast to bf16 for inference."""
+    target = make_tiny_target(seed=1)
+    target.model.to(torch.bfloat16)
+    target.model.get_decoder().rotary_emb.inv_freq.data = target.model.get_decoder().rotary_emb.inv_freq.float()
+    head = build_head(HeadConfig(head_type="eagle"), target.model)
+    assert all(p.dtype == torch.float32 for p in head.parameters())
+    medusa = build_head(HeadConfig(head_type="medusa"), target.model)
+    assert all(p.dtype == torch.float32 for p in medusa.parameters())
+    head.to(torch.bfloat16)
+    rotary = head._target_parts[2]
+    assert rotary.inv_freq.dtype == torch.float32
+    positions = torch.tensor([[1024]])
+    cos, _ = rotary(torch.zeros(1, 1, 8, dtype=torch.float32), position_ids=positions)
+    exact = torch.cos(1024 * rotary.inv_freq.double())
+    assert (cos[0, 0, : exact.numel()].double() - exact).abs().max() < 1e-3
+
+
+def test_saved_head_casts_to_the_requested_dtype_and_loads_in_the_target_dtype(tiny_target, tmp_path):
+    head = build_head(HeadConfig(head_type="eagle"), tiny_target.model)
+    save_head(head, tmp_path, target_identity=target_identity_dict(tiny_target.model, tiny_target.name),
+              dtype=torch.float16)
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(tmp_path / "head.safetensors").values()} == {torch.float16}
+    loaded = load_head(tmp_path, tiny_target.model, target_name=tiny_target.name)
+    assert {p.dtype for p in loaded.parameters()} == {tiny_target.model.dtype}

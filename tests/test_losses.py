@@ -67,17 +67,45 @@ def test_discriminator_accuracy():
 
 
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
-def test_discriminator_scores_each_row(num_layers):
-    disc = Discriminator(DiscriminatorConfig(num_layers=num_layers, hidden_size=16), hidden_size=8, vocab_size=12)
+def test_discriminator_scores_each_row_from_summaries_of_sane_scale(num_layers):
+    torch.manual_seed(0)
+    rows = torch.randn(12, 8)
+    disc = Discriminator(DiscriminatorConfig(num_layers=num_layers, hidden_size=16, top_k=4), output_rows=rows)
     linear_layers = [m for m in disc.classifier if isinstance(m, torch.nn.Linear)]
     assert len(linear_layers) == num_layers
-    assert linear_layers[0].in_features == 24 and disc.hidden_to_vocab.out_features == 12
-    scores = disc(torch.randn(5, 8), torch.randn(5, 12))
+    # Inputs: context (H) + expected output embedding (H) + top-k probabilities: no vocabulary-sized layer.
+    assert linear_layers[0].in_features == 2 * 8 + 4
+    assert all(hasattr(layer, "parametrizations") for layer in linear_layers), "spectral norm on every layer"
+    hidden, logits = torch.randn(5, 8), torch.randn(5, 12)
+    scores = disc(hidden, logits)
     assert scores.shape == (5,)
-    # Shifting logits by a constant does not change the distribution, so it must not change the score.
-    torch.manual_seed(0)
-    hidden, logits = torch.randn(3, 8), torch.randn(3, 12)
+    # Shifting logits by a constant does not change the distribution, so it must not change the score; huge logits
+    # (a near one-hot distribution) keep the inputs bounded.
+    disc.eval()
     torch.testing.assert_close(disc(hidden, logits), disc(hidden, logits + 7.0))
+    summary = disc.summarize(logits * 1e4)
+    assert summary.abs().max() < 10
+    expected_embedding = torch.softmax(logits, -1) @ rows
+    torch.testing.assert_close(disc.summarize(logits)[:, :8],
+                               torch.nn.functional.layer_norm(expected_embedding, (8,)))
+
+
+def test_discriminator_is_small_next_to_a_smollm2_sized_head():
+    """Defect 3: the discriminator for a 49k vocabulary and H=576 must be comparable to a K=1 head (~4.6M), not
+    ~53M parameters of vocabulary-sized layers."""
+    disc = Discriminator(DiscriminatorConfig(num_layers=1), output_rows=torch.zeros(49152, 576))
+    parameters = sum(p.numel() for p in disc.parameters())
+    assert parameters < 1_000_000
+
+
+def test_label_smoothing_matches_its_formula():
+    draft_scores, target_scores, mask = torch.tensor([0.3, -1.2]), torch.tensor([1.5, -0.4]), torch.ones(2)
+    eps = 0.1
+    expected = (sum(-math.log(1 - _sigmoid(s)) for s in draft_scores.tolist()) / 2
+                + sum(-(1 - eps) * math.log(_sigmoid(s)) - eps * math.log(1 - _sigmoid(s))
+                      for s in target_scores.tolist()) / 2)
+    torch.testing.assert_close(
+        losses.discriminator_loss(draft_scores, target_scores, mask, label_smoothing=eps), torch.tensor(expected))
 
 
 def test_discriminator_config_validation():

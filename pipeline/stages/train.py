@@ -1,9 +1,12 @@
-"""`koala train` on Ray Train: a TorchTrainer whose workers train one KOALA head with DDP.
+"""`koala train`: one KOALA head, on Ray Train (`run_train`) or in this process without Ray (`run_train_local`).
 
-The driver reads the distilled Parquet data as a Ray Data dataset (split into train/validation by prompt id),
-chooses between cached and on-the-fly target features, creates the MLflow run, and exports the final head. Each
-worker loads the frozen target, builds the head, resumes from `ray.train.get_checkpoint()` when Ray restarted it,
-and reports metrics and safetensors checkpoints through `ray.train.report`.
+Both read the same data (any Parquet with `prompt_id`, `input_ids`, `loss_mask`: `koala distill` shards or a file
+such as ../shared/data/smollm2_answers/answers.parquet), split it into train and validation by prompt id, apply the
+data budget, and run the same loop (`pipeline.training.run_training_loop`). On Ray, the driver reads the data as a
+Ray Data dataset, creates the MLflow run and exports the head; each worker loads the frozen target, builds the
+head, resumes from `ray.train.get_checkpoint()` when Ray restarted it, and reports metrics and safetensors
+checkpoints through `ray.train.report`. Without Ray, one process does it all on one device (CUDA when present),
+checkpoints into OUT/checkpoint and resumes from it, and logs to OUT/metrics.jsonl (and MLflow when installed).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,40 +26,99 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.data import FREQUENCY_FILE, atomic_path, read_token_frequencies, shard_metadata, write_json_atomically
+from pipeline.data import FREQUENCY_FILE, atomic_path, read_token_frequencies, write_json_atomically
 from pipeline.heads import build_head, save_head, target_identity_dict
-from pipeline.stages.resources import use_gpus
 from pipeline.target import load_target_from_config
-from pipeline.training import KoalaTrainer, TrainBatch, iterate_batches, pad_rows, target_features
+from pipeline.training import (
+    FeatureStore, KoalaTrainer, LiveFeatures, LoopHooks, iterate_batches, planned_steps, run_training_loop,
+)
 from pipeline.vocab import top_token_ids
 
 log = logging.getLogger(__name__)
 FEATURE_BYTES = 2  # fp16
+FEATURE_CACHE_VERSION = 2
 TRAIN_SUMMARY_FILE = "train_summary.json"
+METRICS_FILE = "metrics.jsonl"
+DATA_COLUMNS = ["prompt_id", "input_ids", "loss_mask"]
+
+
+# ----------------------------------------------------------------------------------------------- data
 
 
 def data_shards(config: TrainConfig) -> list[Path]:
+    """The Parquet files of `data_dirs`: each entry is a `koala distill` directory (its shard-*.parquet), any
+    directory of .parquet files with `prompt_id`/`input_ids`/`loss_mask` columns, or one such file."""
     if not config.data_dirs:
-        raise ConfigError("train.data_dirs: name at least one directory written by koala distill")
+        raise ConfigError("train.data_dirs: name at least one directory written by koala distill (or a .parquet file)")
     paths: list[Path] = []
-    for directory in map(Path, config.data_dirs):
-        found = sorted(directory.glob("shard-*.parquet"))
+    for entry in map(Path, config.data_dirs):
+        if entry.is_file() and entry.suffix == ".parquet":
+            found = [entry]
+        else:
+            found = sorted(entry.glob("shard-*.parquet")) or sorted(entry.glob("*.parquet"))
         if not found:
-            raise ConfigError(f"train.data_dirs: {directory} holds no shard-*.parquet files; run koala distill first")
+            raise ConfigError(f"train.data_dirs: {entry} holds no .parquet files; run koala distill first")
+        for path in found:
+            missing = set(DATA_COLUMNS) - set(pq.read_schema(path).names)
+            if missing:
+                raise ConfigError(f"train.data_dirs: {path} lacks the column(s) {sorted(missing)}")
         paths.extend(found)
     return paths
+
+
+def _koala_metadata(path: Path) -> dict[str, Any] | None:
+    metadata = pq.read_schema(path).metadata or {}
+    return json.loads(metadata[b"koala"]) if b"koala" in metadata else None
+
+
+def read_rows(paths: list[Path]) -> list[dict[str, Any]]:
+    """Every row of the data, sorted by prompt id (a fixed order, whatever order the files list them in)."""
+    rows = []
+    for path in paths:
+        table = pq.read_table(path, columns=DATA_COLUMNS)
+        rows += [{"prompt_id": p, "input_ids": i, "loss_mask": m} for p, i, m in zip(
+            table.column("prompt_id").to_pylist(), table.column("input_ids").to_pylist(),
+            table.column("loss_mask").to_pylist())]
+    return sorted(rows, key=lambda r: r["prompt_id"])
 
 
 def data_stats(paths: list[Path]) -> dict[str, Any]:
     rows = tokens = response_tokens = 0
     for path in paths:
-        table = pq.read_table(path, columns=["prompt_tokens", "response_tokens", "input_ids"])
+        table = pq.read_table(path, columns=["input_ids", "loss_mask"])
         rows += table.num_rows
-        response_tokens += sum(table.column("response_tokens").to_pylist())
-        tokens += sum(len(ids) for ids in table.column("input_ids").to_pylist())
-    first = shard_metadata(paths[0])
+        for ids, mask in zip(table.column("input_ids").to_pylist(), table.column("loss_mask").to_pylist()):
+            tokens += len(ids)
+            response_tokens += sum(mask)
+    first = _koala_metadata(paths[0]) or {}
     return {"rows": rows, "tokens": tokens, "response_tokens": response_tokens, "shards": len(paths),
-            "target": first["target"], "distill_settings": first["settings"]}
+            "target": first.get("target"), "distill_settings": first.get("settings")}
+
+
+def is_validation(prompt_id: str, fraction: float) -> bool:
+    """A stable split by prompt id, so a prompt never moves between train and validation across runs."""
+    return int(hashlib.sha1(prompt_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def within_budget(rows: list[dict[str, Any]], max_train_tokens: int, *, seed: int) -> list[dict[str, Any]]:
+    """The data budget: rows in a fixed random order (by seed) until `max_train_tokens` response tokens
+    (0 = all rows). The same budget always picks the same rows, and a larger budget contains a smaller one."""
+    if not max_train_tokens:
+        return rows
+    generator = torch.Generator().manual_seed(seed)
+    kept, tokens = [], 0
+    for index in torch.randperm(len(rows), generator=generator).tolist():
+        if tokens >= max_train_tokens:
+            break
+        kept.append(rows[index])
+        tokens += sum(rows[index]["loss_mask"])
+    return sorted(kept, key=lambda r: r["prompt_id"])
+
+
+def split_rows(rows: list[dict[str, Any]], config: TrainConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    validation = [r for r in rows if is_validation(r["prompt_id"], config.val_fraction)]
+    train = [r for r in rows if not is_validation(r["prompt_id"], config.val_fraction)]
+    return within_budget(train, config.max_train_tokens, seed=config.seed), validation
 
 
 def choose_feature_cache(config: TrainConfig, *, tokens: int, hidden_size: int) -> tuple[bool, str]:
@@ -70,70 +133,81 @@ def choose_feature_cache(config: TrainConfig, *, tokens: int, hidden_size: int) 
     return False, f"estimate {estimate_gb:.2f} GB > cache_limit_gb {config.cache_limit_gb}: features computed on the fly"
 
 
-def is_validation(prompt_id: str, fraction: float) -> bool:
-    """A stable split by prompt id, so a prompt never moves between train and validation across runs."""
-    return int(hashlib.sha1(prompt_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+def response_token_counts(paths: list[Path]) -> Counter[int]:
+    """Token counts of the responses (under the loss mask): a distill directory's token_freq.json when every
+    file comes from one, else counted from the rows."""
+    directories = {path.parent for path in paths}
+    if all((directory / FREQUENCY_FILE).is_file() and path.name.startswith("shard-")
+           for directory in directories for path in paths if path.parent == directory):
+        counts: Counter[int] = Counter()
+        for directory in sorted(directories):
+            counts.update(read_token_frequencies(directory / FREQUENCY_FILE))
+        return counts
+    from pipeline.data import token_frequencies
+
+    return token_frequencies(paths)
 
 
-def draft_vocabulary(config: TrainConfig, eos_ids: list[int]) -> list[int] | None:
+def draft_vocabulary(config: TrainConfig, eos_ids: list[int], paths: list[Path] | None = None) -> list[int] | None:
     if not config.head.draft_vocab_size:
         return None
-    counts = read_token_frequencies(Path(config.data_dirs[0]) / FREQUENCY_FILE)
-    for directory in config.data_dirs[1:]:
-        counts.update(read_token_frequencies(Path(directory) / FREQUENCY_FILE))
+    counts = response_token_counts(paths if paths is not None else data_shards(config))
     return top_token_ids(counts, config.head.draft_vocab_size, always_include=eos_ids).tolist()
 
 
-# ----------------------------------------------------------------------------------------------- worker side
+def _eos_ids(config: TrainConfig) -> list[int]:
+    """EOS must stay draftable in a draft vocabulary."""
+    from pipeline.target import load_tokenizer
+
+    tokenizer = load_tokenizer(config.target.spec, trust_remote_code=config.target.trust_remote_code)
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
-class _FeatureSource:
-    """Target features per row: from an in-memory fp16 cache (persisted as safetensors) or recomputed."""
-
-    def __init__(self, target_model, rows: list[dict[str, Any]], *, max_seq_len: int, cache_path: Path | None):
-        self.target_model = target_model
-        self.max_seq_len = max_seq_len
-        self.cache: list[torch.Tensor] | None = None
-        if cache_path is not None:
-            self.cache = self._load_or_build(rows, cache_path)
-
-    def _load_or_build(self, rows: list[dict[str, Any]], path: Path) -> list[torch.Tensor]:
-        from safetensors.torch import load_file, save_file
-        from tqdm.auto import tqdm
-
-        if path.is_file():
-            flat = load_file(path)
-            return [flat[f"row{i}"] for i in range(len(rows))]
-        features = []
-        for start in tqdm(range(0, len(rows), 8), desc="caching target features", unit="batch"):
-            chunk = rows[start : start + 8]
-            input_ids, loss_mask = pad_rows(chunk, max_seq_len=self.max_seq_len)
-            hidden = target_features(self.target_model, input_ids.to(self.target_model.device), loss_mask)
-            for index, row in enumerate(chunk):
-                features.append(hidden[index, : min(len(row["input_ids"]), self.max_seq_len)].half().cpu().contiguous())
-        with atomic_path(path) as temporary:
-            save_file({f"row{i}": f for i, f in enumerate(features)}, temporary)
-        return features
-
-    def batch(self, rows: list[dict[str, Any]], indices: list[int]) -> TrainBatch:
-        device = self.target_model.device
-        dtype = self.target_model.get_output_embeddings().weight.dtype
-        input_ids, loss_mask = pad_rows([rows[i] for i in indices], max_seq_len=self.max_seq_len)
-        input_ids, loss_mask = input_ids.to(device), loss_mask.to(device)
-        if self.cache is None:
-            features = target_features(self.target_model, input_ids, loss_mask)
-        else:
-            features = torch.zeros(*input_ids.shape, self.cache[0].shape[-1], dtype=dtype, device=device)
-            for slot, index in enumerate(indices):
-                cached = self.cache[index]
-                features[slot, : len(cached)] = cached.to(device=device, dtype=dtype)
-        return TrainBatch(input_ids=input_ids, loss_mask=loss_mask, features=features)
+def _new_trainer(config: TrainConfig, target, draft_ids: list[int] | None, *, total_steps: int,
+                 wrap_head=None) -> KoalaTrainer:
+    torch.manual_seed(config.seed)
+    head = build_head(config.head, target.model,
+                      draft_token_ids=torch.tensor(draft_ids) if draft_ids is not None else None)
+    head.requires_grad_(True)
+    return KoalaTrainer(config, head=wrap_head(head) if wrap_head else head, target_model=target.model,
+                        total_steps=total_steps)
 
 
-def _rows(dataset) -> list[dict[str, Any]]:
-    rows = [{"prompt_id": r["prompt_id"], "input_ids": list(r["input_ids"]), "loss_mask": list(r["loss_mask"])}
-            for r in dataset.iter_rows()]
-    return sorted(rows, key=lambda r: r["prompt_id"])  # a fixed order, whatever order Ray Data delivered
+def _validation(trainer: KoalaTrainer, rows: list[dict[str, Any]], features, config: TrainConfig):
+    def validate() -> dict[str, float]:
+        if not rows:
+            return {}
+        batches = (features.batch(rows, indices, dtype=trainer.feature_dtype) for indices in
+                   iterate_batches(rows, batch_size=config.batch_size, seed=0, epoch=0, shuffle=False))
+        return {k: v for k, v in trainer.evaluate(batches).items() if v is not None}
+
+    return validate
+
+
+def _features(model, rows, config: TrainConfig, *, cache_path: Path | None, progress: bool):
+    if cache_path is None:
+        return LiveFeatures(model, max_seq_len=config.max_seq_len)
+    if cache_path.is_file():
+        return FeatureStore.load(cache_path, device=model.device)
+    store = FeatureStore.build(model, rows, max_seq_len=config.max_seq_len, progress=progress)
+    store.save(cache_path)
+    return store
+
+
+def export_head(trainer: KoalaTrainer, directory: Path, *, target_identity: dict[str, Any]) -> Path:
+    """Writes the head to export (the best validated epoch's, see `select_best`) as a head directory."""
+    head = trainer.head_module
+    current = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    head.load_state_dict(trainer.export_state())
+    try:
+        with atomic_path(directory) as temporary:
+            save_head(head, temporary, target_identity=target_identity)
+    finally:
+        head.load_state_dict(current)
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------- Ray worker side
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
@@ -144,29 +218,31 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     config = TrainConfig.from_dict(payload["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.manual_seed(config.seed)
     torch.set_num_threads(config.cpus_per_worker)
     target = load_target_from_config(config.target.replace(device="cuda" if torch.cuda.is_available() else "cpu"))
-    draft_ids = payload["draft_token_ids"]
-    head = build_head(config.head, target.model,
-                      draft_token_ids=torch.tensor(draft_ids) if draft_ids is not None else None)
-    head.requires_grad_(True)
     payload = {**payload, "target_identity": target_identity_dict(target.model, target.name)}
-    trainer = KoalaTrainer(config, head=ray.train.torch.prepare_model(head, move_to_device=False), target_model=target.model)
-    if world > 1:
-        trainer.wrap_discriminator(lambda module: ray.train.torch.prepare_model(module, move_to_device=False))
 
     import ray.data
 
     # The shards are read once into memory; their progress bars would only clutter the sweep's output.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    train_rows = _rows(ray.train.get_dataset_shard("train"))
-    validation_rows = _rows(ray.train.get_dataset_shard("validation")) if rank == 0 else []
+    train_rows = _dataset_rows(ray.train.get_dataset_shard("train"))
+    validation_rows = _dataset_rows(ray.train.get_dataset_shard("validation")) if rank == 0 else []
+    # No buffer broadcast: the head's only buffers are the frozen vocabulary map and LM-head rows, identical on
+    # every rank; re-broadcasting a vocabulary-sized buffer each step is pure waste, and a broadcast in a forward
+    # that only rank 0 runs would desynchronise the collectives.
+    wrap = (lambda module: ray.train.torch.prepare_model(
+        module, move_to_device=False, parallel_strategy_kwargs={"broadcast_buffers": False}))
+    total_steps = payload["total_steps"]
+    trainer = _new_trainer(config, target, payload["draft_token_ids"], total_steps=total_steps, wrap_head=wrap)
+    if world > 1:
+        trainer.wrap_discriminator(wrap)
+
     cache_dir = Path(payload["cache_dir"]) if payload["use_feature_cache"] else None
-    train_features = _FeatureSource(target.model, train_rows, max_seq_len=config.max_seq_len,
-                                    cache_path=cache_dir / f"train-rank{rank}-of{world}.safetensors" if cache_dir else None)
-    validation_features = _FeatureSource(target.model, validation_rows, max_seq_len=config.max_seq_len,
-                                         cache_path=cache_dir / "validation.safetensors" if cache_dir and validation_rows else None)
+    train_features = _features(target.model, train_rows, config, progress=False,
+                               cache_path=cache_dir / f"train-rank{rank}-of{world}.safetensors" if cache_dir else None)
+    validation_features = _features(target.model, validation_rows, config, progress=False,
+                                    cache_path=cache_dir / "validation.safetensors" if cache_dir and validation_rows else None)
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -176,50 +252,31 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     if tracking and checkpoint:
         tracking.log_metrics({"resumed_from_step": trainer.step}, step=trainer.step)
 
-    steps_per_epoch = -(-len(train_rows) // config.batch_size)
-    total_steps = config.max_steps or steps_per_epoch * config.epochs
-    epochs = -(-total_steps // steps_per_epoch)
-    started = time.perf_counter()
-    for epoch in range(trainer.step // steps_per_epoch, epochs):
-        batches = list(iterate_batches(train_rows, batch_size=config.batch_size, seed=config.seed, epoch=epoch))
-        for batch_index in range(trainer.step - epoch * steps_per_epoch, len(batches)):
-            if trainer.step >= total_steps:
-                break
-            metrics = trainer.train_step(train_features.batch(train_rows, batches[batch_index]))
-            metrics["epoch"] = epoch
-            epoch_done = trainer.step >= total_steps or batch_index == len(batches) - 1
-            if epoch_done:
-                metrics.update(_validate(trainer, validation_rows, validation_features, config))
-            if tracking and (epoch_done or trainer.step % config.log_every_steps == 0):
-                tracking.log_metrics(metrics, step=trainer.step)
-            if epoch_done or trainer.step % config.checkpoint_every_steps == 0:
-                metrics.update(step=trainer.step, seconds=time.perf_counter() - started, node_id=ray.get_runtime_context().get_node_id())
-                _report(trainer, metrics, rank=rank, payload=payload)
-            if config.fail_once_at_step and trainer.step == config.fail_once_at_step:
-                _fail_once(Path(payload["fault_marker"]))
-        if trainer.step >= total_steps:
-            break
+    def report(metrics: dict[str, float]) -> None:
+        """Rank 0 writes the checkpoint (trainer state + the exportable head); every rank reports."""
+        metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id()}
+        with tempfile.TemporaryDirectory() as directory:
+            saved = None
+            if rank == 0:
+                trainer.save_state(Path(directory))
+                export_head(trainer, Path(directory) / "head", target_identity=payload["target_identity"])
+                saved = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=saved)
+
+    def after_step(step: int) -> None:
+        if config.fail_once_at_step and step == config.fail_once_at_step:
+            _fail_once(Path(payload["fault_marker"]))
+
+    hooks = LoopHooks(log=(lambda m, s: tracking.log_metrics(m, step=s)) if tracking else LoopHooks.log,
+                      checkpoint=report, after_step=after_step)
+    validate = _validation(trainer, validation_rows, validation_features, config)
+    run_training_loop(trainer, train_rows=train_rows, features=train_features, validate=validate, hooks=hooks)
 
 
-def _validate(trainer: KoalaTrainer, rows, features: _FeatureSource, config: TrainConfig) -> dict[str, float]:
-    if not rows:
-        return {}
-    batches = (features.batch(rows, indices) for indices in
-               iterate_batches(rows, batch_size=config.batch_size, seed=0, epoch=0, shuffle=False))
-    return {k: v for k, v in trainer.evaluate(batches).items() if v is not None}
-
-
-def _report(trainer: KoalaTrainer, metrics: dict[str, float], *, rank: int, payload: dict[str, Any]) -> None:
-    """Rank 0 writes the checkpoint (trainer state + an exportable head directory); every rank reports."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as directory:
-        checkpoint = None
-        if rank == 0:
-            trainer.save_state(Path(directory))
-            save_head(trainer.head_module, Path(directory) / "head", target_identity=payload["target_identity"])
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report(metrics, checkpoint=checkpoint)
+def _dataset_rows(dataset) -> list[dict[str, Any]]:
+    rows = [{"prompt_id": r["prompt_id"], "input_ids": list(r["input_ids"]), "loss_mask": list(r["loss_mask"])}
+            for r in dataset.iter_rows()]
+    return sorted(rows, key=lambda r: r["prompt_id"])  # a fixed order, whatever order Ray Data delivered
 
 
 def _fail_once(marker: Path) -> None:
@@ -245,7 +302,15 @@ def _worker_run(payload: dict[str, Any]):
     return Run(payload["mlflow_uri"], payload["mlflow_run_id"])
 
 
-# ----------------------------------------------------------------------------------------------- driver side
+# ----------------------------------------------------------------------------------------------- Ray driver side
+
+
+def _hidden_size(stats: dict[str, Any], config: TrainConfig) -> int:
+    if stats["target"]:
+        return stats["target"]["hidden_size"]
+    from pipeline.target import load_model_config
+
+    return load_model_config(config.target.spec, trust_remote_code=config.target.trust_remote_code).hidden_size
 
 
 def run_train(config: TrainConfig, *, run_name: str | None = None, parent_run_id: str | None = None,
@@ -258,32 +323,38 @@ def run_train(config: TrainConfig, *, run_name: str | None = None, parent_run_id
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipeline.stages.resources import use_gpus
+
     started = time.perf_counter()
     paths = data_shards(config)
     stats = data_stats(paths)
     out_dir = Path(config.out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    hidden_size = stats["target"]["hidden_size"]
-    use_cache, cache_reason = choose_feature_cache(config, tokens=stats["tokens"], hidden_size=hidden_size)
+    use_cache, cache_reason = choose_feature_cache(config, tokens=stats["tokens"], hidden_size=_hidden_size(stats, config))
     log.warning("train: %d rows, %d tokens; feature cache: %s", stats["rows"], stats["tokens"], cache_reason)
-    draft_ids = draft_vocabulary(config, _eos_ids(config)) if config.head.draft_vocab_size else None
+    draft_ids = draft_vocabulary(config, _eos_ids(config), paths) if config.head.draft_vocab_size else None
+    train_rows, _ = split_rows(read_rows(paths), config)
+    train_ids = {row["prompt_id"] for row in train_rows}
     if not ray.is_initialized():
         ray.init()
     use_gpu = use_gpus(config.use_gpu, section="train")
 
-    dataset = ray.data.read_parquet([str(p) for p in paths], columns=["prompt_id", "input_ids", "loss_mask"])
+    dataset = ray.data.read_parquet([str(p) for p in paths], columns=DATA_COLUMNS)
     fraction = config.val_fraction
     # Materialised on the driver, before the workers claim their CPUs: token ids are small, and Ray Data tasks
     # started later would wait for CPUs that the training workers hold (a deadlock on a one-node cluster).
-    train_set = dataset.filter(lambda row: not is_validation(row["prompt_id"], fraction)).materialize()
+    train_set = dataset.filter(lambda row: row["prompt_id"] in train_ids).materialize()
     validation_set = dataset.filter(lambda row: is_validation(row["prompt_id"], fraction)).materialize()
 
     tracking = _start_run(config, stats, cache_reason, run_name=run_name, parent_run_id=parent_run_id)
-    data_key = hashlib.sha1(json.dumps([str(p) for p in paths] + [stats["tokens"], config.max_seq_len,
-                                        config.target.spec, config.target.dtype]).encode()).hexdigest()[:12]
+    data_key = hashlib.sha1(json.dumps([str(p) for p in paths] + [
+        stats["tokens"], config.max_seq_len, config.max_train_tokens, config.seed, config.val_fraction,
+        config.target.spec, config.target.dtype, FEATURE_CACHE_VERSION]).encode()).hexdigest()[:12]
+    rows_per_worker = -(-len(train_rows) // config.num_workers)
     payload = {
         "config": config.to_dict(),
         "draft_token_ids": draft_ids,
+        "total_steps": planned_steps(config, rows_per_worker),
         "use_feature_cache": use_cache,
         "cache_dir": str(out_dir.parent / "feature_cache" / data_key),
         "fault_marker": str(out_dir / "ray" / "injected_failure"),
@@ -332,14 +403,6 @@ def run_train(config: TrainConfig, *, run_name: str | None = None, parent_run_id
     return summary
 
 
-def _eos_ids(config: TrainConfig) -> list[int]:
-    """EOS must stay draftable in a draft vocabulary."""
-    from pipeline.target import load_tokenizer
-
-    tokenizer = load_tokenizer(config.target.spec, trust_remote_code=config.target.trust_remote_code)
-    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-
-
 def _start_run(config: TrainConfig, stats: dict[str, Any], cache_reason: str, *, run_name: str | None,
                parent_run_id: str | None):
     if not config.tracking.enabled:
@@ -353,3 +416,112 @@ def _start_run(config: TrainConfig, stats: dict[str, Any], cache_reason: str, *,
         params={**config.to_dict(), "data": stats, "feature_cache_choice": cache_reason},
         tags={"koala.stage": "train", "koala.head_type": head.head_type}, parent_run_id=parent_run_id,
     )
+
+
+# ----------------------------------------------------------------------------------------------- without Ray
+
+
+def _local_tracking(config: TrainConfig, stats: dict[str, Any], cache_reason: str):
+    """The MLflow run of a local training run, or None when tracking is off or MLflow is not installed."""
+    if not config.tracking.enabled:
+        return None
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        print("[train] MLflow is not installed: metrics go to OUT/metrics.jsonl only", flush=True)
+        return None
+    return _start_run(config, stats, cache_reason, run_name=None, parent_run_id=None)
+
+
+def run_train_local(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
+    """`koala train --no-ray`: the same training on one device in this process (CUDA when present).
+
+    OUT/checkpoint holds the latest trainer state (a re-run of the same command resumes from it), OUT/head the
+    exported head (the best validated epoch), OUT/metrics.jsonl every logged step, OUT/train_summary.json the
+    result."""
+    started = time.perf_counter()
+    paths = data_shards(config)
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = "cpu" if config.use_gpu == "no" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if config.use_gpu == "yes" and device != "cuda":
+        raise ConfigError("train.use_gpu: 'yes' but CUDA is not available; use 'auto' or 'no'")
+    if device == "cpu":
+        torch.set_num_threads(config.cpus_per_worker)
+    else:
+        # TF32 for the frozen target's feature pass: the head trains under bf16 autocast anyway.
+        torch.set_float32_matmul_precision("high")
+    target = load_target_from_config(config.target.replace(device=device))
+    identity = target_identity_dict(target.model, target.name)
+    stats = data_stats(paths)
+    train_rows, validation_rows = split_rows(read_rows(paths), config)
+    trained_tokens = sum(sum(r["loss_mask"]) for r in train_rows)
+    all_tokens = sum(min(len(r["input_ids"]), config.max_seq_len) for r in train_rows + validation_rows)
+    use_cache, cache_reason = choose_feature_cache(config, tokens=all_tokens, hidden_size=identity["hidden_size"])
+    eos = sorted(target.eos_token_ids)
+    draft_ids = draft_vocabulary(config, eos, paths) if config.head.draft_vocab_size else None
+    print(f"[train] {len(train_rows)} training rows ({trained_tokens} response tokens), {len(validation_rows)} "
+          f"validation rows; device {device}; features: {cache_reason}", flush=True)
+
+    total_steps = planned_steps(config, len(train_rows))
+    trainer = _new_trainer(config, target, draft_ids, total_steps=total_steps)
+    checkpoint_dir = out_dir / "checkpoint"
+    config_file = out_dir / "train_config.json"
+    if (checkpoint_dir / "trainer_state.json").is_file():
+        saved = json.loads(config_file.read_text()) if config_file.is_file() else None
+        if saved != json.loads(json.dumps(config.to_dict())):
+            raise ConfigError(f"train.out_dir: {out_dir} holds a checkpoint of a run with other settings; "
+                              "use a new out_dir or delete that one")
+        trainer.load_state(checkpoint_dir)
+        print(f"[train] resuming from step {trainer.step} ({checkpoint_dir})", flush=True)
+    write_json_atomically(config.to_dict(), config_file)
+
+    features_started = time.perf_counter()
+    train_features = FeatureStore.build(target.model, train_rows, max_seq_len=config.max_seq_len, progress=progress) \
+        if use_cache else LiveFeatures(target.model, max_seq_len=config.max_seq_len)
+    validation_features = FeatureStore.build(target.model, validation_rows, max_seq_len=config.max_seq_len,
+                                             progress=False) if use_cache and validation_rows else \
+        LiveFeatures(target.model, max_seq_len=config.max_seq_len)
+    features_seconds = time.perf_counter() - features_started
+
+    tracking = _local_tracking(config, {**stats, "train_rows": len(train_rows)}, cache_reason)
+    metrics_file = out_dir / METRICS_FILE
+
+    def log(metrics: dict[str, float], step: int) -> None:
+        with metrics_file.open("a") as handle:
+            handle.write(json.dumps({k: v for k, v in metrics.items()}) + "\n")
+        if tracking:
+            tracking.log_metrics(metrics, step=step)
+
+    def checkpoint(metrics: dict[str, float]) -> None:
+        with atomic_path(checkpoint_dir) as temporary:
+            temporary.mkdir()
+            trainer.save_state(temporary)
+        export_head(trainer, out_dir / "head", target_identity=identity)
+
+    validate = _validation(trainer, validation_rows, validation_features, config)
+    try:
+        metrics = run_training_loop(trainer, train_rows=train_rows, features=train_features, validate=validate,
+                                    hooks=LoopHooks(log=log, checkpoint=checkpoint, progress=progress))
+    except BaseException:
+        if tracking:
+            tracking.end("FAILED")
+        raise
+    head_dir = export_head(trainer, out_dir / "head", target_identity=identity)
+    summary = {
+        "metrics": metrics, "head_dir": str(head_dir), "best_val_tau": trainer.best_val_tau,
+        "best_epoch": trainer.best_epoch, "feature_cache": cache_reason, "features_seconds": features_seconds,
+        "data": {k: v for k, v in stats.items() if k != "distill_settings"},
+        "train_rows": len(train_rows), "train_response_tokens": trained_tokens,
+        "validation_rows": len(validation_rows), "device": device,
+        "wall_time_s": time.perf_counter() - started,
+        "mlflow_run_id": tracking.run_id if tracking else None,
+    }
+    write_json_atomically(summary, out_dir / TRAIN_SUMMARY_FILE)
+    if tracking:
+        tracking.log_metrics({"wall_time_s": summary["wall_time_s"]}, step=trainer.step)
+        tracking.log_artifact(head_dir, "head")
+        tracking.log_artifact(out_dir / TRAIN_SUMMARY_FILE)
+        tracking.log_dict(config.to_dict(), "train_config.json")
+        tracking.end()
+    return summary

@@ -1,0 +1,128 @@
+"""Several draft heads on the same prompts, in one process: our vanilla decoder, HF prompt lookup, and speculative
+decoding with each head, alternating per prompt (so every method sees the same machine state), greedy.
+
+    python benchmarks/compare_heads.py --target smollm2 --dtype float32 --per-category 4 --max-new-tokens 128 \
+        --head eagle-k1=runs/train/eagle-k1/head --head medusa-k1=runs/train/medusa-k1/head --json runs/compare.json
+
+`--no-vanilla` skips the timed baselines (acceptance only: tau and n-alpha do not depend on timing, so several of
+these can share a machine); `--deadline S` stops starting new prompts after S seconds (the JSON, rewritten after
+every prompt, then covers the prompts done). Reports per head: speedup over vanilla, tau, n-alpha (n = 1..draft
+length), exact_match against vanilla, tokens/s; and HF prompt lookup's tokens/s and speedup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import metrics  # noqa: E402
+from pipeline.bench import WARMUP_TOKENS, _hf_generate, load_questions  # noqa: E402
+from pipeline.config import DecodeConfig  # noqa: E402
+from pipeline.decoding import generate  # noqa: E402
+from pipeline.heads import load_head  # noqa: E402
+from pipeline.target import load_target  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="smollm2")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--head", action="append", required=True, metavar="NAME=DIR", help="a head directory, named")
+    parser.add_argument("--questions", default="")
+    parser.add_argument("--per-category", type=int, default=4)
+    parser.add_argument("--limit", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--draft-length", type=int, default=0, help="0 = each head's default")
+    parser.add_argument("--no-vanilla", action="store_true", help="acceptance only: no timed baselines")
+    parser.add_argument("--no-prompt-lookup", action="store_true")
+    parser.add_argument("--prompt-lookup-num-tokens", type=int, default=10)
+    parser.add_argument("--deadline", type=float, default=0.0, help="stop starting prompts after this many seconds")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--json", type=Path, required=True)
+    return parser.parse_args(argv)
+
+
+def summarize(per_method: dict[str, list], exact: dict[str, list[bool]], settings: dict) -> dict:
+    vanilla = per_method.get("vanilla")
+    report = {"settings": settings, "n_prompts": len(next(iter(per_method.values()))) if per_method else 0,
+              "methods": {}}
+    for name, stats in per_method.items():
+        entry = {"tokens_per_s": metrics.tokens_per_second(stats), "new_tokens": metrics.total_tokens(stats),
+                 "time_s": metrics.total_time(stats)}
+        if vanilla and name != "vanilla":
+            entry["speedup"] = metrics.speedup(stats, vanilla)
+        if name in exact:
+            longest = max((len(s.evaluated) for s in stats), default=0)
+            entry.update(tau=metrics.acceptance_length(stats), alpha=metrics.n_alpha(stats, max_n=longest),
+                         draft_ms_per_token=metrics.draft_ms_per_token(stats),
+                         verify_ms=metrics.target_ms_per_forward(stats))
+            if exact[name]:
+                entry["exact_match"] = sum(exact[name]) / len(exact[name])
+        report["methods"][name] = entry
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target = load_target(args.target, dtype=args.dtype, device=args.device)
+    heads = {}
+    for item in args.head:
+        name, _, directory = item.partition("=")
+        heads[name] = load_head(directory, target.model, target_name=target.name)
+    questions = load_questions(args.questions or None, limit=args.limit, per_category=args.per_category)
+    decode = DecodeConfig(max_new_tokens=args.max_new_tokens, draft_length=args.draft_length)
+    settings = {**vars(args), "json": str(args.json), "device": str(target.device),
+                "dtype": str(target.model.dtype), "torch_threads": torch.get_num_threads(),
+                "heads": {name: head.config.to_dict() for name, head in heads.items()}}
+
+    def run_prompt(prompt_ids: torch.Tensor, config: DecodeConfig) -> tuple[dict, dict]:
+        stats, outputs = {}, {}
+        if not args.no_vanilla:
+            vanilla = generate(target, prompt_ids, config=config)
+            stats["vanilla"], outputs["vanilla"] = vanilla.stats, vanilla.token_ids
+            if not args.no_prompt_lookup:
+                stats["hf_prompt_lookup"] = _hf_generate(
+                    target, prompt_ids, config, prompt_lookup_num_tokens=args.prompt_lookup_num_tokens)
+        for name, head in heads.items():
+            result = generate(target, prompt_ids, config=config, drafter=head)
+            stats[name], outputs[name] = result.stats, result.token_ids
+        return stats, outputs
+
+    warmup = decode.replace(max_new_tokens=min(WARMUP_TOKENS, decode.max_new_tokens))
+    run_prompt(target.encode_prompt(questions[0].prompt), warmup)
+    started = time.perf_counter()
+    per_method: dict[str, list] = defaultdict(list)
+    exact: dict[str, list[bool]] = {name: [] for name in heads}
+    for index, question in enumerate(questions):
+        if args.deadline and time.perf_counter() - started > args.deadline:
+            print(f"[compare] deadline reached after {index} prompts", flush=True)
+            break
+        stats, outputs = run_prompt(target.encode_prompt(question.prompt), decode)
+        for name, value in stats.items():
+            per_method[name].append(value)
+        for name in heads:
+            if "vanilla" in outputs:
+                exact[name].append(outputs[name] == outputs["vanilla"])
+        report = summarize(per_method, exact, settings)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        line = "  ".join(f"{name} tau {entry['tau']:.2f}" + (f" x{entry['speedup']:.2f}" if "speedup" in entry else "")
+                         for name, entry in report["methods"].items() if "tau" in entry)
+        print(f"[compare] {index + 1}/{len(questions)} {time.perf_counter() - started:.0f}s  {line}", flush=True)
+    print(json.dumps(summarize(per_method, exact, settings)["methods"], indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
