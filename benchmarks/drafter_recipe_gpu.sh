@@ -46,6 +46,7 @@ train_one() {
     > "$RUNS/$name.log" 2>&1
   echo "[recipe] $name trained (exit $?): $(grep -a '\[train\] epoch' "$RUNS/$name.log" | tail -1)"
   $PY benchmarks/compare_heads.py --target "$TARGET" --dtype float32 --head "$name=$RUNS/$name/head" --no-vanilla \
+    ${QUESTIONS:+--questions "$QUESTIONS"} \
     --per-category "${PER_CATEGORY:-4}" --max-new-tokens "${MAX_NEW_TOKENS:-128}" --deadline "${ACCEPT_SECONDS:-50}" \
     --json "$RUNS/$name/mtbench_acceptance.json" \
     > "$RUNS/$name.acceptance.log" 2>&1
@@ -105,6 +106,7 @@ EOF
     best=$(best_eagle_k1)
     echo "[recipe] timing vanilla, HF prompt lookup and $best"
     $PY benchmarks/compare_heads.py --target "$TARGET" --dtype float32 --head "$best=$RUNS/$best/head" \
+      ${QUESTIONS:+--questions "$QUESTIONS"} \
       --per-category "${PER_CATEGORY:-4}" --max-new-tokens "${MAX_NEW_TOKENS:-128}" --deadline "${BENCH_SECONDS:-240}" \
       --json "$OUT/gpu_bench.json" \
       ${DRAFT_LENGTH:+--draft-length $DRAFT_LENGTH}
