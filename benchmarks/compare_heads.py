@@ -36,12 +36,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target", default="smollm2")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--head", action="append", required=True, metavar="NAME=DIR", help="a head directory, named")
+    parser.add_argument("--head", action="append", required=True, metavar="NAME=DIR[@N[,T]]",
+                        help="a head directory, named; @N drafts up to N tokens per round with it (else "
+                             "--draft-length), ,T sets its draft threshold (else --draft-threshold)")
     parser.add_argument("--questions", default="")
     parser.add_argument("--per-category", type=int, default=4)
     parser.add_argument("--limit", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--draft-length", type=int, default=0, help="0 = each head's default")
+    parser.add_argument("--draft-threshold", type=float, default=None, help="default: DecodeConfig's")
     parser.add_argument("--no-vanilla", action="store_true", help="acceptance only: no timed baselines")
     parser.add_argument("--no-prompt-lookup", action="store_true")
     parser.add_argument("--prompt-lookup-num-tokens", type=int, default=10)
@@ -76,15 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     target = load_target(args.target, dtype=args.dtype, device=args.device)
-    heads = {}
-    for item in args.head:
-        name, _, directory = item.partition("=")
-        heads[name] = load_head(directory, target.model, target_name=target.name)
-    questions = load_questions(args.questions or None, limit=args.limit, per_category=args.per_category)
     decode = DecodeConfig(max_new_tokens=args.max_new_tokens, draft_length=args.draft_length)
+    if args.draft_threshold is not None:
+        decode = decode.replace(draft_threshold=args.draft_threshold)
+    heads, head_decode = {}, {}
+    for item in args.head:
+        name, _, spec = item.partition("=")
+        directory, _, settings = spec.partition("@")
+        length, _, threshold = settings.partition(",")
+        heads[name] = load_head(directory, target.model, target_name=target.name)
+        head_decode[name] = decode.replace(draft_length=int(length) if length else decode.draft_length,
+                                           draft_threshold=float(threshold) if threshold else decode.draft_threshold)
+    questions = load_questions(args.questions or None, limit=args.limit, per_category=args.per_category)
     settings = {**vars(args), "json": str(args.json), "device": str(target.device),
                 "dtype": str(target.model.dtype), "torch_threads": torch.get_num_threads(),
-                "heads": {name: head.config.to_dict() for name, head in heads.items()}}
+                "heads": {name: {**head.config.to_dict(), "draft_length": head_decode[name].draft_length,
+                                 "draft_threshold": head_decode[name].draft_threshold} for name, head in heads.items()}}
 
     def run_prompt(prompt_ids: torch.Tensor, config: DecodeConfig) -> tuple[dict, dict]:
         stats, outputs = {}, {}
@@ -95,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                 stats["hf_prompt_lookup"] = _hf_generate(
                     target, prompt_ids, config, prompt_lookup_num_tokens=args.prompt_lookup_num_tokens)
         for name, head in heads.items():
-            result = generate(target, prompt_ids, config=config, drafter=head)
+            per_head = head_decode[name].replace(max_new_tokens=config.max_new_tokens)
+            result = generate(target, prompt_ids, config=per_head, drafter=head)
             stats[name], outputs[name] = result.stats, result.token_ids
         return stats, outputs
 

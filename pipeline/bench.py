@@ -178,7 +178,8 @@ def build_report(
         "n_prompts": len(per_prompt),
         "speedup": metrics.speedup(speculative, vanilla),
         "tau": metrics.acceptance_length(speculative),
-        "alpha": metrics.n_alpha(speculative, max_n=3),
+        # n-alpha for every drafted position (at least 1..3, so reports of short drafts keep their columns).
+        "alpha": metrics.n_alpha(speculative, max_n=max(3, max((len(s.evaluated) for s in speculative), default=0))),
         # Token-for-token equality is the guarantee only for greedy decoding.
         "exact_match": sum(exact) / len(exact) if decode.greedy else None,
         "tokens_per_s": tokens_per_s,
@@ -216,7 +217,7 @@ def format_table(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"prompts {report['n_prompts']}  speedup {report['speedup']:.3f}x  tau {report['tau']:.3f}  "
-        f"alpha(1..3) [{alpha}]  exact_match {exact}",
+        f"alpha(1..{len(report['alpha'])}) [{alpha}]  exact_match {exact}",
         f"target step {target_ms} ms  draft step {draft_ms} ms/token  draft/target {ratio}",
     ]
     return "\n".join(lines)

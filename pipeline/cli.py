@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure speedup, tau and n-alpha against vanilla and HF decoding")
     _add_target_arguments(bench)
-    bench.add_argument("--drafter", type=Path, required=True, help="head directory (koala head init / koala train)")
+    bench.add_argument("--drafter", type=Path,
+                       help="head directory (koala head init / koala train); default: the target's shipped drafter")
     bench.add_argument("--questions", help="MT-bench-style JSONL; default ../shared/data/mt_bench/question.jsonl")
     limits = bench.add_mutually_exclusive_group()
     limits.add_argument("--limit", type=int, default=0, help="first N questions")
@@ -64,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-new-tokens", type=int, default=128)
     bench.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     bench.add_argument("--top-p", type=float, default=1.0)
-    bench.add_argument("--draft-length", type=int, default=0, help="0 = the head's num_heads")
+    bench.add_argument("--draft-length", type=int, default=0, help="longest draft chain; 0 = the head's num_heads")
+    bench.add_argument("--draft-threshold", type=float, default=None,
+                       help="end a chain once its draft probability falls below this (default: the decoder's)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--warmup", type=int, default=1, help="prompts run once before timing")
     bench.add_argument("--no-hf", action="store_true", help="skip the HF generate and prompt-lookup baselines")
@@ -193,8 +196,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
              "tracking_uri": "tracking.uri", "host": "host", "port": "port", "model_name": "model_name",
              "num_replicas": "num_replicas", "max_replicas": "max_replicas", "api_key_env": "api_key_env"}
     config = ServeConfig.from_dict(_stage_values(args, flags))
-    if config.drafter_enabled and not config.drafter.startswith(REGISTRY_PREFIX):
-        read_head_metadata(config.drafter)  # fail on a bad drafter dir before starting Ray
+    if config.drafter_enabled and not config.drafter_source.startswith(REGISTRY_PREFIX):
+        read_head_metadata(config.drafter_source)  # fail on a bad drafter dir before starting Ray
     from serve.app import run_serve
 
     run_serve(config, blocking=True)
@@ -252,18 +255,25 @@ def cmd_head_init(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.bench import format_table, load_questions, run_bench, write_report
-    from pipeline.heads import load_head, read_head_metadata
+    from pipeline.heads import default_drafter_dir, load_head, read_head_metadata
     from pipeline.target import load_target_from_config
 
     decode = DecodeConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         draft_length=args.draft_length, seed=args.seed,
     )
+    if args.draft_threshold is not None:
+        decode = decode.replace(draft_threshold=args.draft_threshold)
     bench = BenchConfig(
         questions=args.questions or "", limit=args.limit, per_category=args.per_category,
         warmup_prompts=args.warmup, include_hf=not args.no_hf,
     )
     questions = load_questions(bench.questions, limit=bench.limit, per_category=bench.per_category)
+    if args.drafter is None:
+        args.drafter = default_drafter_dir(args.target)
+        if args.drafter is None:
+            raise ConfigError(f"bench: no drafter is shipped for target {args.target!r}; pass --drafter DIR "
+                              "(koala train writes one)")
     read_head_metadata(args.drafter)  # fail on a bad drafter dir before the slow target load
     target = load_target_from_config(_target_config(args))
     drafter = load_head(args.drafter, target.model, target_name=target.name)

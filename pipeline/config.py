@@ -17,6 +17,9 @@ import yaml
 HEAD_TYPES = ("medusa", "eagle")
 PROMPT_FORMATS = ("auto", "chat", "vicuna", "plain")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+# Defaults shared by every stage that decodes, so heads are trained on the lengths they are evaluated and served at.
+DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_DRAFT_THRESHOLD = 0.0
 
 
 class ConfigError(ValueError):
@@ -175,16 +178,18 @@ class HeadConfig(Config):
 class DecodeConfig(Config):
     """Generation settings shared by the vanilla baseline and the speculative decoder.
 
-    `temperature` = 0 is greedy. `draft_length` = 0 means the head's default (`num_heads`). `stop` holds stop
-    strings; EOS tokens always stop.
+    `temperature` = 0 is greedy. `draft_length` = 0 means the head's default (`num_heads`); it is the longest
+    chain drafted per round, and `draft_threshold` > 0 ends a chain earlier, after the first token at which the
+    product of its tokens' draft probabilities falls below it (lossless either way). `stop` holds stop strings; EOS tokens always stop.
     """
 
     section: ClassVar[str] = "decode"
 
-    max_new_tokens: int = 256
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
     draft_length: int = 0
+    draft_threshold: float = DEFAULT_DRAFT_THRESHOLD
     stop: tuple[str, ...] = ()
     seed: int | None = None
 
@@ -197,6 +202,8 @@ class DecodeConfig(Config):
             self.fail("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.draft_length < 0:
             self.fail("draft_length", f"must be >= 0 (0 = the head's default), got {self.draft_length}")
+        if not 0 <= self.draft_threshold < 1:
+            self.fail("draft_threshold", f"must be in [0, 1) (0 = always draft draft_length tokens), got {self.draft_threshold}")
         if any(not s for s in self.stop):
             self.fail("stop", "stop strings must be non-empty")
 
@@ -276,7 +283,8 @@ class DistillConfig(Config):
 
     The data budget is explicit: `max_prompts` (0 = all), `max_new_tokens` per response, and `mode` —
     `generate` (the target answers each prompt; about 10x the cost per token of `teacher-forced`, which uses the
-    text as it is). Mix modes by distilling into two directories and training on both.
+    text as it is). Mix modes by distilling into two directories and training on both. `max_new_tokens`
+    defaults to the decoder's default, so heads train on the answer lengths they are served at.
     """
 
     section: ClassVar[str] = "distill"
@@ -286,7 +294,7 @@ class DistillConfig(Config):
     mode: str = "generate"
     max_prompts: int = 0
     max_prompt_tokens: int = 1024
-    max_new_tokens: int = 128
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
@@ -344,6 +352,8 @@ class TrainConfig(Config):
     - selection: after every epoch a validation estimate of tau (chain acceptance of `val_draft_length` drafted
       tokens on held-out rows, as greedy decoding accepts them); `select_best` exports the best epoch's head.
     `max_train_seconds` > 0 stops training after that much training time (then validates and exports).
+    `init_head` names a head directory to start from (fine-tuning, e.g. with training-time test); its type, K and
+    draft vocabulary must match `head`.
 
     `adv_weight` is lambda: 0 disables the discriminator (the plain distillation baseline). It ramps up linearly
     over `adv_warmup_steps`; the discriminator (`discriminator_layers` deep, 0 = the head's K) uses one-sided
@@ -357,6 +367,7 @@ class TrainConfig(Config):
     data_dirs: tuple[str, ...] = ()
     out_dir: str = "runs/heads/koala"
     head: HeadConfig = dataclasses.field(default_factory=HeadConfig)
+    init_head: str = ""
     adv_weight: float = 0.0
     adv_warmup_steps: int = 200
     adv_label_smoothing: float = 0.1
@@ -442,7 +453,7 @@ class EvalConfig(Config):
     questions: str = ""
     per_category: int = 1
     limit: int = 0
-    max_new_tokens: int = 64
+    max_new_tokens: int = 128
     draft_length: int = 0
     warmup_prompts: int = 1
     cpus: int = 2
@@ -580,6 +591,11 @@ class PipelineConfig(Config):
                     self.fail(f"{stage}.{shared}", f"set {shared} once, at the top level ({shared}:), for every stage")
         if not self.name or "/" in self.name:
             self.fail("name", f"must be a non-empty name without '/', got {self.name!r}")
+        if self.sweep.eval.max_new_tokens > self.distill.max_new_tokens:
+            self.fail("sweep.eval.max_new_tokens", (
+                f"{self.sweep.eval.max_new_tokens} exceeds distill.max_new_tokens {self.distill.max_new_tokens}: "
+                "heads would be measured on answer lengths they were never trained on; raise "
+                "distill.max_new_tokens or lower sweep.eval.max_new_tokens"))
 
     def distill_config(self, out_dir: str) -> DistillConfig:
         return self.distill.replace(target=self.target, tracking=self.tracking, out_dir=out_dir)

@@ -31,6 +31,10 @@ from pipeline.config import ConfigError, HeadConfig
 
 log = logging.getLogger(__name__)
 
+# Drafters shipped in the repository (pipeline/drafters/<name>, each with a model card), per target alias.
+DRAFTERS_DIR = Path(__file__).resolve().parent / "drafters"
+DEFAULT_DRAFTERS = {"smollm2": "smollm2-eagle"}
+
 HEAD_CONFIG_FILE = "head_config.json"
 HEAD_WEIGHTS_FILE = "head.safetensors"
 FORMAT_VERSION = 1
@@ -60,8 +64,31 @@ class DraftHead(Protocol):
     def new_state(self) -> Any: ...
 
     def propose(
-        self, state: Any, features: torch.Tensor, next_token_ids: torch.Tensor, num_tokens: int, pick: Picker
+        self, state: Any, features: torch.Tensor, next_token_ids: torch.Tensor, num_tokens: int, pick: Picker,
+        *, min_chain_prob: float = 0.0,
     ) -> Proposal: ...
+
+
+class _ChainConfidence:
+    """Ends a draft chain after the first token at which the product of the chain's draft probabilities falls
+    below `threshold`: that product tracks the chance that the target accepts every token so far (draft
+    confidence follows acceptance, EAGLE-2), so drafting further would cost more than it is expected to save.
+
+    The decision to draft token i depends only on tokens before i, never on token i itself: with sampling, dropping
+    a drafted token because of its own value would bias the output; this way the output at every position is the
+    target's distribution whether it was drafted or not, so early stopping stays lossless."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.probability = 1.0
+
+    def continues(self, logits: torch.Tensor, index: int, probs: torch.Tensor | None) -> bool:
+        """Called with each drafted token (draft logits `(V_draft,)`, its index, its sampling distribution)."""
+        if not self.threshold:
+            return True
+        chosen = probs[index] if probs is not None else torch.softmax(logits.float(), dim=-1)[index]
+        self.probability *= float(chosen)
+        return self.probability >= self.threshold
 
 
 def _frozen_lm_head_rows(target: PreTrainedModel, draft_token_ids: torch.Tensor | None) -> torch.Tensor:
@@ -137,16 +164,21 @@ class MedusaHeads(nn.Module):
         return None
 
     def propose(
-        self, state: None, features: torch.Tensor, next_token_ids: torch.Tensor, num_tokens: int, pick: Picker
+        self, state: None, features: torch.Tensor, next_token_ids: torch.Tensor, num_tokens: int, pick: Picker,
+        *, min_chain_prob: float = 0.0,
     ) -> Proposal:
         """Drafts from the feature of the last verified position `features[:, -1]`; `next_token_ids` is unused
-        because Medusa heads see only the feature."""
+        because Medusa heads see only the feature. `min_chain_prob` ends the chain early (`_ChainConfidence`)."""
         proposal = Proposal(token_ids=[], draft_probs=[])
-        last_feature = features[:, -1]  # (1, H)
+        last_feature = features[:, -1].to(self.heads[0][-1].weight.dtype)  # (1, H)
+        confidence = _ChainConfidence(min_chain_prob)
         for head in self.heads[:num_tokens]:
-            index, probs = pick(head(last_feature)[0])
+            logits = head(last_feature)[0]
+            index, probs = pick(logits)
             proposal.token_ids.append(self.vocabulary.to_target_id(index))
             proposal.draft_probs.append(probs)
+            if not confidence.continues(logits, index, probs):
+                break
         return proposal
 
 
@@ -332,9 +364,11 @@ class EagleHead(nn.Module):
         return EagleState(cache=DynamicCache(config=self.layer_config))
 
     def propose(
-        self, state: EagleState, features: torch.Tensor, next_token_ids: torch.Tensor, num_tokens: int, pick: Picker
+        self, state: EagleState, features: torch.Tensor, next_token_ids: torch.Tensor, num_tokens: int, pick: Picker,
+        *, min_chain_prob: float = 0.0,
     ) -> Proposal:
-        """Appends the newly verified (feature, next token) pairs to the cache, then drafts `num_tokens` tokens.
+        """Appends the newly verified (feature, next token) pairs to the cache, then drafts up to `num_tokens`
+        tokens (fewer when `min_chain_prob` ends the chain early, see `_ChainConfidence`).
 
         features `(1, T, H)`: target features of the positions verified since the last call; next_token_ids
         `(1, T)`: the token after each of them (the last one is the target's pending token).
@@ -351,14 +385,16 @@ class EagleHead(nn.Module):
         state.pending_tokens.clear()
         predicted = self(verified_features, verified_tokens, cache=state.cache)[:, -1:]  # (1, 1, H)
         state.committed += verified_tokens.shape[1]
+        confidence = _ChainConfidence(min_chain_prob)
         for step in range(num_tokens):
-            index, probs = pick(self.logits(predicted)[0, -1])
+            logits = self.logits(predicted)[0, -1]
+            index, probs = pick(logits)
             token_id = self.vocabulary.to_target_id(index)
             proposal.token_ids.append(token_id)
             proposal.draft_probs.append(probs)
-            if step + 1 < num_tokens:
-                token = torch.tensor([[token_id]], device=predicted.device)
-                predicted = self(predicted, token, cache=state.cache)
+            if step + 1 == num_tokens or not confidence.continues(logits, index, probs):
+                break
+            predicted = self(predicted, torch.tensor([[token_id]], device=predicted.device), cache=state.cache)
         return proposal
 
 
@@ -415,6 +451,12 @@ def save_head(
     metadata = {"format_version": FORMAT_VERSION, "head": head.config.to_dict(), "target": target_identity}
     (directory / HEAD_CONFIG_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return directory
+
+
+def default_drafter_dir(target_spec: str) -> Path | None:
+    """The drafter shipped for a target alias (e.g. `smollm2`), or None when the project ships none for it."""
+    name = DEFAULT_DRAFTERS.get(target_spec)
+    return DRAFTERS_DIR / name if name else None
 
 
 def read_head_metadata(directory: str | Path) -> dict[str, Any]:

@@ -613,6 +613,9 @@ def run_training_loop(
     total_steps = planned_steps(config, len(train_rows))
     epochs = -(-total_steps // per_epoch)
     lengths = [row_length(r, config.max_seq_len) for r in train_rows]
+    if trainer.step >= total_steps:  # a finished run resumed: nothing to train, report where it ended
+        return {**{k: v for k, v in validate().items() if v is not None},
+                "step": trainer.step, "train_seconds": trainer.train_seconds}
     metrics: dict[str, float] = {}
     bar = tqdm(total=total_steps, initial=trainer.step, desc="train", unit="step", disable=not hooks.progress,
                mininterval=10)

@@ -105,7 +105,7 @@ class KoalaServer:
         self.engine = load_engine(self.config)
         self.metrics = ServeMetrics()
         log.info("serving %s (target %s, drafter %s)", self.config.model_name, self.config.target.spec,
-                 self.config.drafter if self.config.drafter_enabled else "off")
+                 self.config.drafter_source or "off")
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from pipeline.config import Config, TargetConfig, TrackingConfig
+from pipeline.config import DEFAULT_MAX_NEW_TOKENS, Config, TargetConfig, TrackingConfig
+from pipeline.heads import default_drafter_dir
 
 REGISTRY_PREFIX = "models:/"
 
@@ -15,7 +16,8 @@ class ServeConfig(Config):
     """A Ray Serve deployment of one target and (optionally) one draft head.
 
     `drafter` is a head directory or a registry URI (`models:/koala-drafter@champion`, resolved through
-    `tracking.uri`); empty or `use_drafter: false` serves plain (vanilla) decoding. Replicas are fixed at
+    `tracking.uri`); empty means the drafter shipped for the target (`smollm2` has one) or, for a target without
+    one, plain decoding; `use_drafter: false` serves plain (vanilla) decoding. Replicas are fixed at
     `num_replicas` unless `max_replicas` > 0, which autoscales between `min_replicas` and `max_replicas` aiming at
     `target_ongoing_requests` per replica. Each replica decodes one request at a time (CPU decoding of one model
     does not get faster by interleaving); `max_ongoing_requests` bounds how many wait inside a replica.
@@ -43,7 +45,7 @@ class ServeConfig(Config):
     max_ongoing_requests: int = 16
     use_gpu: str = "auto"
     cpus_per_replica: float = 1.0
-    default_max_tokens: int = 256
+    default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS
     max_tokens_limit: int = 1024
 
     def validate(self) -> None:
@@ -73,8 +75,18 @@ class ServeConfig(Config):
             self.fail("default_max_tokens", f"must be <= max_tokens_limit ({self.max_tokens_limit}), got {self.default_max_tokens}")
 
     @property
+    def drafter_source(self) -> str:
+        """The drafter to load: `drafter`, else the target's shipped drafter; empty when decoding is plain."""
+        if not self.use_drafter:
+            return ""
+        if self.drafter:
+            return self.drafter
+        shipped = default_drafter_dir(self.target.spec)
+        return str(shipped) if shipped else ""
+
+    @property
     def drafter_enabled(self) -> bool:
-        return self.use_drafter and bool(self.drafter)
+        return bool(self.drafter_source)
 
     @property
     def autoscaling(self) -> bool:

@@ -115,13 +115,14 @@ class Engine:
 def resolve_drafter_dir(config: ServeConfig, download_dir: str | Path | None = None) -> Path | None:
     """The head directory to serve: None without a drafter, the directory itself, or a download of the registered
     model version (`models:/NAME@alias` or `models:/NAME/VERSION`)."""
-    if not config.drafter_enabled:
+    source = config.drafter_source
+    if not source:
         return None
-    if not config.drafter.startswith(REGISTRY_PREFIX):
-        return Path(config.drafter).expanduser()
+    if not source.startswith(REGISTRY_PREFIX):
+        return Path(source).expanduser()
     destination = Path(download_dir or tempfile.mkdtemp(prefix="koala-drafter-"))
-    path = download_registered_head(tracking_uri(config.tracking), config.drafter, destination)
-    log.info("downloaded %s to %s", config.drafter, path)
+    path = download_registered_head(tracking_uri(config.tracking), source, destination)
+    log.info("downloaded %s to %s", source, path)
     return path
 
 

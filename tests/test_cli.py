@@ -47,7 +47,7 @@ def test_head_init_then_bench_writes_a_complete_report(model_dir, questions, tmp
     assert set(report["tokens_per_s"]) == {"vanilla", "speculative", "hf_generate", "hf_prompt_lookup"}
     assert all(rate > 0 for rate in report["tokens_per_s"].values())
     assert report["speedup"] > 0 and report["tau"] >= 1.0
-    assert len(report["alpha"]) == 3
+    assert len(report["alpha"]) == 4  # n-alpha for every drafted position (draft length = num_heads, 4)
     assert report["settings"]["head"]["num_layers"] == 2
     assert report["settings"]["max_new_tokens"] == 16
     assert report["step_cost"]["draft_ms_per_token"] > 0
@@ -102,12 +102,14 @@ def test_prompt_too_long_is_a_clear_cli_error(model_dir, tmp_path, capsys):
 
 
 def test_core_does_not_import_ray():
+    """The core, and the Ray-free training entry (what runs on a machine without Ray or MLflow), import neither."""
     code = (
         "import sys, pipeline.config, pipeline.target, pipeline.heads, pipeline.decoding, pipeline.metrics, "
-        "pipeline.bench, pipeline.vocab, pipeline.cli; print('ray' in sys.modules)"
+        "pipeline.bench, pipeline.vocab, pipeline.cli, pipeline.training, pipeline.discriminator, pipeline.losses, "
+        "pipeline.stages.train; print('ray' in sys.modules, 'mlflow' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "False"
+    assert result.stdout.strip() == "False False"
 
 
 def test_stage_config_from_yaml_flags_and_set_overrides(tmp_path):

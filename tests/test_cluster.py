@@ -59,6 +59,7 @@ def test_presets_load_and_validate(preset, tmp_path):
     ("sweep.grid.head.num_layers=[]", "sweep.grid.head.num_layers"),
     ("sweep.grid.out_dir=[a, b]", "sweep.grid.out_dir"),
     ("sweep.eval.max_new_tokens=0", "eval.max_new_tokens"),
+    ("sweep.eval.max_new_tokens=64", "sweep.eval.max_new_tokens"),  # smoke distils 32-token answers
     ("sweep.train.tracking.uri=http://elsewhere:5000", "sweep.train.tracking"),
     ("distill.prompts=[missing_prompts.jsonl]", "distill.prompts"),
     ("serve_options.port=0", "pipeline.serve_options"),
@@ -70,6 +71,22 @@ def test_bad_pipeline_config_fails_before_any_work(override, field, tmp_path, ca
     error = capsys.readouterr().err
     assert field in error and "Traceback" not in error
     assert not run_dir.exists()
+
+
+def test_stages_default_to_the_lengths_they_are_evaluated_and_served_at(tmp_path):
+    """Defect 5: distillation answers stopped at 128 tokens while decoding defaulted to 256 and the sweep measured 64.
+    The defaults now agree, and every preset trains on answers at least as long as it evaluates."""
+    from pipeline.config import DecodeConfig, DistillConfig, EvalConfig
+    from serve.config import ServeConfig
+
+    distilled = DistillConfig(prompts=("p.jsonl",)).max_new_tokens
+    assert distilled == DecodeConfig().max_new_tokens == ServeConfig().default_max_tokens
+    assert EvalConfig().max_new_tokens <= distilled
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    for preset in ("cpu-demo", "smoke", "paper-vicuna-7b"):
+        config = load_pipeline_config(preset, [f"distill.prompts=[{prompts}]"])
+        assert config.sweep.eval.max_new_tokens <= config.distill.max_new_tokens, preset
 
 
 def test_unknown_preset_names_the_choices(capsys):

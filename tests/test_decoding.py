@@ -43,7 +43,7 @@ class OracleDrafter:
     def new_state(self):
         return {"tokens": self.first_token.clone()}
 
-    def propose(self, state, features, next_token_ids, num_tokens, pick):
+    def propose(self, state, features, next_token_ids, num_tokens, pick, *, min_chain_prob=0.0):
         state["tokens"] = torch.cat([state["tokens"], next_token_ids[0]])
         sequence, proposal = state["tokens"], Proposal(token_ids=[], draft_probs=[])
         for _ in range(num_tokens):
@@ -181,8 +181,28 @@ def _chi_square(counts, expected_probs):
     return float(((counts[mask] - expected[mask]) ** 2 / expected[mask]).sum())
 
 
-@pytest.mark.parametrize("head_type", ["eagle", "medusa"])
-def test_speculative_sampling_keeps_target_distribution(head_type):
+@pytest.mark.parametrize("head_type", ["medusa", "eagle"])
+def test_draft_threshold_shortens_chains_and_stays_lossless(tiny_target, head_type):
+    torch.manual_seed(4)
+    head = build_head(HeadConfig(head_type=head_type, num_layers=1, num_heads=5), tiny_target.model)
+    if head_type == "eagle":
+        torch.nn.init.normal_(head.fc.weight, std=0.2)
+    drafted = {}
+    for threshold in (0.0, 0.5):
+        config = DecodeConfig(max_new_tokens=40, draft_length=5, draft_threshold=threshold)
+        total = 0
+        for text in PROMPTS:
+            prompt_ids = _prompt_ids(tiny_target, text)
+            vanilla = generate(tiny_target, prompt_ids, config=config)
+            speculative = generate(tiny_target, prompt_ids, config=config, drafter=head)
+            assert speculative.token_ids == vanilla.token_ids
+            total += speculative.stats.draft_tokens
+        drafted[threshold] = total
+    assert 0 < drafted[0.5] < drafted[0.0], drafted
+
+
+@pytest.mark.parametrize("head_type,draft_threshold", [("eagle", 0.0), ("medusa", 0.0), ("eagle", 0.3)])
+def test_speculative_sampling_keeps_target_distribution(head_type, draft_threshold):
     """Marginals of generated tokens 2 and 3 (both produced by draft-and-verify rounds) match the exact target
     marginals: chi-square with 7 degrees of freedom below 24.3 (p = 0.001), fixed seeds, 3000 generations."""
     vocab = 8
@@ -201,7 +221,8 @@ def test_speculative_sampling_keeps_target_distribution(head_type):
     counts2, counts3 = torch.zeros(vocab), torch.zeros(vocab)
     drafted = accepted = 0
     for seed in range(3000):
-        config = DecodeConfig(max_new_tokens=3, temperature=1.0, draft_length=2, seed=seed)
+        config = DecodeConfig(max_new_tokens=3, temperature=1.0, draft_length=2, seed=seed,
+                              draft_threshold=draft_threshold)
         result = generate(target, prompt[None], config=config, drafter=head)
         assert len(result.token_ids) == 3
         counts2[result.token_ids[1]] += 1

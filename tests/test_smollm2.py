@@ -68,3 +68,29 @@ def test_draft_vocabulary_head_on_smollm2(smollm2, vanilla_outputs, shared_data)
     speculative = generate(smollm2, smollm2.encode_prompt(text), config=DecodeConfig(max_new_tokens=MAX_NEW_TOKENS),
                            drafter=head)
     assert speculative.token_ids == vanilla.token_ids
+
+
+def test_shipped_default_drafter_loads_small_and_is_lossless_and_accepted(smollm2):
+    """The embedded default drafter: fp16 weights under 10 MB, loads onto SmolLM2, greedy speculative output
+    equals vanilla (fp32), and it is a trained head (a fresh one would be accepted almost never)."""
+    from safetensors.torch import load_file
+
+    from pipeline.heads import HEAD_WEIGHTS_FILE, default_drafter_dir, load_head
+
+    directory = default_drafter_dir("smollm2")
+    assert directory is not None and (directory / "README.md").is_file(), "the shipped head needs its model card"
+    weights = directory / HEAD_WEIGHTS_FILE
+    assert weights.stat().st_size <= 10 * 1024 * 1024
+    assert {t.dtype for t in load_file(weights).values() if t.is_floating_point()} == {torch.float16}
+    head = load_head(directory, smollm2.model, target_name="smollm2")
+    assert head.config.head_type == "eagle" and head.config.draft_vocab_size == 8192
+    config = DecodeConfig(max_new_tokens=64)
+    produced = passes = 0
+    for text in PROMPTS:
+        prompt_ids = smollm2.encode_prompt(text)
+        vanilla = generate(smollm2, prompt_ids, config=config)
+        speculative = generate(smollm2, prompt_ids, config=config, drafter=head)
+        assert speculative.token_ids == vanilla.token_ids
+        produced += speculative.stats.new_tokens
+        passes += speculative.stats.target_forward_passes
+    assert produced / passes > 1.3

@@ -7,6 +7,7 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from pipeline.cli import main
 from pipeline.config import ConfigError, DistillConfig, TrainConfig
@@ -89,6 +90,37 @@ def test_train_checkpoint_export_bench_and_mlflow(distilled, tiny_model_dir, tmp
     assert main(["bench", "--target", str(tiny_model_dir), "--drafter", str(head_dir), "--questions", str(questions),
                  "--max-new-tokens", "12", "--no-hf", "--json", str(report)]) == 0
     assert json.loads(report.read_text())["exact_match"] == 1.0
+
+
+def test_two_ddp_workers_train_and_validate_in_step(distilled, tiny_model_dir, tmp_path):
+    """Defect 4: with 2 DDP workers the head's vocabulary-sized buffer is not re-broadcast, and validation (rank 0
+    only) goes through the unwrapped head, so no collective runs on one rank alone: training finishes with
+    validation metrics instead of hanging or desynchronising."""
+    from pipeline.stages.train import run_train
+
+    root, _, _ = distilled
+    config = _train_config(root, tiny_model_dir, out_dir=str(tmp_path / "train"), num_workers=2, max_steps=4,
+                           head={"head_type": "eagle", "num_layers": 1, "draft_vocab_size": 16})
+    summary = run_train(config)
+    assert summary["metrics"]["step"] == 4
+    assert "val_tau" in summary["metrics"] and "d_accuracy" in summary["metrics"]
+
+
+def test_ddp_wrapper_does_not_broadcast_buffers(monkeypatch):
+    import ray.train.torch
+
+    from pipeline.stages import train as stage
+
+    seen = {}
+
+    def fake_prepare(module, **kwargs):
+        seen.update(kwargs)
+        return module
+
+    monkeypatch.setattr(ray.train.torch, "prepare_model", fake_prepare)
+    wrap = stage.ddp_wrapper()
+    wrap(torch.nn.Linear(2, 2))
+    assert seen["parallel_strategy_kwargs"] == {"broadcast_buffers": False}
 
 
 def test_worker_killed_mid_training_resumes_from_checkpoint(distilled, tiny_model_dir, tmp_path):

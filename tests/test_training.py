@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 
 from conftest import make_tiny_target
-from pipeline.config import HeadConfig, TrainConfig
+from pipeline.config import DecodeConfig, HeadConfig, TrainConfig
+from pipeline.decoding import generate
 from pipeline.heads import build_head
 from pipeline.training import KoalaTrainer, TrainBatch, iterate_batches, pad_rows, target_features
 
@@ -112,3 +116,156 @@ def test_draft_vocabulary_head_trains(tiny_target):
         last = trainer.train_step(batch)
     assert last["loss_distill"] < first["loss_distill"]
     assert trainer.evaluate([batch])["val_acc_1"] is not None
+
+
+def test_fp32_master_weights_move_under_bf16_autocast():
+    """Defect 1: on a bf16 target the head trains fp32 master weights under bf16 autocast. A bf16 norm weight at
+    1.0 cannot take a 1e-3 step (bf16's spacing at 1.0 is 2**-7), so before the fix it never moved."""
+    assert torch.tensor(1.0, dtype=torch.bfloat16) + 1e-3 == 1.0  # the premise
+    target = make_tiny_target(seed=2)
+    target.model.to(torch.bfloat16)
+    head_config = HeadConfig(head_type="eagle", num_layers=1)
+    config = TrainConfig(data_dirs=("unused",), head=head_config, head_lr=1e-3, precision="bfloat16", grad_clip=0)
+    head = build_head(head_config, target.model).requires_grad_(True)
+    trainer = KoalaTrainer(config, head=head, target_model=target.model)
+    norm = head.layers[0].input_layernorm.weight
+    assert norm.dtype == torch.float32 and trainer.autocast_dtype == torch.bfloat16
+    before = norm.detach().clone()
+    batch = _batch(target, _rows(target))
+    batch.features = batch.features.to(torch.bfloat16)
+    for _ in range(3):
+        trainer.train_step(batch)
+    assert (norm.detach() - before).abs().max() > 1e-4
+
+
+def test_adversarial_training_does_not_collapse(tiny_target):
+    """Defect 3: head + discriminator trained for 300 steps on a fixed tiny setup keep finite losses and a
+    discriminator that tells draft from target better than chance but not perfectly (0.5 < accuracy < 1)."""
+    torch.manual_seed(0)
+    head_config = HeadConfig(head_type="eagle", num_layers=1)
+    config = TrainConfig(data_dirs=("unused",), head=head_config, adv_weight=0.3, adv_warmup_steps=50,
+                         head_lr=1e-3, discriminator_lr=1e-3)
+    head = build_head(head_config, tiny_target.model).requires_grad_(True)
+    trainer = KoalaTrainer(config, head=head, target_model=tiny_target.model, total_steps=300)
+    batches = [_batch(tiny_target, _rows(tiny_target, count=6, length=40, seed=s)) for s in range(4)]
+    history = [trainer.train_step(batches[step % 4]) for step in range(300)]
+    for metrics in history:
+        assert all(math.isfinite(value) for value in metrics.values()), metrics
+    after_warmup = [m["d_accuracy"] for m in history[100:]]
+    mean_accuracy = sum(after_warmup) / len(after_warmup)
+    assert 0.5 < mean_accuracy < 1.0, mean_accuracy
+    assert 0.5 < trainer.evaluate(batches)["val_d_accuracy"] < 1.0
+
+
+def test_validation_keeps_the_best_epoch_for_export(tiny_target):
+    trainer = _trainer(tiny_target, "eagle", 0.0)
+    batch = _batch(tiny_target, _rows(tiny_target))
+    snapshots = []
+    for epoch, val_tau in enumerate([1.2, 1.5, 1.3]):
+        trainer.train_step(batch)
+        snapshots.append({k: v.clone() for k, v in trainer.head_module.state_dict().items()})
+        assert trainer.consider_best(val_tau, epoch) == (epoch != 2)
+    assert trainer.best_epoch == 1 and trainer.best_val_tau == 1.5
+    for name, value in trainer.export_state().items():
+        torch.testing.assert_close(value, snapshots[1][name], msg=name)
+
+
+def _greedy_round_starts(target, head, prompt, *, draft_length, max_new_tokens):
+    """Greedy speculative decoding of `prompt`; returns (prompt + output ids, [(pending position, accepted)])."""
+    committed: list[int] = []
+    decode = DecodeConfig(max_new_tokens=max_new_tokens, draft_length=draft_length)
+    result = generate(target, prompt, config=decode, drafter=head, on_tokens=lambda new: committed.append(len(new)))
+    # `pending` is the index of the token the target chose but has not scored yet (the prefill's token first); a
+    # round drafts after it, so its chain starts at `pending - 1`, and it emits its accepted drafts + a new token.
+    rounds, pending = [], prompt.shape[1] + committed[0] - 1
+    for emitted in committed[1:]:
+        rounds.append((pending - 1, emitted - 1))
+        pending += emitted
+    return torch.cat([prompt[0], torch.tensor(result.token_ids)]), rounds
+
+
+@pytest.mark.parametrize("head_type", ["eagle", "medusa"])
+def test_validation_chain_acceptance_is_what_greedy_decoding_accepts(tiny_target, head_type):
+    """The validation tau estimate is measured the way decoding drafts: for every round of real greedy speculative
+    decoding, the number of drafted tokens it accepted equals the leading run of hits `chain_hits` reports for that
+    chain start (rounds with the full draft budget), checked as the head goes from untrained to overfitted."""
+    draft_length = 3
+    trainer = _trainer(tiny_target, head_type, 0.0)
+    prompt = torch.tensor([[1, 5, 9, 14, 3, 22]])
+
+    def as_batch(sequence):
+        mask = [0] * prompt.shape[1] + [1] * (len(sequence) - prompt.shape[1])
+        return _batch(tiny_target, [{"input_ids": sequence.tolist(), "loss_mask": mask}])
+
+    seen = set()
+    for _ in range(10):
+        head = trainer.head_module.eval()
+        sequence, rounds = _greedy_round_starts(tiny_target, head, prompt, draft_length=draft_length, max_new_tokens=60)
+        batch = as_batch(sequence)
+        with torch.no_grad():
+            hits, evaluable = trainer.chain_hits(batch, draft_length)
+        for start, accepted in rounds:
+            if start + 2 + draft_length >= len(sequence):
+                continue  # the last rounds draft fewer tokens (the budget ends)
+            run = 0
+            while run < draft_length and evaluable[run, 0, start] and hits[run, 0, start]:
+                run += 1
+            assert run == accepted, (start, run, accepted)
+            seen.add(accepted)
+        for _ in range(4):
+            trainer.train_step(batch)
+    assert {0, draft_length} <= seen and len(seen) > 2, seen
+
+
+def _answers_file(path, *, rows=16, length=40, seed=0, vocab_size=80):
+    """A Parquet file shaped like ../shared/data/smollm2_answers (no koala metadata, int64 lists)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    generator = torch.Generator().manual_seed(seed)
+    records = []
+    for index in range(rows):
+        ids = torch.randint(3, vocab_size, (length - index % 5,), generator=generator).tolist()
+        records.append({"prompt_id": f"{index:016x}", "input_ids": ids, "loss_mask": [0] * 10 + [1] * (len(ids) - 10)})
+    pq.write_table(pa.Table.from_pylist(records), path)
+    return path
+
+
+def test_koala_train_no_ray_trains_validates_resumes_and_exports(tiny_model_dir, tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.heads import load_head
+    from pipeline.target import load_target
+
+    data = _answers_file(tmp_path / "answers.parquet")
+    out = tmp_path / "run"
+    command = ["train", "--no-ray", "--data", str(data), "--out", str(out), "--target", str(tiny_model_dir),
+               "--head-type", "eagle", "--epochs", "2", "--set", "val_fraction=0.25", "--set", "batch_size=4",
+               "--set", "tracking.enabled=false", "--set", "target.device=cpu", "--set", "head_lr=3e-3"]
+    assert main(command) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    steps = summary["metrics"]["step"]
+    assert summary["train_rows"] + summary["validation_rows"] == 16 and summary["validation_rows"] > 0
+    assert summary["best_epoch"] in (0, 1) and summary["best_val_tau"] >= 1.0
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [int(m["epoch"]) for m in epochs if "val_tau" in m] == [0, 1]
+    target = load_target(str(tiny_model_dir), device="cpu")
+    assert load_head(out / "head", target.model, target_name=target.name).config.head_type == "eagle"
+
+    capsys.readouterr()
+    assert main(command) == 0  # the same command again resumes from the checkpoint: nothing left to train
+    assert "resuming from step" in capsys.readouterr().out
+    assert json.loads((out / "train_summary.json").read_text())["metrics"]["step"] == steps
+    assert main([*command, "--set", "head_lr=1e-3"]) == 2  # another run's checkpoint is refused, not mixed in
+    assert main([*command, "--num-workers", "2"]) == 2
+
+
+def test_data_budget_is_deterministic_and_nested():
+    from pipeline.stages.train import within_budget
+
+    rows = [{"prompt_id": str(i), "input_ids": [0] * 10, "loss_mask": [1] * 10} for i in range(50)]
+    small = within_budget(rows, 100, seed=0)
+    large = within_budget(rows, 300, seed=0)
+    assert len(small) == 10 and len(large) == 30
+    assert within_budget(rows, 100, seed=0) == small
+    assert {r["prompt_id"] for r in small} <= {r["prompt_id"] for r in large}
+    assert within_budget(rows, 0, seed=0) == rows

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 TABLE_COLUMNS = ("trial", "speedup", "tau", "alpha_1", "alpha_2", "alpha_3", "exact_match", "vanilla_tokens_per_s",
-                 "speculative_tokens_per_s", "draft_to_target_ratio", "val_acc_1", "train_wall_time_s",
+                 "speculative_tokens_per_s", "draft_to_target_ratio", "val_tau", "val_acc_1", "train_wall_time_s",
                  "eval_wall_time_s", "error")
 
 

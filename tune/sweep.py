@@ -173,7 +173,7 @@ def _trial_metrics(train: dict[str, Any], evaluation: dict[str, Any]) -> dict[st
     trained = train["metrics"]
     return {
         **evaluation,
-        **{k: v for k, v in trained.items() if k.startswith("val_acc_")},
+        **{k: v for k, v in trained.items() if k.startswith("val_acc_") or k == "val_tau"},
         "train_steps": trained.get("step"),
         "train_wall_time_s": train["wall_time_s"],
         "train_node_id": trained.get("node_id"),

@@ -163,11 +163,33 @@ def _eos_ids(config: TrainConfig) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
+def initial_head_weights(config: TrainConfig) -> dict[str, torch.Tensor] | None:
+    """The weights of `init_head` (fp32), checked against the head settings; None without `init_head`."""
+    if not config.init_head:
+        return None
+    from pipeline.config import HeadConfig
+    from pipeline.heads import HEAD_WEIGHTS_FILE, read_head_metadata
+
+    saved = HeadConfig.from_dict(read_head_metadata(config.init_head)["head"])
+    if saved.replace(num_heads=config.head.num_heads) != config.head:
+        raise ConfigError(f"train.init_head: {config.init_head} holds a {saved} head, but train.head is {config.head}; "
+                          "set head to match it")
+    from safetensors.torch import load_file
+
+    tensors = load_file(Path(config.init_head) / HEAD_WEIGHTS_FILE)
+    return {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in tensors.items()}
+
+
 def _new_trainer(config: TrainConfig, target, draft_ids: list[int] | None, *, total_steps: int,
                  wrap_head=None) -> KoalaTrainer:
     torch.manual_seed(config.seed)
+    initial = initial_head_weights(config)
+    if initial is not None and "vocabulary.draft_token_ids" in initial:
+        draft_ids = initial["vocabulary.draft_token_ids"].tolist()  # the head keeps the vocabulary it was made with
     head = build_head(config.head, target.model,
                       draft_token_ids=torch.tensor(draft_ids) if draft_ids is not None else None)
+    if initial is not None:
+        head.load_state_dict(initial, strict=True)
     head.requires_grad_(True)
     return KoalaTrainer(config, head=wrap_head(head) if wrap_head else head, target_model=target.model,
                         total_steps=total_steps)
@@ -228,11 +250,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     train_rows = _dataset_rows(ray.train.get_dataset_shard("train"))
     validation_rows = _dataset_rows(ray.train.get_dataset_shard("validation")) if rank == 0 else []
-    # No buffer broadcast: the head's only buffers are the frozen vocabulary map and LM-head rows, identical on
-    # every rank; re-broadcasting a vocabulary-sized buffer each step is pure waste, and a broadcast in a forward
-    # that only rank 0 runs would desynchronise the collectives.
-    wrap = (lambda module: ray.train.torch.prepare_model(
-        module, move_to_device=False, parallel_strategy_kwargs={"broadcast_buffers": False}))
+    wrap = ddp_wrapper()
     total_steps = payload["total_steps"]
     trainer = _new_trainer(config, target, payload["draft_token_ids"], total_steps=total_steps, wrap_head=wrap)
     if world > 1:
@@ -271,6 +289,16 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                       checkpoint=report, after_step=after_step)
     validate = _validation(trainer, validation_rows, validation_features, config)
     run_training_loop(trainer, train_rows=train_rows, features=train_features, validate=validate, hooks=hooks)
+
+
+def ddp_wrapper():
+    """Wraps a module for DDP without buffer broadcasts: the head's only buffers are the frozen vocabulary map and
+    LM-head rows, identical on every rank; re-broadcasting a vocabulary-sized buffer each step is pure waste, and
+    a broadcast in a forward that only rank 0 runs (validation) would desynchronise the collectives."""
+    import ray.train.torch
+
+    return lambda module: ray.train.torch.prepare_model(
+        module, move_to_device=False, parallel_strategy_kwargs={"broadcast_buffers": False})
 
 
 def _dataset_rows(dataset) -> list[dict[str, Any]]:
@@ -459,7 +487,7 @@ def run_train_local(config: TrainConfig, *, progress: bool = True) -> dict[str, 
     all_tokens = sum(min(len(r["input_ids"]), config.max_seq_len) for r in train_rows + validation_rows)
     use_cache, cache_reason = choose_feature_cache(config, tokens=all_tokens, hidden_size=identity["hidden_size"])
     eos = sorted(target.eos_token_ids)
-    draft_ids = draft_vocabulary(config, eos, paths) if config.head.draft_vocab_size else None
+    draft_ids = draft_vocabulary(config, eos, paths) if config.head.draft_vocab_size and not config.init_head else None
     print(f"[train] {len(train_rows)} training rows ({trained_tokens} response tokens), {len(validation_rows)} "
           f"validation rows; device {device}; features: {cache_reason}", flush=True)
 
