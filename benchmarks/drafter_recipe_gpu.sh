@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The drafter-recipe experiment on one GPU, Ray-free (what ran on the H100/H200 machine; ../shared/GPU.md):
+# The drafter-recipe experiment on one GPU, Ray-free (what ran on the H200 machine for the README's table;
+# ../shared/GPU.md says how the target gets there):
 # every head of the comparison trains at once in its own process (`koala train --no-ray`, each with a wall-clock
 # budget), then each measures its MT-bench acceptance (tau, n-alpha; no timing, so they can share the GPU).
 # `bench` then times vanilla, HF prompt lookup and the best EAGLE head alone on the GPU.
@@ -22,25 +23,24 @@ KEEP_HEADS=${KEEP_HEADS:-eagle-k1 eagle-k1-lr3e-3 eagle-k1-adv0.1 eagle-k1-nofea
 PY=${PY:-python3}
 mkdir -p "$RUNS" "$OUT"
 
-# name | extra arguments (the recipe's defaults otherwise: unroll 4, lr 1e-3 cosine, batch 32, 8k draft vocabulary)
+# name | extra arguments (otherwise: lr 1e-3 cosine, batch 32, 8k draft vocabulary, feature loss 1.0, lambda 0)
 RUNS_TABLE="
-eagle-k1|--head-type eagle --num-layers 1
-eagle-k1-lr3e-3|--head-type eagle --num-layers 1 --set head_lr=3e-3
+eagle-k1|--head-type eagle --num-layers 1 --unroll-depth 4
+eagle-k1-lr3e-3|--head-type eagle --num-layers 1 --unroll-depth 4 --set head_lr=3e-3
 eagle-k1-unroll1|--head-type eagle --num-layers 1 --unroll-depth 1
-eagle-k1-nofeat|--head-type eagle --num-layers 1 --set feature_loss_weight=0
-eagle-k1-data25|--head-type eagle --num-layers 1 --max-train-tokens 330000
-eagle-k1-adv0.1|--head-type eagle --num-layers 1 --adv-weight 0.1
-eagle-k2|--head-type eagle --num-layers 2
-eagle-k2-adv0.1|--head-type eagle --num-layers 2 --adv-weight 0.1
+eagle-k1-nofeat|--head-type eagle --num-layers 1 --unroll-depth 4 --set feature_loss_weight=0
+eagle-k1-data25|--head-type eagle --num-layers 1 --unroll-depth 4 --max-train-tokens 330000
+eagle-k1-adv0.1|--head-type eagle --num-layers 1 --unroll-depth 4 --adv-weight 0.1
+eagle-k2|--head-type eagle --num-layers 2 --unroll-depth 4
+eagle-k2-adv0.1|--head-type eagle --num-layers 2 --unroll-depth 4 --adv-weight 0.1
 medusa-k1|--head-type medusa --num-layers 1
-medusa-k1-adv0.1|--head-type medusa --num-layers 1 --adv-weight 0.1
-"
+medusa-k1-adv0.1|--head-type medusa --num-layers 1 --adv-weight 0.1"
 
 train_one() {
   local name=$1; shift
   # shellcheck disable=SC2068
   $PY -m pipeline.cli train --no-ray --data "$DATA" --target "$TARGET" --out "$RUNS/$name" --draft-vocab-size 8192 \
-    --epochs 40 --set target.dtype=float32 --set tracking.enabled=false --set batch_size=32 \
+    --epochs 40 --set target.dtype=float32 --set tracking.enabled=false --set head_lr=1e-3 --set batch_size=32 \
     --set max_train_seconds="$TRAIN_SECONDS" --set log_every_steps=50 --set checkpoint_every_steps=100000 $@ \
     ${EXTRA_ARGS:-} \
     > "$RUNS/$name.log" 2>&1

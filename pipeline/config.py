@@ -347,8 +347,10 @@ class TrainConfig(Config):
       `lr_schedule` decay to `min_lr_ratio` x lr, gradient clipping at `grad_clip` (0 = off); fp32 master weights
       under `precision` autocast (`auto`: bf16 on CUDA, fp32 on CPU; float16 uses a gradient scaler);
     - EAGLE training-time test: the head is unrolled `unroll_depth` drafting steps, reading its own predicted
-      features, with a loss at every step weighted `depth_loss_decay`^step; `feature_noise` adds U(-a, a) to the
-      true input features (EAGLE); `feature_loss_weight` weighs EAGLE's feature regression;
+      features, with a loss at every step weighted `depth_loss_decay`^step (1 = no unrolling: at equal training
+      time it won; unrolling 4 steps costs ~5x per step and pays off as a fine-tune, see `init_head`);
+      `feature_noise` adds U(-a, a) to the true input features (EAGLE); `feature_loss_weight` weighs EAGLE's
+      feature regression;
     - selection: after every epoch a validation estimate of tau (chain acceptance of `val_draft_length` drafted
       tokens on held-out rows, as greedy decoding accepts them); `select_best` exports the best epoch's head.
     `max_train_seconds` > 0 stops training after that much training time (then validates and exports).
@@ -381,7 +383,7 @@ class TrainConfig(Config):
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     precision: str = "auto"
-    unroll_depth: int = 4
+    unroll_depth: int = 1
     depth_loss_decay: float = 0.8
     feature_noise: float = 0.0
     feature_loss_weight: float = 1.0
@@ -393,7 +395,7 @@ class TrainConfig(Config):
     max_steps: int = 0
     max_train_seconds: float = 0.0
     max_train_tokens: int = 0
-    batch_size: int = 8
+    batch_size: int = 32
     max_seq_len: int = 1024
     val_fraction: float = 0.05
     seed: int = 0

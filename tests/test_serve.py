@@ -38,6 +38,17 @@ MAX_TOKENS_LIMIT = 1900
 # ---------------------------------------------------------------------------------------------- without Ray
 
 
+def test_smollm2_is_served_with_its_shipped_drafter_unless_told_otherwise(tmp_path):
+    from pipeline.heads import default_drafter_dir
+
+    shipped = default_drafter_dir("smollm2")
+    assert ServeConfig().drafter_source == str(shipped) and ServeConfig().drafter_enabled
+    assert ServeConfig(use_drafter=False).drafter_source == ""
+    assert ServeConfig(drafter=str(tmp_path)).drafter_source == str(tmp_path)
+    other = ServeConfig.from_dict({"target": {"spec": str(tmp_path)}})
+    assert other.drafter_source == "" and not other.drafter_enabled  # no shipped drafter: plain decoding
+
+
 def test_serve_config_validates_fields_and_loads_the_repo_serve_config():
     with pytest.raises(ConfigError, match="serve.max_replicas"):
         ServeConfig(min_replicas=3, max_replicas=2)

@@ -143,14 +143,16 @@ def test_adversarial_training_does_not_collapse(tiny_target):
     discriminator that tells draft from target better than chance but not perfectly (0.5 < accuracy < 1)."""
     torch.manual_seed(0)
     head_config = HeadConfig(head_type="eagle", num_layers=1)
+    # Unrolled drafts keep the tiny head imperfect, so there is something for the discriminator to tell apart.
     config = TrainConfig(data_dirs=("unused",), head=head_config, adv_weight=0.3, adv_warmup_steps=50,
-                         head_lr=1e-3, discriminator_lr=1e-3)
+                         head_lr=1e-3, discriminator_lr=1e-3, unroll_depth=3)
     head = build_head(head_config, tiny_target.model).requires_grad_(True)
     trainer = KoalaTrainer(config, head=head, target_model=tiny_target.model, total_steps=300)
     batches = [_batch(tiny_target, _rows(tiny_target, count=6, length=40, seed=s)) for s in range(4)]
     history = [trainer.train_step(batches[step % 4]) for step in range(300)]
     for metrics in history:
         assert all(math.isfinite(value) for value in metrics.values()), metrics
+        assert metrics["loss_adv_d"] < 5, metrics  # the collapse this replaced sat at 28
     after_warmup = [m["d_accuracy"] for m in history[100:]]
     mean_accuracy = sum(after_warmup) / len(after_warmup)
     assert 0.5 < mean_accuracy < 1.0, mean_accuracy
@@ -269,3 +271,17 @@ def test_data_budget_is_deterministic_and_nested():
     assert within_budget(rows, 100, seed=0) == small
     assert {r["prompt_id"] for r in small} <= {r["prompt_id"] for r in large}
     assert within_budget(rows, 0, seed=0) == rows
+
+
+def test_training_time_test_trains_every_unrolled_step(tiny_target):
+    """With unroll_depth 3 the loss covers draft steps 1-3, and deeper drafted tokens become right too."""
+    batch = _batch(tiny_target, _rows(tiny_target))
+    trainer = _trainer(tiny_target, "eagle", 0.0, unroll_depth=3, val_draft_length=3)
+    steps_in_loss = trainer.predict(batch).weights.unique().tolist()
+    assert sorted(steps_in_loss) == pytest.approx(sorted([1.0, 0.8, 0.64]))
+    before = trainer.evaluate([batch])
+    for _ in range(60):
+        trainer.train_step(batch)
+    after = trainer.evaluate([batch])
+    assert after["val_tau"] > before["val_tau"] + 0.5
+    assert after["val_acc_3"] is not None and after["val_acc_3"] > 0.5
