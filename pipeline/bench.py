@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from pipeline import audit as losslessness
 from pipeline import metrics
 from pipeline.config import BenchConfig, ConfigError, DecodeConfig
 from pipeline.decoding import GenerationStats, generate
@@ -111,13 +112,16 @@ def _hf_generate(target: Target, prompt_ids: torch.Tensor, decode: DecodeConfig,
 def _run_all_methods(
     target: Target, drafter: DraftHead, prompt_ids: torch.Tensor, decode: DecodeConfig, bench: BenchConfig
 ) -> dict[str, Any]:
-    vanilla = generate(target, prompt_ids, config=decode)
-    speculative = generate(target, prompt_ids, config=decode, drafter=drafter)
+    audit = bench.audit and decode.greedy  # the audit's argmax checks are about greedy decoding
+    vanilla = generate(target, prompt_ids, config=decode, record_logits=audit)
+    speculative = generate(target, prompt_ids, config=decode, drafter=drafter, record_logits=audit)
     record: dict[str, Any] = {
         "vanilla": vanilla.stats,
         "speculative": speculative.stats,
         "exact_match": vanilla.token_ids == speculative.token_ids,
     }
+    if audit:
+        record["audit"] = losslessness.compare(target, prompt_ids, vanilla, speculative)
     if bench.include_hf:
         record["hf_generate"] = _hf_generate(target, prompt_ids, decode)
         record["hf_prompt_lookup"] = _hf_generate(
@@ -143,6 +147,7 @@ def run_bench(
 
     per_method: dict[str, list[GenerationStats]] = defaultdict(list)
     per_prompt = []
+    audits: list[losslessness.PromptAudit] = []
     for question in tqdm(questions, desc="koala bench", unit="prompt", disable=not progress):
         prompt_ids = target.encode_prompt(question.prompt)
         record = _run_all_methods(target, drafter, prompt_ids, decode, bench)
@@ -159,7 +164,17 @@ def run_bench(
             "exact_match": record["exact_match"],
             **{f"{m}_s": round(record[m].wall_time_s, 4) for m in METHODS if m in record},
         })
-    return build_report(per_method, per_prompt, decode=decode, settings=settings or {})
+        if "audit" in record:
+            audits.append(record["audit"])
+    report = build_report(per_method, per_prompt, decode=decode, settings=settings or {})
+    if audits:
+        losslessness.classify(audits)
+        for row, audit in zip(per_prompt, audits):
+            row["audit"] = audit.to_dict()
+        report["audit"] = losslessness.summarize(audits)
+        report.update(near_tie_divergences=report["audit"]["near_tie_divergences"],
+                      lossless_violations=report["audit"]["lossless_violations"])
+    return report
 
 
 def build_report(
@@ -220,6 +235,12 @@ def format_table(report: dict[str, Any]) -> str:
         f"alpha(1..{len(report['alpha'])}) [{alpha}]  exact_match {exact}",
         f"target step {target_ms} ms  draft step {draft_ms} ms/token  draft/target {ratio}",
     ]
+    if "audit" in report:
+        audit = report["audit"]
+        exact_prompts = round(audit["exact_match"] * report["n_prompts"])
+        lines.append(f"audit: {exact_prompts} exact, {audit['near_tie_divergences']} near-tie divergences, "
+                     f"{audit['lossless_violations']} lossless violations (reference noise "
+                     f"{audit['reference_noise']:.3g})")
     return "\n".join(lines)
 
 
@@ -243,7 +264,7 @@ def drop_training_overlap(questions: list[Question], training_prompt_ids: set[st
 def evaluate_head(target: Target, drafter: DraftHead, questions: list[Question], *, decode: DecodeConfig,
                   bench: BenchConfig) -> dict[str, Any]:
     """A trial's measurement: speculative vs vanilla on the same prompts, flattened to scalar metrics."""
-    report = run_bench(target, drafter, questions, decode=decode, bench=bench.replace(include_hf=False),
+    report = run_bench(target, drafter, questions, decode=decode, bench=bench.replace(include_hf=False, audit=True),
                        progress=False)
     alpha = {f"alpha_{n}": a for n, a in enumerate(report["alpha"], start=1)}
     return {
@@ -251,6 +272,9 @@ def evaluate_head(target: Target, drafter: DraftHead, questions: list[Question],
         "tau": report["tau"],
         **alpha,
         "exact_match": report["exact_match"],
+        "near_tie_divergences": report.get("near_tie_divergences"),
+        "lossless_violations": report.get("lossless_violations"),
+        "eval_dtype": str(target.model.dtype).removeprefix("torch."),
         "vanilla_tokens_per_s": report["tokens_per_s"]["vanilla"],
         "speculative_tokens_per_s": report["tokens_per_s"]["speculative"],
         "draft_to_target_ratio": report["step_cost"]["draft_to_target_ratio"],

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--warmup", type=int, default=1, help="prompts run once before timing")
     bench.add_argument("--no-hf", action="store_true", help="skip the HF generate and prompt-lookup baselines")
+    bench.add_argument("--audit", action="store_true",
+                       help="losslessness audit: tell numerical near-ties from violations (greedy; pipeline/audit.py)")
     bench.add_argument("--json", type=Path, help="write the full report here")
 
     tune = commands.add_parser("tune", help="Ray Tune sweep over head type x K x lambda; registers the winner")
@@ -266,7 +268,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         decode = decode.replace(draft_threshold=args.draft_threshold)
     bench = BenchConfig(
         questions=args.questions or "", limit=args.limit, per_category=args.per_category,
-        warmup_prompts=args.warmup, include_hf=not args.no_hf,
+        warmup_prompts=args.warmup, include_hf=not args.no_hf, audit=args.audit,
     )
     questions = load_questions(bench.questions, limit=bench.limit, per_category=bench.per_category)
     if args.drafter is None:

@@ -238,7 +238,8 @@ class TargetConfig(Config):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BenchConfig(Config):
-    """`koala bench`: which prompts, how many, and the decode settings every method shares."""
+    """`koala bench`: which prompts, how many, and the decode settings every method shares. `audit` runs the
+    losslessness audit (pipeline/audit.py) on every greedy prompt."""
 
     section: ClassVar[str] = "bench"
 
@@ -248,6 +249,7 @@ class BenchConfig(Config):
     warmup_prompts: int = 1
     prompt_lookup_num_tokens: int = 10
     include_hf: bool = True
+    audit: bool = False
 
     def validate(self) -> None:
         if self.limit < 0:
@@ -472,7 +474,7 @@ class EvalConfig(Config):
     def bench_config(self) -> BenchConfig:
         try:
             return BenchConfig(questions=self.questions, per_category=self.per_category, limit=self.limit,
-                               warmup_prompts=self.warmup_prompts, include_hf=False)
+                               warmup_prompts=self.warmup_prompts, include_hf=False, audit=True)
         except ConfigError as error:
             raise ConfigError(f"eval.{str(error).removeprefix('bench.')}") from None
 

@@ -84,6 +84,9 @@ class GenerationResult:
     text: str
     finish_reason: str  # "stop" (EOS or stop string), "length", or "cancelled" (on_tokens returned False)
     stats: GenerationStats
+    # With record_logits: the target's logits row that chose each emitted token, (len(token_ids), V) fp32 on the
+    # CPU (the prefill's last row, a vanilla step's row, or the verify pass's row); pipeline.audit reads them.
+    chosen_logits: torch.Tensor | None = None
 
 
 def sampling_probs(logits: torch.Tensor, *, temperature: float, top_p: float) -> torch.Tensor:
@@ -250,11 +253,13 @@ def generate(
     config: DecodeConfig,
     drafter: DraftHead | None = None,
     on_tokens: TokenCallback | None = None,
+    record_logits: bool = False,
 ) -> GenerationResult:
     """Generates a continuation of prompt_ids `(1, T)`. Without a drafter this is the vanilla baseline.
 
     `on_tokens`, when given, is called with each round's newly committed tokens (see `TokenCallback`); it never
-    changes which tokens are generated, only when generation stops.
+    changes which tokens are generated, only when generation stops. `record_logits` keeps the logits row that chose
+    every emitted token (`GenerationResult.chosen_logits`, for the losslessness audit).
     """
     model, device = target.model, target.device
     prompt_length = prompt_ids.shape[1]
@@ -281,6 +286,7 @@ def generate(
     stats.target_forward_passes += 1
     pending, _ = pick(prefill.logits[-1])
     output_ids = [pending]
+    chosen_rows = [prefill.logits[-1:].detach().clone()] if record_logits else None
     finish_reason = _notify(on_tokens, output_ids, 0, stopper.check(output_ids))
     new_features = prefill.features
     next_tokens = torch.cat([prompt_ids[:, 1:].to(device), torch.tensor([[pending]], device=device)], dim=1)
@@ -321,6 +327,8 @@ def generate(
         stats.record_round(len(draft_tokens), num_accepted)
 
         emitted = proposal.token_ids[:num_accepted] + [pending]
+        if chosen_rows is not None:  # row i of the verify pass chose emitted token i
+            chosen_rows.append(scored.logits[: len(emitted)].detach().clone())
         committed_before = len(output_ids)
         for token in emitted:
             output_ids.append(token)
@@ -335,6 +343,10 @@ def generate(
     _synchronize(device)
     stats.wall_time_s = time.perf_counter() - started
     stats.new_tokens = len(output_ids)
+    chosen_logits = None
+    if chosen_rows is not None:
+        chosen_logits = torch.cat(chosen_rows)[: len(output_ids)].float().cpu()
     return GenerationResult(
-        token_ids=output_ids, text=stopper.final_text(output_ids), finish_reason=finish_reason, stats=stats
+        token_ids=output_ids, text=stopper.final_text(output_ids), finish_reason=finish_reason, stats=stats,
+        chosen_logits=chosen_logits,
     )

@@ -94,3 +94,26 @@ def test_shipped_default_drafter_loads_small_and_is_lossless_and_accepted(smollm
         produced += speculative.stats.new_tokens
         passes += speculative.stats.target_forward_passes
     assert produced / passes > 1.3
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_audit_on_smollm2_fp32_exact_bf16_without_violations(dtype):
+    """The real target with the shipped head: fp32 is exact; bf16 may diverge, but only by near-ties."""
+    from pipeline import audit as losslessness
+    from pipeline.heads import default_drafter_dir, load_head
+    from pipeline.target import load_target
+
+    target = load_target("smollm2", dtype=dtype, device="cpu")
+    head = load_head(default_drafter_dir("smollm2"), target.model, target_name="smollm2")
+    config = DecodeConfig(max_new_tokens=48)
+    audits = []
+    for text in PROMPTS:
+        prompt_ids = target.encode_prompt(text)
+        vanilla = generate(target, prompt_ids, config=config, record_logits=True)
+        speculative = generate(target, prompt_ids, config=config, drafter=head, record_logits=True)
+        audits.append(losslessness.compare(target, prompt_ids, vanilla, speculative))
+    verdicts = [a.verdict for a in losslessness.classify(audits)]
+    if dtype == "float32":
+        assert verdicts == ["exact"] * len(PROMPTS)
+    else:
+        assert "violation" not in verdicts, [a.to_dict() for a in audits]

@@ -386,7 +386,8 @@ def register_winner(summary: dict[str, Any], *, model_name: str, tracking_uri: s
         return done
     from pipeline.tracking import register_champion
 
-    metrics = {k: winner.get(k) for k in ("speedup", "tau", "alpha_1", "alpha_2", "alpha_3", "exact_match")}
+    metrics = {k: winner.get(k) for k in ("speedup", "tau", "alpha_1", "alpha_2", "alpha_3", "exact_match",
+                                          "near_tie_divergences", "lossless_violations")}
     trial_config = json.loads((Path(summary["sweep_dir"]) / "trials" / winner["trial"] / TRAIN_SUMMARY_FILE)
                               .read_text())
     version = register_champion(
