@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,9 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target", default="smollm2")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--head", action="append", required=True, metavar="NAME=DIR[@N[,T]]",
+    parser.add_argument("--head", action="append", required=True, metavar="NAME=DIR[@N[,T][,FIELD=VALUE...]]",
                         help="a head directory, named; @N drafts up to N tokens per round with it (else "
-                             "--draft-length), ,T sets its draft threshold (else --draft-threshold)")
+                             "--draft-length), ,T sets its draft threshold, ,FIELD=VALUE any decode field "
+                             "(e.g. tree=dynamic,tree_nodes=8)")
     parser.add_argument("--questions", default="")
     parser.add_argument("--per-category", type=int, default=4)
     parser.add_argument("--limit", type=int, default=0)
@@ -52,6 +54,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--json", type=Path, required=True)
     return parser.parse_args(argv)
+
+
+def decode_settings(decode: DecodeConfig, settings: str) -> DecodeConfig:
+    """`4`, `4,0.2` or `4,tree=dynamic,tree_nodes=8`: draft length, threshold, then any DecodeConfig field."""
+    values = decode.to_dict()
+    for position, item in enumerate(filter(None, settings.split(","))):
+        field, equals, value = item.partition("=")
+        if equals:
+            values[field] = yaml.safe_load(value)
+        else:
+            values["draft_length" if position == 0 else "draft_threshold"] = yaml.safe_load(field)
+    return DecodeConfig.from_dict(values)
 
 
 def summarize(per_method: dict[str, list], exact: dict[str, list[bool]], settings: dict) -> dict:
@@ -86,15 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.head:
         name, _, spec = item.partition("=")
         directory, _, settings = spec.partition("@")
-        length, _, threshold = settings.partition(",")
         heads[name] = load_head(directory, target.model, target_name=target.name)
-        head_decode[name] = decode.replace(draft_length=int(length) if length else decode.draft_length,
-                                           draft_threshold=float(threshold) if threshold else decode.draft_threshold)
+        head_decode[name] = decode_settings(decode, settings)
     questions = load_questions(args.questions or None, limit=args.limit, per_category=args.per_category)
     settings = {**vars(args), "json": str(args.json), "device": str(target.device),
                 "dtype": str(target.model.dtype), "torch_threads": torch.get_num_threads(),
-                "heads": {name: {**head.config.to_dict(), "draft_length": head_decode[name].draft_length,
-                                 "draft_threshold": head_decode[name].draft_threshold} for name, head in heads.items()}}
+                "heads": {name: {**head.config.to_dict(), "decode": head_decode[name].to_dict()}
+                          for name, head in heads.items()}}
 
     def run_prompt(prompt_ids: torch.Tensor, config: DecodeConfig) -> tuple[dict, dict]:
         stats, outputs = {}, {}

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     bench.add_argument("--top-p", type=float, default=1.0)
     bench.add_argument("--draft-length", type=int, default=0, help="longest draft chain; 0 = the head's num_heads")
+    bench.add_argument("--tree", default=None, help="chain, static or dynamic (default: the decoder's, static)")
+    bench.add_argument("--tree-nodes", type=int, default=0, help="tree size; 0 = auto from the measured verify cost")
+    bench.add_argument("--tree-top-k", type=int, default=4, help="dynamic trees: nodes expanded per step")
     bench.add_argument("--draft-threshold", type=float, default=None,
                        help="end a chain once its draft probability falls below this (default: the decoder's)")
     bench.add_argument("--seed", type=int, default=0)
@@ -122,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="HTTP port (default 8000)")
     serve.add_argument("--model-name", help="the model id clients send (default koala)")
+    serve.add_argument("--tree", help="chain, static or dynamic drafts for greedy requests (default static)")
     serve.add_argument("--num-replicas", type=int)
     serve.add_argument("--max-replicas", type=int, help="> 0 enables autoscaling between min and max replicas")
     serve.add_argument("--api-key-env", help="environment variable holding the API key (requests then need it)")
@@ -194,7 +198,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pipeline.heads import read_head_metadata
     from serve.config import REGISTRY_PREFIX, ServeConfig
 
-    flags = {"target": "target.spec", "drafter": "drafter", "use_drafter": "use_drafter",
+    flags = {"target": "target.spec", "drafter": "drafter", "use_drafter": "use_drafter", "tree": "tree",
              "tracking_uri": "tracking.uri", "host": "host", "port": "port", "model_name": "model_name",
              "num_replicas": "num_replicas", "max_replicas": "max_replicas", "api_key_env": "api_key_env"}
     config = ServeConfig.from_dict(_stage_values(args, flags))
@@ -266,6 +270,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     if args.draft_threshold is not None:
         decode = decode.replace(draft_threshold=args.draft_threshold)
+    decode = decode.replace(tree=args.tree or decode.tree, tree_nodes=args.tree_nodes, tree_top_k=args.tree_top_k)
     bench = BenchConfig(
         questions=args.questions or "", limit=args.limit, per_category=args.per_category,
         warmup_prompts=args.warmup, include_hf=not args.no_hf, audit=args.audit,

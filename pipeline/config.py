@@ -20,6 +20,10 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 # Defaults shared by every stage that decodes, so heads are trained on the lengths they are evaluated and served at.
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_DRAFT_THRESHOLD = 0.0
+TREE_MODES = ("chain", "dynamic", "static")
+# Greedy decoding drafts a static tree sized from the measured verify cost: the fastest shape measured on the CPU
+# reference (README "Tree drafts"); sampling always drafts chains.
+DEFAULT_TREE = "static"
 
 
 class ConfigError(ValueError):
@@ -153,7 +157,9 @@ class HeadConfig(Config):
     `num_heads` is the number of Medusa heads, i.e. the longest chain Medusa can draft; EAGLE drafts
     autoregressively and uses `num_heads` only as its default draft length.
     `draft_vocab_size` = 0 means the full target vocabulary; N > 0 restricts the head's LM head to N token ids
-    (FR-Spec style), whose map is stored with the head.
+    (FR-Spec style), whose map is stored with the head. `static_tree` holds rank paths, best first (training
+    builds it from the head's measured top-k accuracy per draft step); `tree: static` decoding drafts its best
+    `tree_nodes`.
     """
 
     section: ClassVar[str] = "head"
@@ -162,6 +168,7 @@ class HeadConfig(Config):
     num_layers: int = 1
     num_heads: int = 4
     draft_vocab_size: int = 0
+    static_tree: tuple[tuple[int, ...], ...] = ()
 
     def validate(self) -> None:
         if self.head_type not in HEAD_TYPES:
@@ -172,6 +179,10 @@ class HeadConfig(Config):
             self.fail("num_heads", f"must be >= 1, got {self.num_heads}")
         if self.draft_vocab_size < 0:
             self.fail("draft_vocab_size", f"must be 0 (full vocabulary) or a positive size, got {self.draft_vocab_size}")
+        paths = set(self.static_tree)
+        for path in self.static_tree:
+            if not path or min(path) < 0 or (len(path) > 1 and path[:-1] not in paths):
+                self.fail("static_tree", f"{path} is not a path of ranks whose parent path is in the tree")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -180,7 +191,11 @@ class DecodeConfig(Config):
 
     `temperature` = 0 is greedy. `draft_length` = 0 means the head's default (`num_heads`); it is the longest
     chain drafted per round, and `draft_threshold` > 0 ends a chain earlier, after the first token at which the
-    product of its tokens' draft probabilities falls below it (lossless either way). `stop` holds stop strings; EOS tokens always stop.
+    product of its tokens' draft probabilities falls below it (lossless either way). `tree` drafts a tree instead of
+    a chain, verified in one target pass (greedy; sampling keeps chains): `dynamic` (EAGLE-2: the `tree_top_k` best
+    nodes expanded per step for draft_length steps, the best `tree_nodes` kept; Medusa: the best paths of its heads'
+    top-k) or `static` (the drafter's tree, else a default of rank paths); `tree_nodes` 0 = auto, sized from the
+    measured verify cost on this device. `stop` holds stop strings; EOS tokens always stop.
     """
 
     section: ClassVar[str] = "decode"
@@ -190,6 +205,9 @@ class DecodeConfig(Config):
     top_p: float = 1.0
     draft_length: int = 0
     draft_threshold: float = DEFAULT_DRAFT_THRESHOLD
+    tree: str = DEFAULT_TREE
+    tree_nodes: int = 0
+    tree_top_k: int = 4
     stop: tuple[str, ...] = ()
     seed: int | None = None
 
@@ -202,6 +220,12 @@ class DecodeConfig(Config):
             self.fail("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.draft_length < 0:
             self.fail("draft_length", f"must be >= 0 (0 = the head's default), got {self.draft_length}")
+        if self.tree not in TREE_MODES:
+            self.fail("tree", f"unknown tree mode {self.tree!r}; choose one of {list(TREE_MODES)}")
+        if self.tree_nodes < 0:
+            self.fail("tree_nodes", f"must be >= 0 (0 = auto from the measured verify cost), got {self.tree_nodes}")
+        if self.tree_top_k < 1:
+            self.fail("tree_top_k", f"must be >= 1, got {self.tree_top_k}")
         if not 0 <= self.draft_threshold < 1:
             self.fail("draft_threshold", f"must be in [0, 1) (0 = always draft draft_length tokens), got {self.draft_threshold}")
         if any(not s for s in self.stop):
@@ -459,6 +483,8 @@ class EvalConfig(Config):
     limit: int = 0
     max_new_tokens: int = 128
     draft_length: int = 0
+    tree: str = DEFAULT_TREE
+    tree_nodes: int = 0
     warmup_prompts: int = 1
     cpus: int = 2
     use_gpu: str = "auto"
@@ -480,7 +506,8 @@ class EvalConfig(Config):
 
     def decode_config(self) -> DecodeConfig:
         try:
-            return DecodeConfig(max_new_tokens=self.max_new_tokens, draft_length=self.draft_length)
+            return DecodeConfig(max_new_tokens=self.max_new_tokens, draft_length=self.draft_length, tree=self.tree,
+                                tree_nodes=self.tree_nodes)
         except ConfigError as error:
             raise ConfigError(f"eval.{str(error).removeprefix('decode.')}") from None
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,8 +23,14 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from pipeline.config import DecodeConfig
-from pipeline.heads import DraftHead, Proposal, cache_argument, rollback_cache
+from pipeline.heads import DraftHead, Proposal, attention_mask_for, cache_argument, rollback_cache
+from pipeline.trees import (
+    DEFAULT_STATIC_TREE, TreeShape, accept_greedy, keep_cache_positions, node_depths, verify_inputs,
+)
 from pipeline.target import Target
+
+
+_log = logging.getLogger(__name__)
 
 
 class PromptTooLongError(ValueError):
@@ -180,12 +187,19 @@ def _accepts_logits_to_keep(model_class: type) -> bool:
 
 
 def score(
-    model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache, *, last_logits_only: bool, want_features: bool
+    model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache, *, last_logits_only: bool, want_features: bool,
+    position_ids: torch.Tensor | None = None, allowed: torch.Tensor | None = None,
 ) -> _ScoreResult:
-    """One target forward over `input_ids` `(1, T)` appended to `cache`."""
+    """One target forward over `input_ids` `(1, T)` appended to `cache`; a tree pass adds its `position_ids`
+    `(1, T)` and boolean attention pattern `allowed` `(1, 1, T, cached + T)`."""
     kwargs: dict[str, Any] = {}
     if last_logits_only and _accepts_logits_to_keep(type(model)):
         kwargs["logits_to_keep"] = 1
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    if allowed is not None:
+        kwargs["attention_mask"] = attention_mask_for(
+            allowed, implementation=model.config._attn_implementation or "sdpa", dtype=model.dtype)
     kwargs[cache_argument(type(model).forward)] = cache
     output = model(input_ids=input_ids, use_cache=True, output_hidden_states=want_features, **kwargs)
     features = output.hidden_states[-1] if want_features else None
@@ -224,6 +238,100 @@ def _notify(on_tokens: TokenCallback | None, output_ids: list[int], start: int, 
     if keep_going is False and finish_reason is None:
         return "cancelled"
     return finish_reason
+
+
+def _verify_tree(
+    model: PreTrainedModel, cache: DynamicCache, pending: int, proposal: Proposal, *, committed: int,
+    want_features: bool,
+) -> tuple[_ScoreResult, list[int], int]:
+    """Scores the pending token and every tree node in one pass, accepts greedily along the tree and keeps only
+    the accepted path in the cache. Returns (scores, accepted node indices, the target's next token)."""
+    ids, positions, allowed = verify_inputs(pending, proposal.token_ids, proposal.parents, cached=committed,
+                                            device=cache_device(model))
+    scored = score(model, ids, cache, last_logits_only=False, want_features=want_features, position_ids=positions,
+                   allowed=allowed)
+    accepted, bonus = accept_greedy(scored.logits.argmax(-1).tolist(), proposal.token_ids, proposal.parents)
+    keep_cache_positions(cache, committed + 1, accepted)
+    return scored, accepted, bonus
+
+
+def cache_device(model: PreTrainedModel) -> torch.device:
+    return model.get_output_embeddings().weight.device
+
+
+# Verify sizes tried by an `auto` node budget, and how much dearer than verifying the chain a tree may be.
+AUTO_TREE_SIZES = (8, 12, 16, 24, 32, 48, 64)
+AUTO_TREE_COST_SLACK = 1.1
+_verify_costs: dict[tuple[int, str, str], dict[int, float]] = {}
+
+
+@torch.inference_mode()
+def verify_costs(model: PreTrainedModel, sizes: tuple[int, ...], *, context: int = 128,
+                 repeats: int = 3) -> dict[int, float]:
+    """Seconds the target needs to score k tokens after `context` cached ones, per k (the best of `repeats`),
+    measured once per model, device and dtype."""
+    key = (id(model), str(cache_device(model)), str(model.dtype))
+    known = _verify_costs.setdefault(key, {})
+    missing = [k for k in sizes if k not in known]
+    if missing:
+        device = cache_device(model)
+        generator = torch.Generator().manual_seed(0)
+        prefix = torch.randint(10, model.config.vocab_size, (1, context), generator=generator).to(device)
+        cache = DynamicCache(config=model.config)
+        score(model, prefix, cache, last_logits_only=True, want_features=False)
+        for k in missing:
+            ids = torch.randint(10, model.config.vocab_size, (1, k), generator=generator).to(device)
+            timings = []
+            for _ in range(repeats + 1):  # the first run of a shape warms its kernels up
+                _synchronize(device)
+                started = time.perf_counter()
+                score(model, ids, cache, last_logits_only=False, want_features=True)
+                _synchronize(device)
+                timings.append(time.perf_counter() - started)
+                rollback_cache(cache, context)
+            known[k] = min(timings[1:])
+    return {k: known[k] for k in sizes}
+
+
+def auto_tree_nodes(model: PreTrainedModel, draft_length: int) -> int:
+    """The node budget `auto` picks: the largest tree whose verify pass costs at most AUTO_TREE_COST_SLACK times
+    verifying a chain of `draft_length` (measured on this device: a GPU scores ~60 tokens in about one step, a
+    2-core CPU 8 tokens in 1.1 of the 5-token cost), and at least the chain's length."""
+    chain = draft_length + 1
+    costs = verify_costs(model, (chain, *AUTO_TREE_SIZES))
+    fitting = [k for k in AUTO_TREE_SIZES if costs[k] <= AUTO_TREE_COST_SLACK * costs[chain]]
+    return max([draft_length] + [k - 1 for k in fitting])
+
+
+@functools.cache
+def _tree_capable_class(implementation: str, sliding: bool) -> bool:
+    return not implementation.startswith("flash") and not sliding
+
+
+def tree_capable(model: PreTrainedModel) -> bool:
+    """Trees need 4D attention masks (not flash attention) and a cache whose layers keep every position (a
+    sliding-window layer cannot keep a tree's path)."""
+    layers = getattr(DynamicCache(config=model.config), "layers", [])
+    sliding = any(getattr(layer, "is_sliding", False) for layer in layers)
+    return _tree_capable_class(model.config._attn_implementation or "sdpa", sliding)
+
+
+def _tree_shape(target: Target, drafter: DraftHead, config: DecodeConfig, draft_length: int) -> TreeShape | None:
+    """The tree to draft this generation, or None for chains (also when sampling: trees are greedy-only here)."""
+    if config.tree == "chain" or not hasattr(drafter, "propose_tree"):
+        return None
+    if not config.greedy:
+        _log.info("tree drafts are greedy-only; sampling drafts chains (lossless speculative sampling)")
+        return None
+    if not tree_capable(target.model):
+        _log.warning("target %s cannot verify trees (flash attention or sliding-window cache layers); drafting "
+                     "chains", target.name)
+        return None
+    nodes = config.tree_nodes or auto_tree_nodes(target.model, draft_length)
+    if config.tree == "dynamic":
+        return TreeShape(nodes=nodes, depth=draft_length, top_k=config.tree_top_k)
+    static = getattr(drafter, "static_tree", None) or DEFAULT_STATIC_TREE
+    return TreeShape(nodes=nodes, depth=draft_length, static=tuple(static[:nodes]))
 
 
 # On a CPU, PyTorch's linear layers run 2 or 3 rows as that many matrix-vector products: verifying 2-3 tokens costs
@@ -291,44 +399,57 @@ def generate(
     new_features = prefill.features
     next_tokens = torch.cat([prompt_ids[:, 1:].to(device), torch.tensor([[pending]], device=device)], dim=1)
     draft_state = drafter.new_state() if drafter else None
+    tree_shape = _tree_shape(target, drafter, config, draft_length) if drafter is not None else None
 
     while finish_reason is None:
         committed = cache.get_seq_length()
         draft_started = time.perf_counter()
         proposal = Proposal(token_ids=[], draft_probs=[])
         if drafter is not None:
-            budget = min(draft_length, stopper.remaining(output_ids) - 1, context - committed - 2)
-            # The threshold is passed only when set, so a drafter without early stopping still fits the protocol.
-            early_stop = {"min_chain_prob": config.draft_threshold} if config.draft_threshold else {}
-            proposal = drafter.propose(draft_state, new_features, next_tokens, max(budget, 0), pick, **early_stop)
+            budget = max(0, min(draft_length, stopper.remaining(output_ids) - 1, context - committed - 2))
+            if tree_shape is not None:
+                proposal = drafter.propose_tree(draft_state, new_features, next_tokens, tree_shape, budget)
+            else:
+                # The threshold is passed only when set, so a drafter without early stopping fits the protocol.
+                early_stop = {"min_chain_prob": config.draft_threshold} if config.draft_threshold else {}
+                proposal = drafter.propose(draft_state, new_features, next_tokens, budget, pick, **early_stop)
             stats.draft_tokens += len(proposal.token_ids)
         _synchronize(device)
         target_started = time.perf_counter()
         stats.draft_time_s += target_started - draft_started
 
-        draft_tokens = torch.tensor(proposal.token_ids, dtype=torch.long, device=device)
-        verify_ids = torch.cat([torch.tensor([pending], device=device), draft_tokens])
-        scored = score(model, _pad_for_cpu(verify_ids)[None], cache, last_logits_only=False,
-                       want_features=want_features)
-        scored.logits = scored.logits[: len(verify_ids)]
-        stats.target_forward_passes += 1
-        if config.greedy:
-            num_accepted, pending = verify_greedy(scored.logits, draft_tokens)
+        if proposal.parents is not None and proposal.token_ids:
+            scored, accepted, pending = _verify_tree(model, cache, pending, proposal, committed=committed,
+                                                     want_features=want_features)
+            rows = [0] + [1 + node for node in accepted]
+            drafted_depth = max(node_depths(proposal.parents))
+            emitted = [proposal.token_ids[node] for node in accepted] + [pending]
         else:
-            target_probs = sampling_probs(scored.logits, temperature=config.temperature, top_p=config.top_p)
-            if len(draft_tokens):
-                draft_probs = _draft_probs_full(proposal, drafter, vocab_size, device)
-                num_accepted, pending = verify_sampling(target_probs, draft_tokens, draft_probs, generator)
+            draft_tokens = torch.tensor(proposal.token_ids, dtype=torch.long, device=device)
+            verify_ids = torch.cat([torch.tensor([pending], device=device), draft_tokens])
+            scored = score(model, _pad_for_cpu(verify_ids)[None], cache, last_logits_only=False,
+                           want_features=want_features)
+            scored.logits = scored.logits[: len(verify_ids)]
+            if config.greedy:
+                num_accepted, pending = verify_greedy(scored.logits, draft_tokens)
             else:
-                num_accepted, pending = 0, _sample(target_probs[-1], generator)
-        rollback_cache(cache, committed + 1 + num_accepted)
+                target_probs = sampling_probs(scored.logits, temperature=config.temperature, top_p=config.top_p)
+                if len(draft_tokens):
+                    draft_probs = _draft_probs_full(proposal, drafter, vocab_size, device)
+                    num_accepted, pending = verify_sampling(target_probs, draft_tokens, draft_probs, generator)
+                else:
+                    num_accepted, pending = 0, _sample(target_probs[-1], generator)
+            rollback_cache(cache, committed + 1 + num_accepted)
+            rows = list(range(num_accepted + 1))
+            drafted_depth = len(draft_tokens)
+            emitted = proposal.token_ids[:num_accepted] + [pending]
+        stats.target_forward_passes += 1
         _synchronize(device)
         stats.target_time_s += time.perf_counter() - target_started
-        stats.record_round(len(draft_tokens), num_accepted)
+        stats.record_round(drafted_depth, len(emitted) - 1)
 
-        emitted = proposal.token_ids[:num_accepted] + [pending]
-        if chosen_rows is not None:  # row i of the verify pass chose emitted token i
-            chosen_rows.append(scored.logits[: len(emitted)].detach().clone())
+        if chosen_rows is not None:  # these rows of the verify pass chose the emitted tokens
+            chosen_rows.append(scored.logits[rows].detach().clone())
         committed_before = len(output_ids)
         for token in emitted:
             output_ids.append(token)
@@ -337,7 +458,7 @@ def generate(
                 break
         finish_reason = _notify(on_tokens, output_ids, committed_before, finish_reason)
         if want_features:
-            new_features = scored.features[:, : num_accepted + 1]
+            new_features = scored.features[:, rows]
             next_tokens = torch.tensor([emitted], device=device)
 
     _synchronize(device)

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
 from pipeline.config import ConfigError, HeadConfig
+from pipeline.trees import TreeShape, best_nodes, build_static_tree, log_softmax_top, static_tree_parents
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +51,14 @@ class HeadLoadError(RuntimeError):
 
 @dataclasses.dataclass
 class Proposal:
-    """Draft tokens (target ids) and, when sampling, each one's draft distribution over the draft vocabulary."""
+    """Draft tokens (target ids) and, when sampling, each one's draft distribution over the draft vocabulary.
+
+    `parents` makes it a tree (pipeline/trees.py): node i's parent index, -1 for a child of the pending token,
+    parents before children; None is a chain."""
 
     token_ids: list[int]
     draft_probs: list[torch.Tensor | None]
+    parents: list[int] | None = None
 
 
 class DraftHead(Protocol):
@@ -66,6 +72,10 @@ class DraftHead(Protocol):
     def propose(
         self, state: Any, features: torch.Tensor, next_token_ids: torch.Tensor, num_tokens: int, pick: Picker,
         *, min_chain_prob: float = 0.0,
+    ) -> Proposal: ...
+
+    def propose_tree(
+        self, state: Any, features: torch.Tensor, next_token_ids: torch.Tensor, shape: TreeShape, max_depth: int
     ) -> Proposal: ...
 
 
@@ -126,6 +136,10 @@ class ResBlock(nn.Module):
         return x + F.silu(self.linear(x))
 
 
+def _static_tree(config: HeadConfig) -> tuple[tuple[int, ...], ...] | None:
+    return tuple(map(tuple, config.static_tree)) or None
+
+
 class MedusaHeads(nn.Module):
     """`num_heads` Medusa heads; head i predicts the token i+1 steps after the target's next token.
 
@@ -156,6 +170,10 @@ class MedusaHeads(nn.Module):
     def max_draft_length(self) -> int:
         return self.config.num_heads
 
+    @property
+    def static_tree(self) -> tuple[tuple[int, ...], ...] | None:
+        return _static_tree(self.config)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features `(B, T, H)` -> draft logits `(num_heads, B, T, V_draft)`."""
         return torch.stack([head(features) for head in self.heads])
@@ -180,6 +198,26 @@ class MedusaHeads(nn.Module):
             if not confidence.continues(logits, index, probs):
                 break
         return proposal
+
+    def propose_tree(
+        self, state: None, features: torch.Tensor, next_token_ids: torch.Tensor, shape: TreeShape, max_depth: int
+    ) -> Proposal:
+        """A tree over the heads' top-k tokens (greedy only). Medusa heads do not read each other's tokens, so a
+        rank path is the same tokens under any parent: a static shape is used as it is, a dynamic one takes the
+        `nodes` paths whose product of head probabilities is highest this round."""
+        last_feature = features[:, -1].to(self.heads[0][-1].weight.dtype)  # (1, H)
+        depth = min(max_depth, len(self.heads), shape.depth)
+        if depth <= 0:
+            return Proposal(token_ids=[], draft_probs=[])
+        widest = max((max(p) for p in shape.static), default=0) + 1 if shape.static else shape.top_k
+        top = [log_softmax_top(head(last_feature)[0], widest) for head in self.heads[:depth]]  # per depth
+        if shape.static is not None:
+            paths = [p for p in shape.static if len(p) <= depth]
+        else:
+            paths = build_static_tree([[math.exp(v) for v in values] for values, _ in top], shape.nodes)
+        ordered, parents = static_tree_parents(paths)
+        tokens = [self.vocabulary.to_target_id(top[len(p) - 1][1][p[-1]]) for p in ordered]
+        return Proposal(token_ids=tokens, draft_probs=[None] * len(tokens), parents=parents)
 
 
 @dataclasses.dataclass
@@ -284,6 +322,10 @@ class EagleHead(nn.Module):
     def max_draft_length(self) -> int:
         return 1 << 16
 
+    @property
+    def static_tree(self) -> tuple[tuple[int, ...], ...] | None:
+        return _static_tree(self.config)
+
     def _layers(
         self, features: torch.Tensor, next_token_ids: torch.Tensor, *, cache: DynamicCache | None,
         position_ids: torch.Tensor, mask: torch.Tensor | None,
@@ -360,8 +402,46 @@ class EagleHead(nn.Module):
         """features `(..., H)` -> draft logits `(..., V_draft)`."""
         return F.linear(features, self.lm_head_weight.to(features.dtype))
 
+    def propose_tree(
+        self, state: EagleState, features: torch.Tensor, next_token_ids: torch.Tensor, shape: TreeShape,
+        max_depth: int,
+    ) -> Proposal:
+        """Appends the verified (feature, token) pairs like `propose`, then drafts a tree (greedy only): dynamic
+        (EAGLE-2: the best `shape.nodes` of the expanded candidates) or static (EAGLE-1), at most `max_depth`
+        deep."""
+        predicted = self._append_verified(state, features, next_token_ids, draft=max_depth > 0)
+        if predicted is None:
+            return Proposal(token_ids=[], draft_probs=[])
+        nodes = _expand_eagle_tree(self, state, predicted, shape, min(max_depth, shape.depth))
+        parents = [n.parent for n in nodes]
+        if shape.static is None:
+            kept = best_nodes([n.score for n in nodes], parents, shape.nodes)
+        else:
+            kept = sorted(range(len(nodes)), key=lambda i: (len(nodes[i].path), nodes[i].path))
+        position = {old: new for new, old in enumerate(kept)}
+        return Proposal(token_ids=[nodes[i].token_id for i in kept], draft_probs=[None] * len(kept),
+                        parents=[position[nodes[i].parent] if nodes[i].parent >= 0 else -1 for i in kept])
+
     def new_state(self) -> EagleState:
         return EagleState(cache=DynamicCache(config=self.layer_config))
+
+    def _append_verified(
+        self, state: EagleState, features: torch.Tensor, next_token_ids: torch.Tensor, *, draft: bool = True
+    ) -> torch.Tensor | None:
+        """Drops last round's drafts from the head's cache, appends the verified (feature, token) pairs and returns
+        the predicted feature after them `(1, 1, H)`; without `draft` the pairs only wait for the next round."""
+        state.pending_features.append(features)
+        state.pending_tokens.append(next_token_ids)
+        if not draft:
+            return None
+        rollback_cache(state.cache, state.committed)
+        verified_features = torch.cat(state.pending_features, dim=1).to(self.fc.weight.dtype)
+        verified_tokens = torch.cat(state.pending_tokens, dim=1)
+        state.pending_features.clear()
+        state.pending_tokens.clear()
+        predicted = self(verified_features, verified_tokens, cache=state.cache)[:, -1:]  # (1, 1, H)
+        state.committed += verified_tokens.shape[1]
+        return predicted
 
     def propose(
         self, state: EagleState, features: torch.Tensor, next_token_ids: torch.Tensor, num_tokens: int, pick: Picker,
@@ -373,18 +453,10 @@ class EagleHead(nn.Module):
         features `(1, T, H)`: target features of the positions verified since the last call; next_token_ids
         `(1, T)`: the token after each of them (the last one is the target's pending token).
         """
-        state.pending_features.append(features)
-        state.pending_tokens.append(next_token_ids)
         proposal = Proposal(token_ids=[], draft_probs=[])
-        if num_tokens == 0:
+        predicted = self._append_verified(state, features, next_token_ids, draft=num_tokens > 0)
+        if predicted is None:
             return proposal
-        rollback_cache(state.cache, state.committed)
-        verified_features = torch.cat(state.pending_features, dim=1).to(self.fc.weight.dtype)
-        verified_tokens = torch.cat(state.pending_tokens, dim=1)
-        state.pending_features.clear()
-        state.pending_tokens.clear()
-        predicted = self(verified_features, verified_tokens, cache=state.cache)[:, -1:]  # (1, 1, H)
-        state.committed += verified_tokens.shape[1]
         confidence = _ChainConfidence(min_chain_prob)
         for step in range(num_tokens):
             logits = self.logits(predicted)[0, -1]
@@ -396,6 +468,75 @@ class EagleHead(nn.Module):
                 break
             predicted = self(predicted, torch.tensor([[token_id]], device=predicted.device), cache=state.cache)
         return proposal
+
+
+@dataclasses.dataclass
+class _TreeNode:
+    token_id: int
+    parent: int  # -1: a child of the pending token
+    score: float  # cumulative draft log-probability
+    feature_in: torch.Tensor  # (H,) the predicted feature this node's head input reads
+    path: tuple[int, ...]  # ranks from the root
+    cache_index: int | None = None  # where the head cached this node once it was expanded
+
+
+def _expand_eagle_tree(
+    head: EagleHead, state: EagleState, predicted: torch.Tensor, shape: TreeShape, max_depth: int
+) -> list[_TreeNode]:
+    """EAGLE drafting as a tree: each step runs the head once on the nodes chosen for expansion (a dynamic
+    shape: the `top_k` best by cumulative log-probability among the newest nodes; a static one: those with
+    children in it), each attending to the verified cache, its ancestors' cached entries and itself."""
+    def child_ranks(path: tuple[int, ...]) -> list[int]:
+        if shape.static is None:
+            return list(range(shape.top_k))
+        return sorted(p[-1] for p in shape.static if len(p) == len(path) + 1 and p[:-1] == path)
+
+    base = state.cache.get_seq_length()
+    nodes: list[_TreeNode] = []
+
+    def add_children(parent: int, logits: torch.Tensor, feature: torch.Tensor) -> None:
+        path = nodes[parent].path if parent >= 0 else ()
+        ranks = child_ranks(path)
+        if not ranks:
+            return
+        values, indices = log_softmax_top(logits, max(ranks) + 1)
+        score = nodes[parent].score if parent >= 0 else 0.0
+        for rank in ranks:
+            nodes.append(_TreeNode(head.vocabulary.to_target_id(indices[rank]), parent, score + values[rank],
+                                   feature, path + (rank,)))
+
+    add_children(-1, head.logits(predicted)[0, -1], predicted[0, -1])
+    newest = list(range(len(nodes)))
+    implementation = head.layer_config._attn_implementation or "sdpa"
+    for step in range(1, max_depth):
+        if shape.static is None:
+            expand = sorted(newest, key=lambda i: -nodes[i].score)[: shape.top_k]
+        else:
+            expand = [i for i in newest if child_ranks(nodes[i].path)]
+        if not expand:
+            break
+        cached = state.cache.get_seq_length()
+        allowed = torch.zeros(1, 1, len(expand), cached + len(expand), dtype=torch.bool)
+        allowed[..., :base] = True
+        for row, index in enumerate(expand):
+            ancestor = nodes[index].parent
+            while ancestor >= 0:
+                allowed[0, 0, row, nodes[ancestor].cache_index] = True
+                ancestor = nodes[ancestor].parent
+            allowed[0, 0, row, cached + row] = True
+            nodes[index].cache_index = cached + row
+        features = torch.stack([nodes[i].feature_in for i in expand])[None]  # (1, m, H)
+        tokens = torch.tensor([[nodes[i].token_id for i in expand]], device=features.device)
+        positions = torch.full((1, len(expand)), base + step - 1, device=features.device)
+        mask = attention_mask_for(allowed.to(features.device), implementation=implementation, dtype=features.dtype)
+        outputs = head._layers(features, tokens, cache=state.cache, position_ids=positions, mask=mask)[0]
+        logits = head.logits(outputs)  # (m, V_draft)
+        first_new = len(nodes)
+        for row, index in enumerate(expand):
+            add_children(index, logits[row], outputs[row])
+        newest = list(range(first_new, len(nodes)))
+    return nodes
+
 
 
 HEAD_CLASSES: dict[str, type[nn.Module]] = {"medusa": MedusaHeads, "eagle": EagleHead}

@@ -30,8 +30,11 @@ from pipeline import losses
 from pipeline.config import TrainConfig
 from pipeline.discriminator import Discriminator, DiscriminatorConfig
 from pipeline.heads import EagleHead, MedusaHeads
+from pipeline.trees import build_static_tree
 
 GREEDY_CHUNK = 4096  # positions per full-vocabulary argmax (bounds memory on long validation batches)
+TREE_RANKS = 4  # draft ranks per step whose accuracy validation measures (for static trees)
+STATIC_TREE_NODES = 24  # the static tree stored with an exported head; decoding uses its best `tree_nodes`
 
 
 @dataclasses.dataclass
@@ -190,6 +193,14 @@ def _shift_left(x: torch.Tensor, steps: int) -> torch.Tensor:
     return torch.cat([x[:, steps:], tail], dim=1)
 
 
+def _rank_of(logits: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """logits `(..., V)`, wanted draft indices `(...)` (-1: none) -> how many logits beat the wanted one `(...)`;
+    V where there is no wanted token."""
+    safe = wanted.clamp_min(0)
+    rank = (logits > logits.gather(-1, safe[..., None])).sum(-1)
+    return torch.where(wanted >= 0, rank, logits.shape[-1])
+
+
 class KoalaTrainer:
     """Alternates `g_steps` generator (head) steps and `d_steps` discriminator steps per training step.
 
@@ -244,6 +255,8 @@ class KoalaTrainer:
         self.best_val_tau: float | None = None
         self.best_epoch: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.val_rank_accuracy: list[list[float]] = []  # [step][rank], from the last validation
+        self.best_rank_accuracy: list[list[float]] = []
         self._last_predictions: Predictions | None = None
 
     def progress(self, step: int) -> float | None:
@@ -413,12 +426,16 @@ class KoalaTrainer:
         depth = self.config.val_draft_length
         reached = torch.zeros(depth)
         correct = torch.zeros(depth)
+        tree_reached = torch.zeros(depth)
+        tree_ranks = torch.zeros(depth, TREE_RANKS)
         starts = accepted = 0.0
         loss_total = loss_weight = d_correct = d_total = 0.0
         for batch in batches:
             with self.autocast():
-                hits, evaluable = self.chain_hits(batch, depth)  # (D, B, T) bool each, indexed by chain start
+                ranks, evaluable = self.chain_ranks(batch, depth)  # (D, B, T) each, indexed by chain start
                 predictions = self.predict(batch, head=self.head_module)
+            hits = ranks == 0
+            self._count_tree_ranks(ranks, evaluable, tree_reached, tree_ranks)
             alive = evaluable[0].clone()
             starts += float(alive.sum())
             for step in range(hits.shape[0]):
@@ -443,9 +460,29 @@ class KoalaTrainer:
             for step in range(depth)
         }
         metrics["val_tau"] = 1 + accepted / starts if starts else None
+        self.val_rank_accuracy = [(tree_ranks[d] / tree_reached[d]).tolist() for d in range(depth) if tree_reached[d]]
         metrics["val_loss_distill"] = loss_total / loss_weight if loss_weight else None
         metrics["val_d_accuracy"] = d_correct / d_total if d_total else None
         return metrics
+
+    @staticmethod
+    def _count_tree_ranks(ranks: torch.Tensor, evaluable: torch.Tensor, reached: torch.Tensor,
+                          counts: torch.Tensor) -> None:
+        """Per step d and rank r: how often the target's token is the head's rank-r draft, among starts whose
+        earlier target tokens were all within the top TREE_RANKS (a tree could have followed them)."""
+        alive = evaluable[0].clone()
+        for step in range(ranks.shape[0]):
+            alive &= evaluable[step]
+            reached[step] += alive.sum().item()
+            for rank in range(counts.shape[1]):
+                counts[step, rank] += (alive & (ranks[step] == rank)).sum().item()
+            alive &= ranks[step] < counts.shape[1]
+
+    def static_tree(self, budget: int = STATIC_TREE_NODES) -> tuple[tuple[int, ...], ...]:
+        """The static draft tree of `budget` nodes for the measured rank accuracies (Medusa's construction);
+        empty before any validation."""
+        accuracy = self.best_rank_accuracy or self.val_rank_accuracy
+        return build_static_tree(accuracy, budget) if accuracy else ()
 
     def _target_greedy(self, features: torch.Tensor) -> torch.Tensor:
         """The target's own greedy token after each position, full vocabulary: features `(B, T, H)` -> `(B, T)`."""
@@ -454,31 +491,42 @@ class KoalaTrainer:
         choices = [F.linear(chunk.to(weight.dtype), weight).argmax(-1) for chunk in flat.split(GREEDY_CHUNK)]
         return torch.cat(choices).view(features.shape[:-1])
 
-    def _to_target_ids(self, draft_indices: torch.Tensor) -> torch.Tensor:
-        draft_ids = self.head_module.vocabulary.draft_token_ids
-        return draft_indices if draft_ids is None else draft_ids[draft_indices]
-
     def chain_hits(self, batch: TrainBatch, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For every chain start s (verified context ends at position s) and draft step d: whether the head's
         greedy draft of token s+2+d equals the target's greedy token, and whether that token is evaluable (a
         response token). Both `(depth, B, T)` bool; drafts read the head's own earlier drafts, as decoding does."""
+        ranks, evaluable = self.chain_ranks(batch, depth)
+        return ranks == 0, evaluable
+
+    def chain_ranks(self, batch: TrainBatch, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like `chain_hits`, but the rank of the target's greedy token among the head's drafts at each start and
+        step `(depth, B, T)` long (0 = the head's first choice; the draft vocabulary's size when the token is not
+        in it), and which are evaluable `(depth, B, T)` bool."""
         features, ids, mask = batch.features, batch.input_ids, batch.loss_mask
-        greedy = self._target_greedy(features)  # (B, T): greedy[:, t] is the target's token t+1
-        hits, evaluable = [], []
+        greedy = self._draft_index(self._target_greedy(features))  # (B, T): the target's token t+1, draft index
+        ranks, evaluable = [], []
         if isinstance(self.head_module, MedusaHeads):
             logits = self.head_module(features)  # (num_heads, B, T, V)
             for step in range(min(depth, logits.shape[0])):
-                guess = self._to_target_ids(logits[step].argmax(-1))
-                hits.append(guess == _shift_left(greedy, 1 + step))
+                ranks.append(_rank_of(logits[step], _shift_left(greedy, 1 + step)))
                 evaluable.append(_shift_left(mask, 2 + step))
         else:
             steps = self.head_module.forward_unrolled(features[:, :-1], ids[:, 1:], depth=depth)
             for step, step_features in enumerate(steps):
-                guess = self._to_target_ids(self.head_module.logits(step_features).argmax(-1))  # (B, L)
-                hit = F.pad(guess == greedy[:, 1:], (0, 1), value=False)  # by position p, (B, T)
-                hits.append(_shift_left(hit, step))  # by chain start s = p - step
+                rank = _rank_of(self.head_module.logits(step_features), greedy[:, 1:])  # by position p, (B, L)
+                rank = F.pad(rank, (0, 1), value=int(self.target_rows.shape[0]))
+                ranks.append(_shift_left(rank, step))  # by chain start s = p - step
                 evaluable.append(_shift_left(mask, 2 + step))
-        return torch.stack(hits), torch.stack(evaluable)
+        return torch.stack(ranks), torch.stack(evaluable)
+
+    def _draft_index(self, target_ids: torch.Tensor) -> torch.Tensor:
+        """Target token ids -> draft-vocabulary indices; -1 for tokens outside the draft vocabulary."""
+        draft_ids = self.head_module.vocabulary.draft_token_ids
+        if draft_ids is None:
+            return target_ids
+        lookup = torch.full((self.full_output_weight.shape[0],), -1, dtype=torch.long, device=target_ids.device)
+        lookup[draft_ids.to(target_ids.device)] = torch.arange(len(draft_ids), device=target_ids.device)
+        return lookup[target_ids]
 
     # --- best epoch --------------------------------------------------------------------------------------------
 
@@ -488,6 +536,7 @@ class KoalaTrainer:
             return False
         self.best_val_tau, self.best_epoch = val_tau, epoch
         self.best_state = {k: v.detach().clone().cpu() for k, v in self.head_module.state_dict().items()}
+        self.best_rank_accuracy = self.val_rank_accuracy
         return True
 
     def export_state(self) -> dict[str, torch.Tensor]:
@@ -512,6 +561,7 @@ class KoalaTrainer:
         (directory / "trainer_state.json").write_text(json.dumps({
             "step": self.step, "train_seconds": self.train_seconds, "best_val_tau": self.best_val_tau,
             "best_epoch": self.best_epoch, "scheduler": scheduler, "scaler": self.scaler.state_dict(),
+            "best_rank_accuracy": self.best_rank_accuracy, "val_rank_accuracy": self.val_rank_accuracy,
         }))
 
     def load_state(self, directory: Path) -> None:
@@ -526,6 +576,8 @@ class KoalaTrainer:
         state = json.loads((directory / "trainer_state.json").read_text())
         self.step, self.train_seconds = state["step"], state.get("train_seconds", 0.0)
         self.best_val_tau, self.best_epoch = state.get("best_val_tau"), state.get("best_epoch")
+        self.best_rank_accuracy = state.get("best_rank_accuracy", [])
+        self.val_rank_accuracy = state.get("val_rank_accuracy", [])
         self.head_scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None]})
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])

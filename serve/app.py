@@ -170,7 +170,8 @@ class KoalaServer:
                                "(see GET /v1/models)", param="model", code="model_not_found")
             decode = parsed.decode_config(default_max_tokens=self.config.default_max_tokens,
                                           max_tokens_limit=self.config.max_tokens_limit,
-                                          draft_length=self.config.draft_length)
+                                          draft_length=self.config.draft_length, tree=self.config.tree,
+                                          tree_nodes=self.config.tree_nodes)
             prompt_ids = self._prompt_ids(parsed)
         except ApiError as error:
             self.metrics.request(endpoint, error.status)

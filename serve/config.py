@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from pipeline.config import DEFAULT_MAX_NEW_TOKENS, Config, TargetConfig, TrackingConfig
+from pipeline.config import (
+    DEFAULT_MAX_NEW_TOKENS, DEFAULT_TREE, Config, ConfigError, DecodeConfig, TargetConfig, TrackingConfig,
+)
 from pipeline.heads import default_drafter_dir
 
 REGISTRY_PREFIX = "models:/"
@@ -22,7 +24,8 @@ class ServeConfig(Config):
     `target_ongoing_requests` per replica. Each replica decodes one request at a time (CPU decoding of one model
     does not get faster by interleaving); `max_ongoing_requests` bounds how many wait inside a replica.
     `api_key_env` names an environment variable holding the API key; when set, the variable must be non-empty
-    on the replicas and requests need `Authorization: Bearer <key>`.
+    on the replicas and requests need `Authorization: Bearer <key>`. `draft_length`, `tree` and `tree_nodes` are
+    DecodeConfig's drafting settings for every request (greedy requests draft trees, sampled ones chains).
     """
 
     section: ClassVar[str] = "serve"
@@ -31,6 +34,8 @@ class ServeConfig(Config):
     drafter: str = ""
     use_drafter: bool = True
     draft_length: int = 0
+    tree: str = DEFAULT_TREE
+    tree_nodes: int = 0
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     model_name: str = "koala"
     app_name: str = "koala"
@@ -53,6 +58,10 @@ class ServeConfig(Config):
             self.fail("drafter", "a registry URI needs a model name, e.g. models:/koala-drafter@champion")
         if self.draft_length < 0:
             self.fail("draft_length", f"must be >= 0 (0 = the head's default), got {self.draft_length}")
+        try:
+            DecodeConfig(draft_length=self.draft_length, tree=self.tree, tree_nodes=self.tree_nodes)
+        except ConfigError as error:
+            raise ConfigError(f"serve.{str(error).removeprefix('decode.')}") from None
         for field in ("model_name", "app_name", "host"):
             if not getattr(self, field):
                 self.fail(field, "must not be empty")

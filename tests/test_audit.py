@@ -23,9 +23,9 @@ def _random_eagle(target, seed=0):
     return head.to(target.model.dtype)
 
 
-def _audits(target, head, *, max_new_tokens=40):
+def _audits(target, head, *, max_new_tokens=40, tree="chain"):
     audits = []
-    config = DecodeConfig(max_new_tokens=max_new_tokens)
+    config = DecodeConfig(max_new_tokens=max_new_tokens, tree=tree)
     for text in PROMPTS:
         prompt_ids = target.encode_prompt(text)
         vanilla = generate(target, prompt_ids, config=config, record_logits=True)
@@ -90,6 +90,15 @@ def test_a_skipped_cache_rollback_is_a_violation(tiny_target, monkeypatch):
     audits = _audits(tiny_target, head)
     assert losslessness.summarize(audits)["lossless_violations"] > 0
     assert all(a.verdict == "violation" for a in audits if not a.exact_match)
+
+
+def test_a_tree_path_not_kept_in_the_cache_is_a_violation(tiny_target, monkeypatch):
+    """Tree drafts: a decoder that leaves the whole verified tree in the cache (instead of the accepted path)."""
+    head = _random_eagle(tiny_target)
+    assert losslessness.summarize(_audits(tiny_target, head, tree="dynamic"))["lossless_violations"] == 0
+    monkeypatch.setattr(decoding, "keep_cache_positions", lambda cache, start, keep: None)
+    audits = _audits(tiny_target, head, tree="dynamic")
+    assert losslessness.summarize(audits)["lossless_violations"] > 0
 
 
 def test_an_off_by_one_position_is_a_violation(monkeypatch):

@@ -26,7 +26,8 @@ def _prompt_ids(target, text):
 
 
 def _greedy(max_new_tokens=40, **kwargs):
-    return DecodeConfig(max_new_tokens=max_new_tokens, **kwargs)
+    """Greedy chain drafting (this file tests chains; tests/test_trees.py tests trees)."""
+    return DecodeConfig(max_new_tokens=max_new_tokens, tree="chain", **kwargs)
 
 
 class OracleDrafter:
@@ -94,7 +95,7 @@ def test_greedy_speculative_equals_vanilla(tiny_target, head_type, num_layers):
 def test_oracle_drafter_is_always_accepted(tiny_target):
     prompt_ids = _prompt_ids(tiny_target, PROMPTS[0])
     oracle = OracleDrafter(tiny_target, prompt_ids)
-    config = DecodeConfig(max_new_tokens=33, draft_length=3)
+    config = DecodeConfig(max_new_tokens=33, draft_length=3, tree="chain")
     vanilla = generate(tiny_target, prompt_ids, config=config)
     speculative = generate(tiny_target, prompt_ids, config=config, drafter=oracle)
     assert speculative.token_ids == vanilla.token_ids
@@ -189,7 +190,7 @@ def test_draft_threshold_shortens_chains_and_stays_lossless(tiny_target, head_ty
         torch.nn.init.normal_(head.fc.weight, std=0.2)
     drafted = {}
     for threshold in (0.0, 0.5):
-        config = DecodeConfig(max_new_tokens=40, draft_length=5, draft_threshold=threshold)
+        config = DecodeConfig(max_new_tokens=40, draft_length=5, draft_threshold=threshold, tree="chain")
         total = 0
         for text in PROMPTS:
             prompt_ids = _prompt_ids(tiny_target, text)

@@ -117,3 +117,26 @@ def test_audit_on_smollm2_fp32_exact_bf16_without_violations(dtype):
         assert verdicts == ["exact"] * len(PROMPTS)
     else:
         assert "violation" not in verdicts, [a.to_dict() for a in audits]
+
+
+@pytest.mark.parametrize("tree", ["static", "dynamic"])
+def test_tree_drafts_with_the_shipped_head_are_lossless_and_accepted_to_full_depth(smollm2, vanilla_outputs, tree):
+    """Trees on the real target (fp32): greedy output equals vanilla token for token, with rejections, acceptances
+    and at least one round in which a whole root-to-leaf path of full depth was accepted."""
+    from pipeline.heads import default_drafter_dir, load_head
+
+    head = load_head(default_drafter_dir("smollm2"), smollm2.model, target_name="smollm2")
+    config = DecodeConfig(max_new_tokens=64, draft_length=3, tree=tree, tree_nodes=12)  # trees at most 3 deep
+    accepted, evaluated, rounds, drafted = [0] * 3, [0] * 3, 0, 0
+    for text in PROMPTS:
+        prompt_ids = smollm2.encode_prompt(text)
+        vanilla = generate(smollm2, prompt_ids, config=DecodeConfig(max_new_tokens=64))
+        speculative = generate(smollm2, prompt_ids, config=config, drafter=head)
+        assert speculative.token_ids == vanilla.token_ids
+        stats = speculative.stats
+        accepted = [a + b for a, b in zip(accepted, stats.accepted)]
+        evaluated = [a + b for a, b in zip(evaluated, stats.evaluated)]
+        rounds, drafted = rounds + stats.drafted[0], drafted + stats.draft_tokens
+    assert drafted > 2 * rounds, "a tree drafts several tokens per depth"
+    assert accepted[0] < evaluated[0], "expected rejections at depth 1"
+    assert accepted[2] > 0, f"expected full-depth (3-token) acceptances, got {accepted} of {evaluated}"

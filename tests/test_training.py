@@ -175,7 +175,7 @@ def test_validation_keeps_the_best_epoch_for_export(tiny_target):
 def _greedy_round_starts(target, head, prompt, *, draft_length, max_new_tokens):
     """Greedy speculative decoding of `prompt`; returns (prompt + output ids, [(pending position, accepted)])."""
     committed: list[int] = []
-    decode = DecodeConfig(max_new_tokens=max_new_tokens, draft_length=draft_length)
+    decode = DecodeConfig(max_new_tokens=max_new_tokens, draft_length=draft_length, tree="chain")
     result = generate(target, prompt, config=decode, drafter=head, on_tokens=lambda new: committed.append(len(new)))
     # `pending` is the index of the token the target chose but has not scored yet (the prefill's token first); a
     # round drafts after it, so its chain starts at `pending - 1`, and it emits its accepted drafts + a new token.

@@ -171,7 +171,7 @@ def initial_head_weights(config: TrainConfig) -> dict[str, torch.Tensor] | None:
     from pipeline.heads import HEAD_WEIGHTS_FILE, read_head_metadata
 
     saved = HeadConfig.from_dict(read_head_metadata(config.init_head)["head"])
-    if saved.replace(num_heads=config.head.num_heads) != config.head:
+    if saved.replace(num_heads=config.head.num_heads, static_tree=config.head.static_tree) != config.head:
         raise ConfigError(f"train.init_head: {config.init_head} holds a {saved} head, but train.head is {config.head}; "
                           "set head to match it")
     from safetensors.torch import load_file
@@ -219,13 +219,16 @@ def _features(model, rows, config: TrainConfig, *, cache_path: Path | None, prog
 def export_head(trainer: KoalaTrainer, directory: Path, *, target_identity: dict[str, Any]) -> Path:
     """Writes the head to export (the best validated epoch's, see `select_best`) as a head directory."""
     head = trainer.head_module
-    current = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    current, config = {k: v.detach().clone() for k, v in head.state_dict().items()}, head.config
     head.load_state_dict(trainer.export_state())
+    # The static draft tree its validation accuracies call for (kept if validation never ran).
+    head.config = config.replace(static_tree=trainer.static_tree() or config.static_tree)
     try:
         with atomic_path(directory) as temporary:
             save_head(head, temporary, target_identity=target_identity)
     finally:
         head.load_state_dict(current)
+        head.config = config
     return directory
 
 

@@ -1,0 +1,182 @@
+"""Tree drafts: shapes, one-pass verification inputs, greedy acceptance and keeping the accepted path's cache.
+
+A draft tree is a list of tokens with a parent index each (`-1`: the pending token, i.e. the root). A chain is the
+degenerate tree `[-1, 0, 1, ...]`. The target scores the pending token and every node in one forward pass: each node
+sits at the position of its depth and attends to the cache, the pending token, its ancestors and itself (a 4D
+mask through the model's own attention). Greedy acceptance walks from the root along the child whose token equals
+the target's argmax, so the emitted tokens are exactly vanilla greedy's; the cache then keeps only that path.
+
+Tree shapes:
+- dynamic (EAGLE-2): `TreeShape(top_k, depth, nodes)`: expand the top-k nodes of the frontier by cumulative draft
+  log-probability for `depth` steps, then keep the best `nodes` (parents first).
+- static: a fixed set of paths of ranks, e.g. (0, 1) = "the 2nd-best token after the best one" (Medusa's trees; also
+  usable with EAGLE, as EAGLE-1 drafted). `build_static_tree` picks one for a node budget from measured per-depth
+  top-k accuracies (Medusa's sparse-tree construction).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from collections.abc import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from pipeline.config import ConfigError
+
+RankPath = tuple[int, ...]
+
+# A default static tree of 15 nodes for 4 positions: wide near the root, where acceptance is likeliest.
+DEFAULT_STATIC_TREE: tuple[RankPath, ...] = (
+    (0,), (1,), (2,), (3,),
+    (0, 0), (0, 1), (0, 2), (1, 0), (1, 1),
+    (0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0),
+    (0, 0, 0, 0), (0, 0, 0, 1),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeShape:
+    """How a drafter builds its tree: `static` rank paths, or a dynamic tree (`top_k`, `depth`, `nodes`)."""
+
+    nodes: int
+    depth: int
+    top_k: int = 4
+    static: tuple[RankPath, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.static is not None:
+            check_static_tree(self.static)
+
+
+def check_static_tree(paths: Sequence[RankPath]) -> None:
+    """Every path's parent path is in the tree (parents before children is not required)."""
+    present = set(map(tuple, paths))
+    for path in present:
+        if not path or any(rank < 0 for rank in path):
+            raise ConfigError(f"decode.tree: {path} is not a path of non-negative ranks")
+        if len(path) > 1 and path[:-1] not in present:
+            raise ConfigError(f"decode.tree: path {path} has no parent {path[:-1]} in the tree")
+
+
+def static_tree_parents(paths: Sequence[RankPath]) -> tuple[list[RankPath], list[int]]:
+    """Paths sorted parents-first and each one's parent index (-1 for depth 1)."""
+    ordered = sorted(map(tuple, paths), key=lambda p: (len(p), p))
+    index = {path: i for i, path in enumerate(ordered)}
+    return ordered, [index[p[:-1]] if len(p) > 1 else -1 for p in ordered]
+
+
+def build_static_tree(accuracy: Sequence[Sequence[float]], budget: int) -> tuple[RankPath, ...]:
+    """The `budget` rank paths with the highest estimated chance to be accepted (Medusa's sparse tree).
+
+    accuracy[d][r] is the measured probability that the rank-r draft at depth d is the target's token, given
+    the path to it was right; a path's value is the product along it, so a child never beats its parent and the
+    best `budget` paths always form a tree."""
+    depth = len(accuracy)
+    chosen: list[RankPath] = []
+    frontier = [(-accuracy[0][r], (r,)) for r in range(len(accuracy[0]))]
+    heapq.heapify(frontier)
+    while frontier and len(chosen) < budget:
+        negative, path = heapq.heappop(frontier)
+        if -negative <= 0:
+            break
+        chosen.append(path)
+        if len(path) < depth:
+            for rank in range(len(accuracy[len(path)])):
+                heapq.heappush(frontier, (negative * accuracy[len(path)][rank], path + (rank,)))
+    return tuple(chosen)
+
+
+def node_depths(parents: Sequence[int]) -> list[int]:
+    """Depth of every node (children of the root have depth 1); parents must come before children."""
+    depths: list[int] = []
+    for index, parent in enumerate(parents):
+        if parent >= index:
+            raise ValueError(f"node {index} has parent {parent}: parents must come before their children")
+        depths.append(1 if parent < 0 else depths[parent] + 1)
+    return depths
+
+
+def ancestor_mask(parents: Sequence[int], *, device: torch.device) -> torch.Tensor:
+    """`(n+1, n+1)` bool: row/column 0 is the pending token, row i+1 node i; True where the row may attend."""
+    size = len(parents) + 1
+    allowed = torch.zeros(size, size, dtype=torch.bool)
+    allowed[:, 0] = True
+    for index, parent in enumerate(parents):
+        row = index + 1
+        allowed[row, row] = True
+        if parent >= 0:
+            allowed[row] |= allowed[parent + 1]
+    allowed[0, 0] = True
+    return allowed.to(device)
+
+
+def verify_inputs(
+    pending: int, tokens: Sequence[int], parents: Sequence[int], *, cached: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The target's one-pass inputs for [pending, nodes...]: ids `(1, n+1)`, position ids `(1, n+1)` (the cache length
+    plus depth) and the boolean attention pattern `(1, 1, n+1, cached+n+1)`."""
+    depths = [0] + node_depths(parents)
+    ids = torch.tensor([[pending, *tokens]], device=device)
+    positions = (cached + torch.tensor(depths, device=device))[None]
+    within = ancestor_mask(parents, device=device)
+    allowed = torch.cat([torch.ones(len(depths), cached, dtype=torch.bool, device=device), within], dim=1)
+    return ids, positions, allowed[None, None]
+
+
+def accept_greedy(choices: Sequence[int], tokens: Sequence[int], parents: Sequence[int]) -> tuple[list[int], int]:
+    """choices[0] is the target's token after pending, choices[i+1] after node i. Returns (accepted node indices
+    along the longest path whose tokens equal the target's choices, the target's token after the path)."""
+    children: dict[int, list[int]] = {}
+    for index, parent in enumerate(parents):
+        children.setdefault(parent, []).append(index)
+    path: list[int] = []
+    current = -1
+    while True:
+        wanted = choices[current + 1]
+        follow = next((c for c in children.get(current, ()) if tokens[c] == wanted), None)
+        if follow is None:
+            return path, wanted
+        path.append(follow)
+        current = follow
+
+
+def keep_cache_positions(cache: DynamicCache, start: int, keep: Sequence[int]) -> None:
+    """Keeps cache positions [0, start) and start + keep[i] (in that order), dropping the rest of what the verify
+    pass appended. A chain's prefix is a crop; a tree's path is gathered on every layer."""
+    if list(keep) == list(range(len(keep))):
+        surplus = cache.get_seq_length() - start - len(keep)
+        if surplus > 0:
+            cache.crop(-surplus)
+        return
+    for layer in cache.layers:
+        if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
+            raise ConfigError(
+                f"decode.tree: the target's cache layer {type(layer).__name__} cannot keep a tree path; "
+                "use chain drafting (tree: chain) for this target"
+            )
+        index = torch.cat([torch.arange(start, device=layer.keys.device),
+                           start + torch.tensor(list(keep), device=layer.keys.device, dtype=torch.long)])
+        layer.keys = layer.keys.index_select(-2, index)
+        layer.values = layer.values.index_select(-2, index)
+
+
+def best_nodes(scores: Sequence[float], parents: Sequence[int], budget: int) -> list[int]:
+    """The `budget` highest-scoring nodes whose parents are kept too (scores never grow along a path, so this only
+    matters for ties), returned parents-first (by depth, then score)."""
+    depths = node_depths(parents)
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], depths[i]))
+    kept: set[int] = set()
+    for node in order:
+        if len(kept) == budget:
+            break
+        if parents[node] < 0 or parents[node] in kept:
+            kept.add(node)
+    return sorted(kept, key=lambda i: (depths[i], -scores[i]))
+
+
+def log_softmax_top(logits: torch.Tensor, k: int) -> tuple[list[float], list[int]]:
+    """logits `(V,)` -> the k best (log-probability, index) pairs."""
+    values, indices = torch.log_softmax(logits.float(), dim=-1).topk(k)
+    return values.tolist(), indices.tolist()

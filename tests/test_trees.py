@@ -1,0 +1,185 @@
+"""Tree drafts: shapes, one-pass verification, cache of the accepted path, lossless greedy decoding for both heads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from conftest import make_tiny_target
+from pipeline.config import ConfigError, DecodeConfig, HeadConfig, TrainConfig
+from pipeline.decoding import auto_tree_nodes, generate, score
+from pipeline.heads import Proposal, build_head
+from pipeline.trees import (
+    DEFAULT_STATIC_TREE, accept_greedy, ancestor_mask, best_nodes, build_static_tree, check_static_tree,
+    keep_cache_positions, node_depths, static_tree_parents, verify_inputs,
+)
+from pipeline.training import KoalaTrainer, TrainBatch, pad_rows, target_features
+
+PROMPTS = ["hello there", "the quick brown fox", "what is two plus two?", "tell me a story", "why is the sky blue?"]
+
+
+def test_tree_bookkeeping():
+    parents = [-1, -1, 0, 0, 2]  # two roots, node 0 has children 2 and 3, node 2 has child 4
+    assert node_depths(parents) == [1, 1, 2, 2, 3]
+    allowed = ancestor_mask(parents, device=torch.device("cpu"))
+    assert allowed[5].tolist() == [True, True, False, True, False, True]  # node 4: pending, 0, 2, itself
+    assert allowed[2].tolist() == [True, False, True, False, False, False]  # node 1: pending and itself
+    with pytest.raises(ValueError, match="parents must come before"):
+        node_depths([1, -1])
+    # choices[0] follows the pending token, choices[i + 1] node i: the second root, its first child, that one's
+    # child, then the bonus token after it
+    assert accept_greedy([7, 0, 9, 3, 0, 5], tokens=[5, 7, 9, 4, 3], parents=[-1, -1, 1, 1, 2]) == ([1, 2, 4], 5)
+    assert accept_greedy([7, 0, 4, 8, 0, 0], tokens=[5, 7, 9, 4, 3], parents=[-1, -1, 1, 1, 2]) == ([1, 3], 0)
+    assert accept_greedy([7, 1, 2, 3, 4, 5], tokens=[5, 6, 8, 4, 3], parents=parents) == ([], 7)
+
+
+def test_static_tree_builder_keeps_a_tree_and_the_likeliest_paths():
+    accuracy = [[0.6, 0.2, 0.1], [0.7, 0.1, 0.05], [0.8, 0.1, 0.01]]
+    tree = build_static_tree(accuracy, 5)
+    assert tree == ((0,), (0, 0), (0, 0, 0), (1,), (1, 0))  # 0.6, 0.42, 0.336, 0.2, 0.14 (then (2,) 0.1)
+    check_static_tree(tree)
+    ordered, parents = static_tree_parents(tree)
+    assert [len(p) for p in ordered] == sorted(len(p) for p in ordered)
+    assert all(parent < index for index, parent in enumerate(parents))
+    check_static_tree(DEFAULT_STATIC_TREE)
+    with pytest.raises(ConfigError, match="no parent"):
+        check_static_tree([(0,), (1, 0)])
+    assert best_nodes([-0.1, -0.5, -0.2, -0.3], [-1, -1, 0, 0], 3) == [0, 2, 3]
+    assert best_nodes([-0.1, -0.5, -0.5, -0.6], [-1, -1, 1, 0], 2) == [0, 1]  # a tied child never precedes its parent
+
+
+def test_keeping_a_tree_path_equals_running_the_path(tiny_target):
+    """After a tree verify pass the cache holds exactly what running the accepted path token by token gives."""
+    model = tiny_target.model
+    prefix = torch.tensor([[1, 5, 9, 14, 3]])
+    tokens, parents = [7, 8, 20, 21, 22], [-1, -1, 1, 2, 1]  # the path 1 -> 2 -> 3 is in a non-first branch
+    cache = DynamicCache(config=model.config)
+    score(model, prefix, cache, last_logits_only=True, want_features=False)
+    ids, positions, allowed = verify_inputs(30, tokens, parents, cached=prefix.shape[1], device=torch.device("cpu"))
+    tree = score(model, ids, cache, last_logits_only=False, want_features=False, position_ids=positions,
+                 allowed=allowed)
+    keep_cache_positions(cache, prefix.shape[1] + 1, [1, 2, 3])
+
+    reference = DynamicCache(config=model.config)
+    linear = score(model, torch.tensor([[1, 5, 9, 14, 3, 30, 8, 20, 21]]), reference, last_logits_only=False,
+                   want_features=False)
+    assert cache.get_seq_length() == reference.get_seq_length() == 9
+    for ours, theirs in zip(cache.layers, reference.layers):
+        torch.testing.assert_close(ours.keys, theirs.keys, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ours.values, theirs.values, atol=1e-5, rtol=1e-4)
+    # the tree pass's rows for pending and the path equal the linear pass's last four rows
+    torch.testing.assert_close(tree.logits[[0, 2, 3, 4]], linear.logits[-4:], atol=1e-4, rtol=1e-4)
+
+
+class _OracleTree:
+    """Knows the target's greedy continuation and puts it in the second branch of a wider tree."""
+
+    config = HeadConfig(num_heads=3)
+    max_draft_length = 3
+
+    def __init__(self, continuation: list[int], vocab_size: int):
+        self.continuation, self.vocab_size = continuation, vocab_size
+
+    def new_state(self):
+        return {"emitted": 0}
+
+    def propose_tree(self, state, features, next_token_ids, shape, max_depth):
+        state["emitted"] += next_token_ids.shape[1] if state["emitted"] else 1
+        truth = self.continuation[state["emitted"]: state["emitted"] + max_depth]
+        wrong = [(t + 1) % self.vocab_size for t in truth]
+        if not truth:
+            return Proposal(token_ids=[], draft_probs=[])
+        tokens, parents = [wrong[0], truth[0]], [-1, -1]  # the right branch is the second child of the root
+        for depth in range(1, len(truth)):
+            tokens += [wrong[depth], truth[depth]]
+            parents += [len(tokens) - 3, len(tokens) - 3]
+        return Proposal(token_ids=tokens, draft_probs=[None] * len(tokens), parents=parents)
+
+
+def test_an_oracle_path_in_a_non_first_branch_is_accepted_whole(tiny_target):
+    config = DecodeConfig(max_new_tokens=25, draft_length=3, tree="static", tree_nodes=6)
+    prompt_ids = tiny_target.encode_prompt(PROMPTS[0])
+    vanilla = generate(tiny_target, prompt_ids, config=config)
+    oracle = _OracleTree(vanilla.token_ids, tiny_target.model.config.vocab_size)
+    speculative = generate(tiny_target, prompt_ids, config=config, drafter=oracle)
+    assert speculative.token_ids == vanilla.token_ids
+    stats = speculative.stats
+    assert stats.accepted[:3] == stats.evaluated[:3] and stats.accepted[0] > 0  # every depth always accepted
+    assert stats.target_forward_passes <= 1 + -(-len(vanilla.token_ids) // 4) + 1
+
+
+def _train_briefly(target, head_type, num_layers, steps):
+    """A head overfitted a little on the target's own greedy output: many acceptances and many rejections."""
+    torch.manual_seed(0)
+    head_config = HeadConfig(head_type=head_type, num_layers=num_layers, num_heads=3)
+    head = build_head(head_config, target.model).requires_grad_(True)
+    trainer = KoalaTrainer(TrainConfig(data_dirs=("x",), head=head_config, head_lr=3e-3), head=head,
+                           target_model=target.model)
+    rows = []
+    for text in PROMPTS:
+        prompt_ids = target.encode_prompt(text)
+        output = generate(target, prompt_ids, config=DecodeConfig(max_new_tokens=40)).token_ids
+        rows.append({"input_ids": prompt_ids[0].tolist() + output,
+                     "loss_mask": [0] * prompt_ids.shape[1] + [1] * len(output)})
+    input_ids, loss_mask = pad_rows(rows, max_seq_len=128)
+    batch = TrainBatch(input_ids, loss_mask, target_features(target.model, input_ids, loss_mask))
+    for _ in range(steps):
+        trainer.train_step(batch)
+    return head.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("head_type,num_layers", [("eagle", 1), ("eagle", 2), ("medusa", 1)])
+@pytest.mark.parametrize("tree", ["dynamic", "static"])
+@pytest.mark.parametrize("trained", [False, True])
+def test_greedy_tree_decoding_equals_vanilla(tiny_target, head_type, num_layers, tree, trained):
+    if trained:
+        head = _train_briefly(tiny_target, head_type, num_layers, steps=30)
+    else:
+        torch.manual_seed(num_layers)
+        head = build_head(HeadConfig(head_type=head_type, num_layers=num_layers, num_heads=3), tiny_target.model)
+        if head_type == "eagle":
+            torch.nn.init.normal_(head.fc.weight, std=0.2)
+    config = DecodeConfig(max_new_tokens=40, draft_length=3, tree=tree, tree_nodes=10, tree_top_k=3)
+    rejected = accepted_full = 0
+    for text in PROMPTS:
+        prompt_ids = tiny_target.encode_prompt(text)
+        vanilla = generate(tiny_target, prompt_ids, config=config)
+        speculative = generate(tiny_target, prompt_ids, config=config, drafter=head)
+        assert speculative.token_ids == vanilla.token_ids
+        assert speculative.finish_reason == vanilla.finish_reason
+        stats = speculative.stats
+        rejected += stats.evaluated[0] - stats.accepted[0]
+        accepted_full += stats.accepted[2] if len(stats.accepted) > 2 else 0
+    assert rejected > 0, "the test must exercise rejected branches"
+    if trained:
+        assert accepted_full > 0, "a trained head should get whole 3-deep paths accepted"
+
+
+def test_sampling_with_a_tree_setting_drafts_chains(tiny_target, caplog):
+    head = build_head(HeadConfig(head_type="eagle", num_heads=3), tiny_target.model)
+    config = DecodeConfig(max_new_tokens=12, temperature=1.0, seed=0, tree="dynamic", tree_nodes=8)
+    with caplog.at_level("INFO", logger="pipeline.decoding"):
+        result = generate(tiny_target, tiny_target.encode_prompt(PROMPTS[0]), config=config, drafter=head)
+    assert len(result.token_ids) == 12
+    assert "greedy-only" in caplog.text
+
+
+def test_auto_node_budget_comes_from_measured_verify_costs(tiny_target):
+    nodes = auto_tree_nodes(tiny_target.model, 4)
+    assert nodes >= 4
+    with pytest.raises(ConfigError, match="decode.tree"):
+        DecodeConfig(tree="bushy")
+
+
+def test_tree_shape_on_a_tiny_target_with_eager_attention():
+    target = make_tiny_target(seed=4)
+    target.model.config._attn_implementation = "eager"
+    torch.manual_seed(2)
+    head = build_head(HeadConfig(head_type="eagle", num_layers=1, num_heads=3), target.model)
+    torch.nn.init.normal_(head.fc.weight, std=0.2)
+    config = DecodeConfig(max_new_tokens=30, draft_length=3, tree="dynamic", tree_nodes=6)
+    for text in PROMPTS[:3]:
+        prompt_ids = target.encode_prompt(text)
+        assert (generate(target, prompt_ids, config=config, drafter=head).token_ids
+                == generate(target, prompt_ids, config=config).token_ids)
