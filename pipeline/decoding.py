@@ -23,9 +23,10 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from pipeline.config import DecodeConfig
-from pipeline.heads import DraftHead, Proposal, attention_mask_for, cache_argument, rollback_cache
+from pipeline.caches import keep_cache_positions, new_cache, rollback_cache, tree_attention, tree_incapability
+from pipeline.heads import DraftHead, Proposal, attention_mask_for, cache_argument
 from pipeline.trees import (
-    DEFAULT_STATIC_TREE, TreeShape, accept_greedy, keep_cache_positions, node_depths, verify_inputs,
+    DEFAULT_STATIC_TREE, TreeShape, accept_greedy, node_depths, verify_inputs,
 )
 from pipeline.target import Target
 
@@ -198,8 +199,13 @@ def score(
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
     if allowed is not None:
-        kwargs["attention_mask"] = attention_mask_for(
-            allowed, implementation=model.config._attn_implementation or "sdpa", dtype=model.dtype)
+        implementation = model.config._attn_implementation or "sdpa"
+        patterns = tree_attention(model, allowed, position_ids, cached=cache.get_seq_length())
+        convert = functools.partial(attention_mask_for, implementation=implementation, dtype=model.dtype)
+        kwargs["attention_mask"] = (
+            {kind: convert(pattern) for kind, pattern in patterns.items()} if isinstance(patterns, dict)
+            else convert(patterns)
+        )
     kwargs[cache_argument(type(model).forward)] = cache
     output = model(input_ids=input_ids, use_cache=True, output_hidden_states=want_features, **kwargs)
     features = output.hidden_states[-1] if want_features else None
@@ -277,7 +283,7 @@ def verify_costs(model: PreTrainedModel, sizes: tuple[int, ...], *, context: int
         device = cache_device(model)
         generator = torch.Generator().manual_seed(0)
         prefix = torch.randint(10, model.config.vocab_size, (1, context), generator=generator).to(device)
-        cache = DynamicCache(config=model.config)
+        cache = new_cache(model.config)
         score(model, prefix, cache, last_logits_only=True, want_features=False)
         for k in missing:
             ids = torch.randint(10, model.config.vocab_size, (1, k), generator=generator).to(device)
@@ -303,17 +309,9 @@ def auto_tree_nodes(model: PreTrainedModel, draft_length: int) -> int:
     return max([draft_length] + [k - 1 for k in fitting])
 
 
-@functools.cache
-def _tree_capable_class(implementation: str, sliding: bool) -> bool:
-    return not implementation.startswith("flash") and not sliding
-
-
 def tree_capable(model: PreTrainedModel) -> bool:
-    """Trees need 4D attention masks (not flash attention) and a cache whose layers keep every position (a
-    sliding-window layer cannot keep a tree's path)."""
-    layers = getattr(DynamicCache(config=model.config), "layers", [])
-    sliding = any(getattr(layer, "is_sliding", False) for layer in layers)
-    return _tree_capable_class(model.config._attn_implementation or "sdpa", sliding)
+    """Whether the target can verify a tree in one pass (see `pipeline.caches.tree_incapability`)."""
+    return tree_incapability(model) is None
 
 
 def _tree_shape(target: Target, drafter: DraftHead, config: DecodeConfig, draft_length: int) -> TreeShape | None:
@@ -323,9 +321,9 @@ def _tree_shape(target: Target, drafter: DraftHead, config: DecodeConfig, draft_
     if not config.greedy:
         _log.info("tree drafts are greedy-only; sampling drafts chains (lossless speculative sampling)")
         return None
-    if not tree_capable(target.model):
-        _log.warning("target %s cannot verify trees (flash attention or sliding-window cache layers); drafting "
-                     "chains", target.name)
+    reason = tree_incapability(target.model)
+    if reason is not None:
+        _log.warning("target %s cannot verify trees (%s); drafting chains", target.name, reason)
         return None
     nodes = config.tree_nodes or auto_tree_nodes(target.model, draft_length)
     if config.tree == "dynamic":
@@ -389,7 +387,7 @@ def generate(
 
     _synchronize(device)
     started = time.perf_counter()
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model.config)
     prefill = score(model, prompt_ids.to(device), cache, last_logits_only=True, want_features=want_features)
     stats.target_forward_passes += 1
     pending, _ = pick(prefill.logits[-1])

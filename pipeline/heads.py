@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
+from pipeline.caches import rollback_cache
 from pipeline.config import ConfigError, HeadConfig
 from pipeline.trees import TreeShape, best_nodes, build_static_tree, log_softmax_top, static_tree_parents
 
@@ -155,6 +156,7 @@ class MedusaHeads(nn.Module):
         self.heads = nn.ModuleList(
             self._make_head(hidden_size, lm_head_rows, config.num_layers) for _ in range(config.num_heads)
         )
+        self.logit_softcap = final_logit_softcap(target)
         # fp32 master weights whatever the target's dtype: `load_head` casts for inference, training keeps fp32
         # (AdamW steps on bf16 weights are lost to rounding).
         self.to(device=lm_head_rows.device, dtype=torch.float32)
@@ -176,7 +178,10 @@ class MedusaHeads(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features `(B, T, H)` -> draft logits `(num_heads, B, T, V_draft)`."""
-        return torch.stack([head(features) for head in self.heads])
+        return torch.stack([self._head_logits(head, features) for head in self.heads])
+
+    def _head_logits(self, head: nn.Module, features: torch.Tensor) -> torch.Tensor:
+        return soft_cap(head(features), self.logit_softcap)
 
     def new_state(self) -> None:
         return None
@@ -191,7 +196,7 @@ class MedusaHeads(nn.Module):
         last_feature = features[:, -1].to(self.heads[0][-1].weight.dtype)  # (1, H)
         confidence = _ChainConfidence(min_chain_prob)
         for head in self.heads[:num_tokens]:
-            logits = head(last_feature)[0]
+            logits = self._head_logits(head, last_feature)[0]
             index, probs = pick(logits)
             proposal.token_ids.append(self.vocabulary.to_target_id(index))
             proposal.draft_probs.append(probs)
@@ -210,7 +215,7 @@ class MedusaHeads(nn.Module):
         if depth <= 0:
             return Proposal(token_ids=[], draft_probs=[])
         widest = max((max(p) for p in shape.static), default=0) + 1 if shape.static else shape.top_k
-        top = [log_softmax_top(head(last_feature)[0], widest) for head in self.heads[:depth]]  # per depth
+        top = [log_softmax_top(self._head_logits(head, last_feature)[0], widest) for head in self.heads[:depth]]  # per depth
         if shape.static is not None:
             paths = [p for p in shape.static if len(p) <= depth]
         else:
@@ -231,23 +236,32 @@ class EagleState:
     pending_tokens: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
 
-def rollback_cache(cache: DynamicCache, length: int) -> None:
-    """Drops every cached position from `length` on (transformers' own crop)."""
-    surplus = cache.get_seq_length() - length
-    if surplus > 0:
-        cache.crop(-surplus)
-
-
 def _decoder_parts(target: PreTrainedModel) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(first decoder layer, final norm, rotary embedding) of a Llama-style target."""
-    decoder = target.get_decoder()
-    missing = [name for name in ("layers", "norm", "rotary_emb") if not hasattr(decoder, name)]
+    """(first decoder layer, final norm, rotary embedding) of a decoder-only target with rotary attention layers,
+    or a one-line refusal naming what is missing (e.g. GPT-2's learned positions, Mamba's state-space layers)."""
+    decoder = target.get_decoder() if hasattr(target, "get_decoder") else None
+    parts = {name: getattr(decoder, name, None) for name in ("layers", "norm", "rotary_emb")}
+    missing = [name for name, part in parts.items() if part is None]
+    if not missing and not hasattr(parts["layers"][0], "self_attn"):
+        missing = ["attention decoder layers (layers[0].self_attn)"]
     if missing:
         raise ConfigError(
-            f"head.head_type: EAGLE heads need a Llama-style decoder (layers, norm, rotary_emb); "
-            f"{type(target).__name__} lacks {missing}. Use head_type 'medusa' for this target."
+            f"head.head_type: an EAGLE head reuses the target's decoder layer, final norm and rotary embedding; "
+            f"{type(target).__name__} has no {', '.join(missing)}. Use --type medusa for this target."
         )
-    return decoder.layers[0], decoder.norm, decoder.rotary_emb
+    return parts["layers"][0], parts["norm"], parts["rotary_emb"]
+
+
+def final_logit_softcap(target: PreTrainedModel) -> float | None:
+    """The cap of targets that squash their logits with `cap * tanh(logits / cap)` (Gemma-2, some Gemma-3)."""
+    config = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
+    return getattr(config, "final_logit_softcapping", None) or None
+
+
+def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Draft and distillation logits get the target's own cap: the head then models the distribution the target
+    samples from (argmax is unchanged either way)."""
+    return logits if not cap else torch.tanh(logits / cap) * cap
 
 
 @functools.cache
@@ -286,6 +300,20 @@ def unrolled_attention_pattern(length: int, depth: int, *, device: torch.device)
     return torch.cat(blocks, dim=1)[None, None]
 
 
+def _full_attention_config(target_config: PretrainedConfig, num_layers: int) -> PretrainedConfig:
+    """The target's config for `num_layers` head layers of full attention: the head attends to the whole context
+    (it is short-lived and small), so its cache is rolled back with a plain crop, whatever the target's layer types
+    (sliding windows in Mistral, Qwen2, Phi-3; alternating layer types in Gemma)."""
+    config = copy.deepcopy(target_config)
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = ["full_attention"] * num_layers
+    for name in ("sliding_window", "use_sliding_window"):
+        if getattr(config, name, None):
+            setattr(config, name, None if name == "sliding_window" else False)
+    return config
+
+
 class EagleHead(nn.Module):
     """EAGLE draft head with K decoder layers of the target's own architecture.
 
@@ -299,16 +327,18 @@ class EagleHead(nn.Module):
         super().__init__()
         self.config = config
         first_layer, final_norm, rotary = _decoder_parts(target)
-        self.layer_config = copy.deepcopy(target.config)
-        self.layer_config.num_hidden_layers = config.num_layers
-        if getattr(self.layer_config, "layer_types", None):
-            self.layer_config.layer_types = ["full_attention"] * config.num_layers
+        self.layer_config = _full_attention_config(target.config, config.num_layers)
         hidden_size = target.config.hidden_size
         self.vocabulary = _DraftVocabulary(draft_token_ids)
         self.fc = nn.Linear(2 * hidden_size, hidden_size)
         layer_class = type(first_layer)
         self.layers = nn.ModuleList(layer_class(self.layer_config, layer_idx=i) for i in range(config.num_layers))
         self._cache_argument = cache_argument(layer_class.forward)
+        # Per-layer-type rotary modules (Gemma-3) take the layer type; the head's layers are full attention.
+        self._rotary_layer_type = (
+            {"layer_type": "full_attention"} if "layer_type" in inspect.signature(rotary.forward).parameters else {}
+        )
+        self.logit_softcap = final_logit_softcap(target)
         self._mask_cache_argument = cache_argument(create_causal_mask)
         # Frozen target parts are referenced, not registered: they are not head parameters, are not saved, and are
         # not cast with the head. The target's own rotary module keeps its fp32 inv_freq (a bf16 copy is off by
@@ -334,7 +364,7 @@ class EagleHead(nn.Module):
         embed_tokens, final_norm, rotary = self._target_parts
         embeddings = embed_tokens(next_token_ids).to(features.dtype)
         hidden = self.fc(torch.cat([embeddings, features], dim=-1))
-        position_embeddings = rotary(hidden, position_ids=position_ids)
+        position_embeddings = rotary(hidden, position_ids=position_ids, **self._rotary_layer_type)
         for layer in self.layers:
             hidden = layer(
                 hidden,
@@ -344,6 +374,8 @@ class EagleHead(nn.Module):
                 position_embeddings=position_embeddings,
                 **{self._cache_argument: cache},
             )
+            if isinstance(hidden, tuple):  # decoder layers of older transformers return (hidden, ...)
+                hidden = hidden[0]
         return final_norm(hidden)
 
     def forward(
@@ -399,8 +431,8 @@ class EagleHead(nn.Module):
         return predictions
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """features `(..., H)` -> draft logits `(..., V_draft)`."""
-        return F.linear(features, self.lm_head_weight.to(features.dtype))
+        """features `(..., H)` -> draft logits `(..., V_draft)` (soft-capped like the target's)."""
+        return soft_cap(F.linear(features, self.lm_head_weight.to(features.dtype)), self.logit_softcap)
 
     def propose_tree(
         self, state: EagleState, features: torch.Tensor, next_token_ids: torch.Tensor, shape: TreeShape,

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from pipeline import losses
 from pipeline.config import TrainConfig
 from pipeline.discriminator import Discriminator, DiscriminatorConfig
-from pipeline.heads import EagleHead, MedusaHeads
+from pipeline.heads import EagleHead, MedusaHeads, final_logit_softcap, soft_cap
 from pipeline.trees import build_static_tree
 
 GREEDY_CHUNK = 4096  # positions per full-vocabulary argmax (bounds memory on long validation batches)
@@ -222,6 +222,7 @@ class KoalaTrainer:
         # Target logits in the draft vocabulary: rows of the frozen LM head (softmax over them renormalises the
         # target's distribution to the draft vocabulary, the only tokens the head can propose).
         self.target_rows = output_weight if draft_ids is None else output_weight[draft_ids]
+        self.logit_softcap = final_logit_softcap(target_model)
         self.total_steps = total_steps
         self.step = 0
         self.train_seconds = 0.0
@@ -287,7 +288,7 @@ class KoalaTrainer:
         return self.autocast_dtype or torch.float32
 
     def _target_logits(self, features: torch.Tensor) -> torch.Tensor:
-        return F.linear(features, self.target_rows.to(features.dtype))
+        return soft_cap(F.linear(features, self.target_rows.to(features.dtype)), self.logit_softcap)
 
     # --- predictions -------------------------------------------------------------------------------------------
 

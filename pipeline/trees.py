@@ -21,7 +21,6 @@ import heapq
 from collections.abc import Sequence
 
 import torch
-from transformers import DynamicCache
 
 from pipeline.config import ConfigError
 
@@ -140,26 +139,6 @@ def accept_greedy(choices: Sequence[int], tokens: Sequence[int], parents: Sequen
             return path, wanted
         path.append(follow)
         current = follow
-
-
-def keep_cache_positions(cache: DynamicCache, start: int, keep: Sequence[int]) -> None:
-    """Keeps cache positions [0, start) and start + keep[i] (in that order), dropping the rest of what the verify
-    pass appended. A chain's prefix is a crop; a tree's path is gathered on every layer."""
-    if list(keep) == list(range(len(keep))):
-        surplus = cache.get_seq_length() - start - len(keep)
-        if surplus > 0:
-            cache.crop(-surplus)
-        return
-    for layer in cache.layers:
-        if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
-            raise ConfigError(
-                f"decode.tree: the target's cache layer {type(layer).__name__} cannot keep a tree path; "
-                "use chain drafting (tree: chain) for this target"
-            )
-        index = torch.cat([torch.arange(start, device=layer.keys.device),
-                           start + torch.tensor(list(keep), device=layer.keys.device, dtype=torch.long)])
-        layer.keys = layer.keys.index_select(-2, index)
-        layer.values = layer.values.index_select(-2, index)
 
 
 def best_nodes(scores: Sequence[float], parents: Sequence[int], budget: int) -> list[int]:

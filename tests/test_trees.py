@@ -7,12 +7,13 @@ import torch
 from transformers import DynamicCache
 
 from conftest import make_tiny_target
+from pipeline.caches import keep_cache_positions
 from pipeline.config import ConfigError, DecodeConfig, HeadConfig, TrainConfig
 from pipeline.decoding import auto_tree_nodes, generate, score
 from pipeline.heads import Proposal, build_head
 from pipeline.trees import (
     DEFAULT_STATIC_TREE, accept_greedy, ancestor_mask, best_nodes, build_static_tree, check_static_tree,
-    keep_cache_positions, node_depths, static_tree_parents, verify_inputs,
+    node_depths, static_tree_parents, verify_inputs,
 )
 from pipeline.training import KoalaTrainer, TrainBatch, pad_rows, target_features
 
