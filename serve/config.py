@@ -26,6 +26,8 @@ class ServeConfig(Config):
     `api_key_env` names an environment variable holding the API key; when set, the variable must be non-empty
     on the replicas and requests need `Authorization: Bearer <key>`. `draft_length`, `tree` and `tree_nodes` are
     DecodeConfig's drafting settings for every request (greedy requests draft trees, sampled ones chains).
+    `metrics_port` is the Prometheus port of the Ray cluster that `koala serve` starts when none is running
+    (0: Ray picks a free one and `koala serve` prints it); a running cluster keeps the port it was started with.
     """
 
     section: ClassVar[str] = "serve"
@@ -42,6 +44,7 @@ class ServeConfig(Config):
     route_prefix: str = "/"
     host: str = "127.0.0.1"
     port: int = 8000
+    metrics_port: int = 0
     api_key_env: str = ""
     num_replicas: int = 1
     min_replicas: int = 1
@@ -69,6 +72,8 @@ class ServeConfig(Config):
             self.fail("route_prefix", f"must start with '/', got {self.route_prefix!r}")
         if not 0 < self.port < 65536:
             self.fail("port", f"must be a TCP port in 1..65535, got {self.port}")
+        if not 0 <= self.metrics_port < 65536:
+            self.fail("metrics_port", f"must be 0 (Ray picks one) or a TCP port in 1..65535, got {self.metrics_port}")
         for field in ("num_replicas", "min_replicas", "max_ongoing_requests", "default_max_tokens", "max_tokens_limit"):
             if getattr(self, field) < 1:
                 self.fail(field, f"must be >= 1, got {getattr(self, field)}")

@@ -20,9 +20,10 @@ import torch
 
 from pipeline.config import DecodeConfig
 from pipeline.decoding import GenerationResult, PromptTooLongError, TokenCallback, generate
-from pipeline.heads import DraftHead, load_head, read_head_metadata
+from pipeline.heads import DraftHead, HeadLoadError, load_head, read_head_metadata
 from pipeline.target import Target, load_target_from_config
 from pipeline.tracking import download_registered_head, tracking_uri
+from serve.checks import first_line
 from serve.config import REGISTRY_PREFIX, ServeConfig
 
 log = logging.getLogger(__name__)
@@ -127,12 +128,21 @@ def resolve_drafter_dir(config: ServeConfig, download_dir: str | Path | None = N
 
 
 def load_engine(config: ServeConfig) -> Engine:
-    """Loads the target and the drafter (failing on a bad drafter before the slow target load)."""
+    """Loads the target and the drafter (failing on a bad drafter before the slow target load). A head that cannot
+    be loaded raises `HeadLoadError` whatever the cause (corrupt weights raise the safetensors library's own)."""
     head_dir = resolve_drafter_dir(config)
     if head_dir is not None:
         read_head_metadata(head_dir)
     target = load_target_from_config(config.target)
-    drafter = load_head(head_dir, target.model, target_name=target.name) if head_dir is not None else None
-    if drafter is not None:
+    drafter = None
+    if head_dir is not None:
+        try:
+            drafter = load_head(head_dir, target.model, target_name=target.name)
+        except HeadLoadError:
+            raise
+        except Exception as error:
+            raise HeadLoadError(f"drafter {config.drafter_source}: cannot load the head in {head_dir} "
+                                f"({type(error).__name__}: {first_line(error)}); export it again or use another drafter"
+                                ) from error
         drafter.to(target.device)
     return Engine(target, drafter)

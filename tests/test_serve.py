@@ -1,11 +1,13 @@
 """The OpenAI-compatible endpoint: request parsing and streaming text without Ray, then real HTTP on 127.0.0.1
-against Ray Serve started by the test (tiny random Llama + a random EAGLE head)."""
+against Ray Serve started by the test (tiny random Llama + a random EAGLE head): answers, start-up (/health while
+the model loads, a load that fails) and the Prometheus counters scraped from Ray's metrics port."""
 
 from __future__ import annotations
 
 import asyncio
 import http.client
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,7 +23,7 @@ import yaml
 from conftest import char_tokenizer, make_tiny_target, tiny_llama
 from pipeline.config import ConfigError, DecodeConfig, HeadConfig
 from pipeline.decoding import GenerationResult, generate
-from pipeline.heads import build_head, load_head, save_head, target_identity_dict
+from pipeline.heads import HEAD_WEIGHTS_FILE, HeadLoadError, build_head, load_head, save_head, target_identity_dict
 from pipeline.target import load_target
 from serve.client import post_json, smoke_request
 from serve.config import ServeConfig
@@ -138,7 +140,8 @@ def test_engine_cancels_a_stream_that_is_closed_early():
 
 
 def test_request_layer_does_not_import_ray():
-    code = "import sys, serve.config, serve.openai_api, serve.engine, serve.client; print('ray' in sys.modules)"
+    code = ("import sys, serve.config, serve.openai_api, serve.engine, serve.checks, serve.client; "
+            "print('ray' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert result.stdout.strip() == "False"
 
@@ -168,25 +171,32 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _common_settings(model_dir: Path, port: int) -> dict:
+    return {"target": {"spec": str(model_dir), "device": "cpu"}, "port": port, "default_max_tokens": 16,
+            "max_tokens_limit": MAX_TOKENS_LIMIT, "use_gpu": "no", "cpus_per_replica": 1}
+
+
 @pytest.fixture(scope="module")
 def endpoint(served_model):
-    """Ray + Serve on this machine with two apps: `/` (drafter on) and `/auth` (drafter off, API key required)."""
+    """Ray + Serve on this machine with two apps: `/` (drafter on) and `/auth` (drafter off, API key required).
+    `metrics` is the URL of Ray's Prometheus export, `port` Serve's HTTP port."""
     import ray
     from ray import serve
 
     from serve.app import run_serve
 
     model_dir, head_dir = served_model
+    metrics_port = _free_port()
     # PYTHONPATH: replicas import this checkout's `serve` and `pipeline`, not an installed copy.
-    ray.init(num_cpus=4, include_dashboard=False,
+    ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO), API_KEY_ENV: API_KEY}})
     port = _free_port()
-    common = {"target": {"spec": str(model_dir), "device": "cpu"}, "port": port, "default_max_tokens": 16,
-              "max_tokens_limit": MAX_TOKENS_LIMIT, "use_gpu": "no", "cpus_per_replica": 1}
+    common = _common_settings(model_dir, port)
     main = ServeConfig.from_dict({**common, "drafter": str(head_dir), "app_name": "main", "max_ongoing_requests": 64})
     guarded = ServeConfig.from_dict({**common, "drafter": str(head_dir), "use_drafter": False, "app_name": "auth",
                                      "route_prefix": "/auth", "api_key_env": API_KEY_ENV})
-    urls = {"main": run_serve(main), "auth": run_serve(guarded)}
+    urls = {"main": run_serve(main), "auth": run_serve(guarded), "port": port,
+            "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
     yield urls
     serve.shutdown()
     ray.shutdown()
@@ -394,3 +404,134 @@ def test_koala_serve_rejects_bad_settings_before_starting_ray(tmp_path):
     assert main(["serve", "--drafter", str(tmp_path / "missing")]) == 2
     assert main(["serve", "--set", "port=0"]) == 2
     assert main(["serve", "--set", "max_tokens_limit=8", "--set", "default_max_tokens=9"]) == 2
+
+
+# ------------------------------------------------------------------------------ start-up and Prometheus metrics
+
+
+@pytest.mark.slow
+def test_health_answers_503_while_the_model_loads_and_requests_wait_for_it(endpoint, served_model, tmp_path):
+    """The replica's load is held until the test opens a gate, so "still loading" lasts as long as the test needs."""
+    from ray import serve
+
+    from serve.app import KoalaServer
+
+    model_dir, head_dir = served_model
+    gate = tmp_path / "gate"
+
+    class GatedServer(KoalaServer.func_or_class):  # defined here: Ray pickles it, with `gate`, by value
+        def _load(self) -> None:
+            deadline = time.monotonic() + 120
+            while not gate.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            super()._load()
+
+    config = ServeConfig.from_dict({**_common_settings(model_dir, endpoint["port"]), "drafter": str(head_dir),
+                                    "app_name": "gated", "route_prefix": "/gated"})
+    app = serve.deployment(GatedServer).options(ray_actor_options={"num_cpus": 1}).bind(config.to_dict())
+    serve.run(app, name="gated", route_prefix="/gated")  # returns once the replica is constructed, still loading
+    base = f"http://127.0.0.1:{endpoint['port']}/gated"
+    try:
+        assert _get(f"{base}/health") == (503, {"status": "loading", "model": "koala"})
+        assert _get(f"{base}/v1/models")[0] == 200  # needs no model
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(post_json, f"{base}/v1/completions",
+                                  {"model": "koala", "prompt": "hello", "max_tokens": 5, "temperature": 0})
+            time.sleep(1.0)
+            assert not waiting.done()  # held until the model is there, not failed
+            assert _get(f"{base}/health")[0] == 503  # and health still answers meanwhile
+            gate.touch()
+            status, answer = waiting.result(timeout=120)
+        assert status == 200 and answer["usage"]["completion_tokens"] == 5
+        assert _get(f"{base}/health") == (200, {"status": "ok", "model": "koala", "drafter": True,
+                                                "cancelled_generations": 0})
+    finally:
+        gate.touch()
+        serve.delete("gated")
+
+
+@pytest.mark.slow
+def test_a_load_that_fails_in_the_replica_fails_run_serve_with_one_line(endpoint, served_model, tmp_path):
+    """A head whose JSON config passes the checks but whose weights are corrupt: run_serve raises the replica's
+    error (one line, a type `koala serve` prints without a traceback) and removes the app, instead of retrying
+    replicas for a minute."""
+    from ray import serve
+
+    from serve.app import run_serve
+
+    model_dir, head_dir = served_model
+    broken = shutil.copytree(head_dir, tmp_path / "broken-head")
+    (broken / HEAD_WEIGHTS_FILE).write_bytes(b"not a safetensors file")
+    config = ServeConfig.from_dict({**_common_settings(model_dir, endpoint["port"]), "drafter": str(broken),
+                                    "app_name": "broken", "route_prefix": "/broken"})
+    started = time.perf_counter()
+    with pytest.raises(HeadLoadError, match=f"drafter {broken}: cannot load the head in .*SafetensorError.*; "
+                                            "export it again or use another drafter") as raised:
+        run_serve(config)
+    assert time.perf_counter() - started < 60
+    assert "\n" not in str(raised.value)
+    assert "broken" not in serve.status().applications
+
+
+def _scrape(url: str, application: str) -> dict[str, float]:
+    """Ray's Prometheus export over HTTP: each sample name's total over the series of one Serve application."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("application") == application:
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
+@pytest.mark.slow
+def test_prometheus_counters_give_the_exact_tau_of_the_requests(endpoint, served_model):
+    """generated tokens / target forward passes, both scraped from Ray's metrics port, equals tau pooled over the
+    requests (tokens per forward pass, as the `speculative` fields report them), and the drafted and accepted
+    counters equal the sums of those fields."""
+    from ray import serve
+
+    from serve.app import run_serve
+
+    model_dir, head_dir = served_model
+    config = ServeConfig.from_dict({**_common_settings(model_dir, endpoint["port"]), "drafter": str(head_dir),
+                                    "app_name": "metered", "route_prefix": "/metered"})
+    url = run_serve(config)
+    try:
+        bodies = [("/completions", {"prompt": "hello world", "max_tokens": 24, "temperature": 0}),
+                  ("/completions", {"prompt": "The quick brown fox", "max_tokens": 17, "temperature": 0}),
+                  ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20,
+                                         "temperature": 0.7, "seed": 3}),
+                  ("/completions", {"prompt": "abc", "max_tokens": 9, "temperature": 0.5, "seed": 1})]
+        answers = []
+        for path, body in bodies:
+            status, answer = post_json(url + path, {"model": "koala", **body})
+            assert status == 200, answer
+            answers.append(answer)
+        tokens = sum(a["usage"]["completion_tokens"] for a in answers)
+        passes = sum(a["speculative"]["target_forward_passes"] for a in answers)
+        drafted = sum(a["speculative"]["drafted_tokens"] for a in answers)
+        accepted = sum(a["speculative"]["accepted_tokens"] for a in answers)
+        for a in answers:
+            assert a["speculative"]["acceptance_length"] == pytest.approx(
+                a["usage"]["completion_tokens"] / a["speculative"]["target_forward_passes"], abs=1e-4)
+        assert accepted > 0 and passes < tokens, "some drafts should be accepted, or tau = 1 proves little"
+
+        deadline = time.monotonic() + 90  # Ray reports metrics to the exporter every few seconds
+        while True:
+            scraped = _scrape(endpoint["metrics"], "metered")
+            if scraped.get("ray_koala_generated_tokens_total") == tokens:
+                break
+            assert time.monotonic() < deadline, f"counters never reached {tokens} tokens: {scraped}"
+            time.sleep(1)
+        assert scraped["ray_koala_target_forward_passes_total"] == passes
+        assert scraped["ray_koala_drafted_tokens_total"] == drafted
+        assert scraped["ray_koala_accepted_tokens_total"] == accepted
+        tau = scraped["ray_koala_generated_tokens_total"] / scraped["ray_koala_target_forward_passes_total"]
+        assert tau == tokens / passes  # exact: both sides are the same ratio of integers
+        assert tau > 1
+    finally:
+        serve.delete("metered")
