@@ -2,10 +2,10 @@
 
 For each mode the script deploys the app (one replica using all CPUs by default), sends one warm-up request, then
 for each concurrency level sends `--requests` greedy chat completions from that many client threads, and reports
-output tokens/s (all completion tokens / wall time), p50/p95 request latency and the mean tau. The two modes run
+output tokens/s (all completion tokens / wall time), p50/p95 request latency and tau (tokens per target pass, pooled). The two modes run
 one after the other so they never compete for the CPU.
 
-    python benchmarks/serve_load.py --target smollm2 --drafter runs/train/medusa-k1-l0/head \\
+    python benchmarks/serve_load.py --target smollm2 --drafter pipeline/drafters/smollm2-eagle \\
         --concurrency 1 8 --requests 16 --max-tokens 128 --json runs/serve_load.json
 
 `--url http://127.0.0.1:8000/v1` measures an endpoint that is already running instead (one mode, as deployed).
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -69,10 +68,13 @@ def run_level(url: str, prompts: list[str], *, model: str, concurrency: int, req
     wall = time.perf_counter() - started
     latencies = [latency for latency, _ in results]
     tokens = sum(answer["usage"]["completion_tokens"] for _, answer in results)
-    taus = [answer["speculative"]["acceptance_length"] for _, answer in results]
+    # tau pooled over the requests (tokens / target passes), as koala bench and the Prometheus counters give it
+    passes = sum(answer["speculative"]["target_forward_passes"] for _, answer in results)
+    generated = sum(answer["speculative"]["acceptance_length"] * answer["speculative"]["target_forward_passes"]
+                    for _, answer in results)
     return {"concurrency": concurrency, "requests": requests, "completion_tokens": tokens, "wall_s": round(wall, 3),
             "output_tokens_per_s": round(tokens / wall, 2), "p50_latency_s": round(percentile(latencies, 50), 3),
-            "p95_latency_s": round(percentile(latencies, 95), 3), "mean_tau": round(statistics.fmean(taus), 3)}
+            "p95_latency_s": round(percentile(latencies, 95), 3), "mean_tau": round(generated / passes, 3)}
 
 
 def measure(url: str, prompts: list[str], args: argparse.Namespace, api_key: str | None) -> list[dict]:
@@ -82,7 +84,7 @@ def measure(url: str, prompts: list[str], args: argparse.Namespace, api_key: str
                       max_tokens=args.max_tokens, api_key=api_key, timeout=args.timeout) for c in args.concurrency]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="smollm2")
     parser.add_argument("--drafter", help="head directory or models:/NAME@champion (needed unless --url)")
@@ -101,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.requests < 1 or args.requests > 1000 or min(args.concurrency) < 1:
         parser.error("--requests must be in 1..1000 and every --concurrency >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     prompts = load_prompts(args.questions)
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
 

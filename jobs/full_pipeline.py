@@ -81,20 +81,36 @@ def prompt_identity(sources: tuple[str, ...], split: str) -> list[Any]:
 
 
 class StageClock:
-    """Prints which stage runs and how long each took; the table goes into the summary."""
+    """Prints which stage runs and how long each took; the table goes into the summary. A stage whose output was
+    reused keeps the cost of the run that made it (`original_seconds`, from `known_costs`, else the stage output's
+    own `wall_time_s`); `seconds` is always what this run spent."""
 
-    def __init__(self) -> None:
+    def __init__(self, known_costs: dict[str, float] | None = None) -> None:
         self.started = time.perf_counter()
         self.stages: dict[str, dict[str, Any]] = {}
+        self.known_costs = dict(known_costs or {})
 
     def run(self, name: str, work, *, number: int, total: int):
         print(f"\n[pipeline] stage {number}/{total}: {name} (elapsed {self.elapsed():.0f}s)", flush=True)
         started = time.perf_counter()
         result, cached = work()
         seconds = time.perf_counter() - started
-        self.stages[name] = {"seconds": round(seconds, 1), "cached": cached}
-        print(f"[pipeline] {name}: {'reused cached output' if cached else 'done'} in {seconds:.0f}s", flush=True)
+        stage: dict[str, Any] = {"seconds": round(seconds, 1), "cached": cached}
+        if cached:
+            original = self.known_costs.get(name)
+            if original is None and isinstance(result, dict) and result.get("wall_time_s") is not None:
+                original = result["wall_time_s"]
+            stage["original_seconds"] = None if original is None else round(float(original), 1)
+            made = f"; made in {original:.0f}s by an earlier run" if original is not None else ""
+            print(f"[pipeline] {name}: reused cached output in {seconds:.0f}s{made}", flush=True)
+        else:
+            print(f"[pipeline] {name}: done in {seconds:.0f}s", flush=True)
+        self.stages[name] = stage
         return result
+
+    @property
+    def any_cached(self) -> bool:
+        return any(stage["cached"] for stage in self.stages.values())
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -104,19 +120,21 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     import ray
 
     from pipeline.stages.distill import run_distill
+    from pipeline.stages.resources import init_ray
     from pipeline.tracking import reachable_from_cluster, tracking_uri
     from tune.sweep import register_winner, run_sweep
 
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     run_dir = Path(config.run_dir).resolve()
     if config.tracking.enabled:
         uri = reachable_from_cluster(tracking_uri(config.tracking), ray.util.get_node_ip_address())
         config = config.replace(tracking=config.tracking.replace(uri=uri))
     else:
         uri = None
-    parent = _pipeline_run(config, run_dir, uri)
-    clock = StageClock()
+    state_path = _state_path(config, run_dir)
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    parent = _pipeline_run(config, state_path, state, uri)
+    clock = StageClock(state.get("stage_seconds"))
     total = 4 if config.serve else 3
 
     distill_config = config.distill_config(str(run_dir / "data" / content_key(
@@ -152,8 +170,11 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         served = clock.run("serve", lambda: (_serve(config, registered, uri), False), number=4, total=total)
     summary = {"stages": clock.stages, "wall_time_s": round(clock.elapsed(), 1), "data_dir": distill_config.out_dir,
                "sweep_dir": swept["sweep_dir"], "winner": swept["winner"], "baseline": swept["baseline"],
+               "champion": swept.get("champion", True), "no_champion_reason": swept.get("no_champion_reason"),
+               "eval_warning": swept.get("eval_warning"),
                "registered": registered, "serve": served, "mlflow_uri": uri, "mlflow_parent_run_id": parent}
-    _finish(uri, parent, summary, swept)
+    _remember_costs(state_path, clock)
+    _finish(uri, parent, summary, cached=clock.any_cached)
     print_summary(summary, swept)
     return summary
 
@@ -171,52 +192,90 @@ def serve_settings(config: PipelineConfig, *, drafter: str, tracking_uri: str | 
 
 
 def _serve(config: PipelineConfig, registered: dict[str, Any] | None, uri: str | None) -> dict[str, Any] | None:
-    """Deploys the champion (target + registered head) with Ray Serve and sends one smoke request."""
+    """Deploys the champion (target + registered head) with Ray Serve and sends one smoke request. Without a
+    champion the target is served with plain decoding (a head that does not beat it would only slow requests),
+    unless `serve_best_head_anyway` asks for the best registered head."""
     from serve.app import run_serve
     from serve.client import smoke_request
 
-    if registered is None:
-        print("[pipeline] serve: no registered champion to deploy")
-        return None
-    serve_config = serve_settings(config, drafter=registered["model_uri"], tracking_uri=uri)
+    if registered is not None and (registered.get("champion", True) or config.serve_best_head_anyway):
+        serve_config = serve_settings(config, drafter=registered["model_uri"], tracking_uri=uri)
+    else:
+        serve_config = serve_settings(config, drafter="", tracking_uri=uri).replace(use_drafter=False)
+        print("[pipeline] serve: no champion: serving the target with plain decoding (no drafter); set "
+              "serve_best_head_anyway: true to serve the best registered head regardless")
     url = run_serve(serve_config)
     answer = smoke_request(url, model=serve_config.model_name)
     tau = answer.get("speculative", {}).get("acceptance_length", float("nan"))
     print(f"[pipeline] serve: {url} answered the smoke request with {answer['usage']['completion_tokens']} tokens "
           f"(tau {tau:.2f}): {answer['choices'][0]['message']['content'][:80]!r}")
-    return {"url": url, "model": serve_config.model_name, "drafter": registered["model_uri"],
+    return {"url": url, "model": serve_config.model_name, "drafter": serve_config.drafter_source or None,
             "smoke_completion_tokens": answer["usage"]["completion_tokens"]}
 
 
-def _pipeline_run(config: PipelineConfig, run_dir: Path, uri: str | None) -> str | None:
+def _state_path(config: PipelineConfig, run_dir: Path) -> Path:
+    """Where this pipeline config keeps its MLflow parent run id and the real cost of each stage it ran."""
+    # How the winner is served does not change the experiment: serve_options stay out of the key.
+    key = content_key({k: v for k, v in config.to_dict().items() if k != "serve_options"})
+    return run_dir / "pipelines" / f"{config.name}-{key}.json"
+
+
+def _pipeline_run(config: PipelineConfig, state_path: Path, state: dict[str, Any], uri: str | None) -> str | None:
     """One MLflow parent run per pipeline config; a re-run of the same config logs into the same parent."""
     if uri is None:
         return None
     from pipeline.tracking import Run
 
-    # How the winner is served does not change the experiment: serve_options stay out of the key.
-    key = content_key({k: v for k, v in config.to_dict().items() if k != "serve_options"})
-    state_path = run_dir / "pipelines" / f"{config.name}-{key}.json"
-    if state_path.is_file():
-        run_id = json.loads(state_path.read_text())["run_id"]
-        Run(uri, run_id).client.update_run(run_id, status="RUNNING")
-        return run_id
+    if state.get("run_id"):
+        Run(uri, state["run_id"]).client.update_run(state["run_id"], status="RUNNING")
+        return state["run_id"]
     run = Run.start(uri, experiment=config.tracking.experiment, run_name=f"pipeline-{config.name}",
-                    params=config.to_dict(), tags={"koala.stage": "pipeline", "koala.pipeline_key": key})
-    state_path.parent.mkdir(parents=True, exist_ok=True)
-    state_path.write_text(json.dumps({"run_id": run.run_id}) + "\n")
+                    params=config.to_dict(), tags={"koala.stage": "pipeline", "koala.pipeline_key": state_path.stem})
+    state["run_id"] = run.run_id
+    _write_state(state_path, state)
     return run.run_id
 
 
-def _finish(uri: str | None, parent: str | None, summary: dict[str, Any], swept: dict[str, Any]) -> None:
+def _write_state(state_path: Path, state: dict[str, Any]) -> None:
+    from pipeline.data import write_json_atomically
+
+    write_json_atomically(state, state_path)
+
+
+def _remember_costs(state_path: Path, clock: StageClock) -> None:
+    """Keeps the cost of every stage that really ran (a later run that reuses its output reports it)."""
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    costs = state.setdefault("stage_seconds", {})
+    for name, stage in clock.stages.items():
+        if not stage["cached"]:
+            costs[name] = stage["seconds"]
+    if not clock.any_cached:
+        state["wall_time_s"] = round(clock.elapsed(), 1)
+    _write_state(state_path, state)
+
+
+def _finish(uri: str | None, parent: str | None, summary: dict[str, Any], *, cached: bool) -> None:
+    """Logs the run's costs on the parent run. A run that did every stage logs `time/stage_<name>_s`,
+    `time/wall_time_s` and `pipeline_summary.json`: the real cost of the experiment. A run that reused any stage
+    leaves those alone and logs its own times as `time/rerun_*` and its summary as `pipeline_summary_rerun.json`."""
     if uri is None or parent is None:
         return
     from pipeline.tracking import Run
 
     run = Run(uri, parent)
-    run.log_metrics({f"stage_{name}_s": stage["seconds"] for name, stage in summary["stages"].items()})
-    run.log_metrics({"wall_time_s": summary["wall_time_s"]})
-    run.log_dict(summary, "pipeline_summary.json")
+    if not cached:
+        run.log_metrics({"wall_time_s": summary["wall_time_s"],
+                         **{f"stage_{name}_s": stage["seconds"] for name, stage in summary["stages"].items()}},
+                        prefix="time/")
+        run.log_dict(summary, "pipeline_summary.json")
+    else:
+        run.log_metrics({"rerun_wall_time_s": summary["wall_time_s"],
+                         **{f"rerun_stage_{name}_s": stage["seconds"] for name, stage in summary["stages"].items()}},
+                        prefix="time/")
+        reused = [name for name, stage in summary["stages"].items() if stage["cached"]]
+        run.client.set_tag(parent, "koala.last_rerun", f"reused cached {', '.join(reused)}; "
+                                                       f"took {summary['wall_time_s']:.0f}s")
+        run.log_dict(summary, "pipeline_summary_rerun.json")
     run.end()
 
 
@@ -226,27 +285,47 @@ def _format_alpha(row: dict[str, Any] | None) -> str:
     return "[" + ", ".join("-" if row.get(f"alpha_{n}") is None else f"{row[f'alpha_{n}']:.3f}" for n in (1, 2, 3)) + "]"
 
 
+def _stage_line(name: str, stage: dict[str, Any]) -> str:
+    if not stage["cached"]:
+        return f"{name} {stage['seconds']:.0f}s"
+    original = stage.get("original_seconds")
+    return f"{name} cached ({stage['seconds']:.0f}s now" + (f", {original:.0f}s when made)" if original is not None else ")")
+
+
 def print_summary(summary: dict[str, Any], swept: dict[str, Any]) -> None:
-    print("\n[pipeline] stages: " + ", ".join(
-        f"{name} {stage['seconds']:.0f}s{' (cached)' if stage['cached'] else ''}" for name, stage in summary["stages"].items()))
+    print("\n[pipeline] stages: " + ", ".join(_stage_line(name, stage) for name, stage in summary["stages"].items()))
     print(f"[pipeline] trials ({swept['table']}):\n")
     print(Path(swept["table"]).read_text())
     winner, baseline = summary["winner"], summary["baseline"]
+    if summary["eval_warning"]:
+        print(f"[pipeline] warning: {summary['eval_warning']}")
     if winner:
-        print(f"[pipeline] winner {winner['trial']}: speedup {winner['speedup']:.3f}x, tau {winner['tau']:.3f}, "
+        title = "champion" if summary["champion"] else "best head"
+        print(f"[pipeline] {title} {winner['trial']}: speedup {winner['speedup']:.3f}x, tau {winner['tau']:.3f}, "
               f"n-alpha {_format_alpha(winner)}")
-    if baseline:
+    if baseline and winner and baseline["trial"] == winner["trial"]:
+        print("[pipeline] it is also the best K=1 lambda=0 (plain EAGLE/Medusa) trial")
+    elif baseline:
         print(f"[pipeline] best K=1 lambda=0 baseline {baseline['trial']}: speedup {baseline['speedup']:.3f}x, "
               f"tau {baseline['tau']:.3f}, n-alpha {_format_alpha(baseline)}")
     if summary["registered"]:
-        print(f"[pipeline] registered {summary['registered']['model_uri']} (version {summary['registered']['version']})")
+        alias = "" if summary["registered"].get("champion", True) else " without the champion alias"
+        print(f"[pipeline] registered {summary['registered']['model_uri']} (version "
+              f"{summary['registered']['version']}){alias}")
+    if summary["no_champion_reason"]:
+        print(f"[pipeline] no head beat plain decoding: {summary['no_champion_reason']}")
     if summary["mlflow_uri"]:
-        print(f"[pipeline] MLflow: {summary['mlflow_uri']} (parent run {summary['mlflow_parent_run_id']}); "
-              f"browse with: mlflow ui --backend-store-uri {summary['mlflow_uri']}")
+        from pipeline.tracking import runs_page
+
+        page = runs_page(summary["mlflow_uri"], summary["mlflow_parent_run_id"])
+        print(f"[pipeline] MLflow: {summary['mlflow_uri']} (parent run {summary['mlflow_parent_run_id']}); browse "
+              f"with `mlflow ui --backend-store-uri {summary['mlflow_uri']}`, then open http://127.0.0.1:5000{page}")
     if summary["serve"]:
-        print(f"[pipeline] Serve endpoint: {summary['serve']['url']} (model {summary['serve']['model']!r}); it lives as "
-              "long as this Ray cluster: on a cluster it stays deployed, locally pass --keep-serving or run "
-              f"`koala serve --drafter {summary['serve']['drafter']}`")
+        drafter = summary["serve"]["drafter"]
+        again = f"koala serve --drafter {drafter}" if drafter else "koala serve --no-drafter"
+        print(f"[pipeline] Serve endpoint: {summary['serve']['url']} (model {summary['serve']['model']!r}, "
+              f"{'drafter ' + drafter if drafter else 'plain decoding'}); it lives as long as this Ray cluster: on a "
+              f"cluster it stays deployed, locally pass --keep-serving or run `{again}`")
     print(f"[pipeline] total wall time {summary['wall_time_s']:.0f}s")
 
 

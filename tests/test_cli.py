@@ -40,7 +40,7 @@ def test_head_init_then_bench_writes_a_complete_report(model_dir, questions, tmp
                  "--out", str(head_dir)]) == 0
     report_path = tmp_path / "bench.json"
     assert main(["bench", "--target", str(model_dir), "--drafter", str(head_dir), "--questions", str(questions),
-                 "--per-category", "1", "--max-new-tokens", "16", "--json", str(report_path)]) == 0
+                 "--per-category", "1", "--max-new-tokens", "16", "--tree", "chain", "--json", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
     assert report["n_prompts"] == 2  # one writing + one math question
     assert report["exact_match"] == 1.0

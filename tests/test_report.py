@@ -48,3 +48,37 @@ def test_plots_are_png_files(tmp_path):
 def test_trial_names_are_readable_and_unique():
     assert trial_name({"head.head_type": "eagle", "head.num_layers": 2, "adv_weight": 0.1}) == "eagle-K2-lambda0.1"
     assert trial_name({"adv_weight": 0, "head_lr": 0.001}) == "lambda0-head_lr=0.001"
+
+
+def test_a_champion_must_beat_plain_decoding_by_the_floor():
+    fast = {"trial": "eagle", "speedup": 1.2, "tau": 2.0}
+    slow = {"trial": "medusa", "speedup": 0.95, "tau": 1.0}
+    assert report.no_champion_reason(fast, min_speedup=1.0) is None
+    assert "0.950x" in report.no_champion_reason(slow, min_speedup=1.0)
+    assert report.no_champion_reason(fast, min_speedup=1.2) is not None  # must exceed, not equal
+    assert "losslessness" in report.no_champion_reason(None, min_speedup=1.0)
+
+
+def test_an_evaluation_too_small_to_separate_trials_is_flagged():
+    rows = [{"trial": "a", "eval_new_tokens": 64}, {"trial": "b", "eval_new_tokens": 600}]
+    assert "64 generated tokens" in report.small_evaluation(rows, min_new_tokens=512)
+    assert report.small_evaluation(rows, min_new_tokens=64) is None
+    assert report.small_evaluation([{"trial": "a"}], min_new_tokens=512) is None  # nothing measured: no claim
+
+
+def test_the_alpha_plot_never_compares_a_trial_with_itself(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    labels = []
+    original = matplotlib.axes.Axes.bar
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda self, *a, **k: labels.append(k["label"]) or original(self, *a, **k))
+    row = {"trial": "eagle-K1-lambda0", "alpha_1": 0.5, "alpha_2": 0.4, "alpha_3": 0.3}
+    report.plot_alpha(row, row, tmp_path / "alpha.png")
+    assert labels == ["winner, itself the best K=1 λ=0 trial: eagle-K1-lambda0"]
+
+
+def test_plots_survive_a_sweep_whose_trials_all_failed(tmp_path):
+    failed = [{"trial": "eagle", "head.head_type": "eagle", "error": "RayTaskError"}]
+    path = report.plot_heatmaps(failed, "speedup", tmp_path / "speedup.png")
+    assert path.read_bytes().startswith(b"\x89PNG")
+    assert report.plot_alpha(None, None, tmp_path / "alpha.png").read_bytes().startswith(b"\x89PNG")

@@ -60,6 +60,7 @@ def sweep_values(tiny_model_dir, inputs, root, **overrides):
                  "warmup_prompts": 0},
         "out_dir": str(root / "sweeps"),
         "max_concurrent_trials": 2,
+        "champion_min_speedup": 0.0,  # random heads on a tiny model: any lossless head may be champion here
     }
     values.update(overrides)
     return values
@@ -106,9 +107,13 @@ def test_sweep_measures_every_trial_tracks_them_and_registers_the_fastest(distil
     parent_ids = {run.data.tags["mlflow.parentRunId"] for run in children}
     assert len(parent_ids) == 1
     parent = client.get_run(parent_ids.pop())
-    assert parent.data.metrics["best_speedup"] == pytest.approx(best["speedup"])
+    assert parent.data.metrics["best/speedup"] == pytest.approx(best["speedup"])
+    assert parent.data.metrics["best/tau"] == pytest.approx(best["tau"])
+    assert "**Champion:" in parent.data.tags["mlflow.note.content"] and best["trial"] in parent.data.tags["mlflow.note.content"]
+    experiment = client.get_experiment_by_name("koala")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow's training-runs view
     for run in children:
-        assert {"speedup", "tau", "alpha_1", "loss_distill"} <= set(run.data.metrics)
+        assert {"eval/speedup", "eval/tau", "eval/alpha_1", "train/loss_distill", "val/tau"} <= set(run.data.metrics)
         assert run.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
     assert {"sweep/trials.csv", "sweep/trials.md", "sweep/plots"} <= artifacts
@@ -128,7 +133,10 @@ def test_sweep_measures_every_trial_tracks_them_and_registers_the_fastest(distil
     from pipeline.target import load_target
     from pipeline.tracking import download_registered_head
 
-    head_dir = download_registered_head(uri, "models:/koala-drafter@champion", tmp_path / "download")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)  # resolving a registered head leaves no default store (mlflow.db) behind
+        head_dir = download_registered_head(uri, "models:/koala-drafter@champion", tmp_path / "download")
+    assert not (tmp_path / "mlflow.db").exists()
     load_head(head_dir, load_target(str(tiny_model_dir), device="cpu").model, target_name=str(tiny_model_dir))
 
     again = run_sweep(config, data_dirs=[str(distilled)])
@@ -174,14 +182,13 @@ def test_interrupted_sweep_resumes_without_retraining_finished_trials(distilled,
     assert len(names) == len(set(names)) == 4, names  # no trial trained twice
 
 
-def test_second_pipeline_run_reuses_every_stage(ray_cluster, inputs, tiny_model_dir, tmp_path):
-    from jobs.full_pipeline import run_pipeline
-
-    sweep = sweep_values(tiny_model_dir, inputs, tmp_path, grid={"head.head_type": ["medusa", "eagle"]})
+def pipeline_config(tiny_model_dir, inputs, tmp_path, **sweep_overrides) -> PipelineConfig:
+    sweep = sweep_values(tiny_model_dir, inputs, tmp_path, grid={"head.head_type": ["medusa", "eagle"]},
+                         **sweep_overrides)
     sweep["train"].pop("target")
     sweep["train"].pop("tracking")
     sweep.pop("out_dir")
-    config = PipelineConfig.from_dict({
+    return PipelineConfig.from_dict({
         "run_dir": str(tmp_path / "runs"), "tracking": {"run_dir": str(tmp_path / "runs")},
         "serve_options": {"port": free_port(), "cpus_per_replica": 1},
         "target": {"spec": str(tiny_model_dir), "device": "cpu"},
@@ -189,18 +196,66 @@ def test_second_pipeline_run_reuses_every_stage(ray_cluster, inputs, tiny_model_
                     "max_new_tokens": 16, "cpus_per_actor": 1},
         "sweep": sweep,
     })
-    first = run_pipeline(config)
-    assert not any(stage["cached"] for stage in first["stages"].values())
-    assert first["registered"]["model_uri"] == "models:/koala-drafter@champion"
-    assert first["serve"]["smoke_completion_tokens"] >= 1  # the champion answered over HTTP
-    second = run_pipeline(config)
-    assert all(stage["cached"] for name, stage in second["stages"].items() if name != "serve")
-    assert second["winner"]["trial"] == first["winner"]["trial"]
-    assert second["mlflow_parent_run_id"] == first["mlflow_parent_run_id"]
 
+
+def test_second_pipeline_run_reuses_every_stage_and_keeps_the_real_costs(ray_cluster, inputs, tiny_model_dir,
+                                                                          tmp_path):
     from mlflow.tracking import MlflowClient
 
+    from jobs.full_pipeline import run_pipeline
+
+    config = pipeline_config(tiny_model_dir, inputs, tmp_path)
+    first = run_pipeline(config)
+    assert not any(stage["cached"] for stage in first["stages"].values())
+    assert first["champion"] and first["registered"]["model_uri"] == "models:/koala-drafter@champion"
+    assert first["serve"]["smoke_completion_tokens"] >= 1  # the champion answered over HTTP
+    assert first["serve"]["drafter"] == "models:/koala-drafter@champion"
     client = MlflowClient(tracking_uri=first["mlflow_uri"])
+    parent_id = first["mlflow_parent_run_id"]
+    costs = {k: v for k, v in client.get_run(parent_id).data.metrics.items() if k.startswith("time/")}
+    assert costs["time/stage_distill_s"] == first["stages"]["distill"]["seconds"] > 0
+    assert costs["time/wall_time_s"] == first["wall_time_s"]
+
+    second = run_pipeline(config)
+    assert all(stage["cached"] for name, stage in second["stages"].items() if name != "serve")
+    for name in ("distill", "sweep", "register"):  # each reused stage reports the cost of the run that made it
+        assert second["stages"][name]["original_seconds"] == first["stages"][name]["seconds"], name
+    assert second["winner"]["trial"] == first["winner"]["trial"]
+    assert second["mlflow_parent_run_id"] == parent_id
+    metrics = client.get_run(parent_id).data.metrics
+    assert {k: metrics[k] for k in costs} == costs  # the real costs survive the cached re-run
+    assert metrics["time/rerun_wall_time_s"] == second["wall_time_s"]
+    assert "reused cached distill, sweep, register" in client.get_run(parent_id).data.tags["koala.last_rerun"]
+    summary_path = client.download_artifacts(parent_id, "pipeline_summary.json", str(tmp_path))
+    assert json.loads(Path(summary_path).read_text())["wall_time_s"] == first["wall_time_s"]
+
     assert len(train_runs(client)) == 2
     stages = client.search_runs([client.get_experiment_by_name("koala").experiment_id], "tags.`koala.stage` = 'distill'")
     assert len(stages) == 1
+
+
+def test_without_a_head_that_beats_plain_decoding_there_is_no_champion(ray_cluster, inputs, tiny_model_dir, tmp_path,
+                                                                        capsys):
+    """A floor no head reaches: the best head is registered without the champion alias (tagged with why), the
+    target is served with plain decoding, the end of the output says so, and the tiny evaluation is flagged."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from jobs.full_pipeline import run_pipeline
+
+    summary = run_pipeline(pipeline_config(tiny_model_dir, inputs, tmp_path, champion_min_speedup=100.0))
+    assert not summary["champion"] and "a champion must exceed 100.00x" in summary["no_champion_reason"]
+    registered = summary["registered"]
+    assert not registered["champion"] and registered["model_uri"] == f"models:/koala-drafter/{registered['version']}"
+    client = MlflowClient(tracking_uri=summary["mlflow_uri"], registry_uri=summary["mlflow_uri"])
+    with pytest.raises(MlflowException):
+        client.get_model_version_by_alias("koala-drafter", "champion")
+    version = client.get_model_version("koala-drafter", registered["version"])
+    assert version.tags["koala.champion"] == "false" and "100.00x" in version.tags["koala.no_champion_reason"]
+    assert summary["serve"]["drafter"] is None and summary["serve"]["smoke_completion_tokens"] >= 1
+    assert "too small to separate trials" in summary["eval_warning"]  # 3 prompts x 8 tokens
+    parent = client.get_run(summary["mlflow_parent_run_id"]).data.tags
+    assert parent["koala.champion"] == "false" and "too small" in parent["koala.eval_warning"]
+    output = capsys.readouterr().out
+    assert "[pipeline] no head beat plain decoding: the best head" in output
+    assert "serving the target with plain decoding" in output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -24,9 +25,46 @@ def test_hub_ids_are_passed_through():
     assert resolve_spec("lmsys/vicuna-7b-v1.3") == ("lmsys/vicuna-7b-v1.3", {})
 
 
-def test_smollm2_alias_resolves_to_the_shipped_gguf():
+@pytest.mark.slow
+def test_a_gguf_target_is_converted_once_to_an_identical_safetensors_copy(tmp_path, monkeypatch):
+    """De-quantising the GGUF file on every load cost ~15 s per Ray worker: the alias resolves to a copy made once,
+    which loads fast and gives the same logits, tokenizer and chat template as the GGUF file itself."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.target import smollm2_gguf_path
+
+    monkeypatch.setenv("KOALA_CACHE_DIR", str(tmp_path))
     location, extra = resolve_spec("smollm2")
-    assert extra == {"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    assert extra == {} and Path(location).parent == tmp_path / "gguf"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in Path(location).iterdir()}
+    made = (Path(location) / "model.safetensors").stat().st_mtime_ns
+    assert resolve_spec("smollm2")[0] == location and (Path(location) / "model.safetensors").stat().st_mtime_ns == made
+    assert not [p for p in (tmp_path / "gguf").iterdir() if p.name.startswith(".")]  # no staging left behind
+
+    started = time.perf_counter()
+    target = load_target("smollm2", dtype="float32", device="cpu")
+    assert time.perf_counter() - started < 10
+    gguf = smollm2_gguf_path()
+    reference = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    assert target.tokenizer.chat_template == tokenizer.chat_template and target.prompt_format == "chat"
+    ids = target.encode_prompt("Explain what a hash table is.")
+    assert ids.tolist() == tokenizer(target.format_messages([{"role": "user", "content": "Explain what a hash "
+                                                                                       "table is."}]),
+                                     return_tensors="pt", add_special_tokens=False).input_ids.tolist()
+    with torch.inference_mode():
+        assert torch.equal(target.model(ids).logits, reference(ids).logits)
+
+
+def test_a_broken_gguf_file_fails_with_a_load_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("KOALA_CACHE_DIR", str(tmp_path / "cache"))
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf file")
+    with pytest.raises(TargetLoadError, match="could not read GGUF file"):
+        load_target(str(broken))
 
 
 def test_local_directory_loads_with_plain_fallback(tmp_path, caplog):

@@ -37,6 +37,49 @@ def pick_winner(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     return max(candidates, key=lambda r: (r["speedup"], r["tau"]), default=None)
 
 
+def no_champion_reason(winner: dict[str, Any] | None, *, min_speedup: float) -> str | None:
+    """Why the best trial may not be the champion (None when it may): a champion must have passed its
+    losslessness check (`is_valid`, which `pick_winner` already requires) and beaten plain decoding by more than
+    the floor."""
+    if winner is None:
+        return "no trial finished with a passing losslessness check"
+    if winner["speedup"] <= min_speedup:
+        return (f"the best head, {winner['trial']}, decoded at {winner['speedup']:.3f}x plain decoding's speed "
+                f"(tau {winner['tau']:.2f}); a champion must exceed {min_speedup:.2f}x")
+    return None
+
+
+def small_evaluation(rows: Sequence[dict[str, Any]], *, min_new_tokens: int) -> str | None:
+    """A warning when the trials' evaluations generated too few tokens for their timings to separate them."""
+    counts = [r["eval_new_tokens"] for r in rows if r.get("eval_new_tokens") is not None]
+    if not counts or min(counts) >= min_new_tokens:
+        return None
+    return (f"evaluation too small to separate trials: {min(counts)} generated tokens per trial (< "
+            f"sweep.eval.min_new_tokens {min_new_tokens}); speedups this close to timing noise decide nothing, "
+            "raise sweep.eval.per_category / limit / max_new_tokens")
+
+
+def run_description(summary: dict[str, Any]) -> str:
+    """The sweep's parent-run description in MLflow (markdown): the verdict first, then the trial table."""
+    winner = summary.get("winner")
+    if winner and summary.get("champion", True):
+        verdict = (f"**Champion: {winner['trial']}**: speedup {winner['speedup']:.3f}x over plain decoding, "
+                   f"tau {winner['tau']:.2f}, n-alpha {_alphas(winner)}.")
+    else:
+        verdict = f"**No champion**: {summary.get('no_champion_reason') or 'no trial finished'}."
+    lines = [verdict]
+    if summary.get("eval_warning"):
+        lines.append(f"Warning: {summary['eval_warning']}.")
+    lines += ["", "Trials, fastest first (speedup = speculative / vanilla tokens per second on the same prompts; "
+                  "metrics under eval/ on each trial's run):", "",
+              table_markdown(summary["rows"], summary["grid_keys"], winner=winner and winner["trial"])]
+    return "\n".join(lines)
+
+
+def _alphas(row: dict[str, Any]) -> str:
+    return ", ".join(f"{row[f'alpha_{n}']:.2f}" for n in (1, 2, 3) if row.get(f"alpha_{n}") is not None) or "-"
+
+
 def pick_baseline(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """The best plain (non-KOALA) trial: K=1, lambda=0."""
     plain = [r for r in rows if is_valid(r) and r.get("head.num_layers", 1) == 1 and r.get("adv_weight", 0.0) == 0]
@@ -96,6 +139,10 @@ def plot_heatmaps(rows: Sequence[dict[str, Any]], metric: str, path: Path) -> Pa
         layers = sorted({r.get("head.num_layers", 1) for r in subset})
         lambdas = sorted({r.get("adv_weight", 0.0) for r in subset})
         grid = [[math.nan] * len(lambdas) for _ in layers]
+        if not subset:  # every trial failed: an empty panel that says so, not a crash
+            axis.text(0.5, 0.5, "no valid trial", ha="center", va="center", transform=axis.transAxes)
+            axis.set_title(f"{head_type}: {metric}")
+            continue
         for r in subset:
             i, j = layers.index(r.get("head.num_layers", 1)), lambdas.index(r.get("adv_weight", 0.0))
             grid[i][j] = r[metric] if math.isnan(grid[i][j]) else max(grid[i][j], r[metric])
@@ -118,14 +165,18 @@ def plot_heatmaps(rows: Sequence[dict[str, Any]], metric: str, path: Path) -> Pa
 
 
 def plot_alpha(baseline: dict[str, Any] | None, winner: dict[str, Any] | None, path: Path) -> Path:
-    """n-alpha by draft position: the best K=1 lambda=0 baseline against the winner."""
+    """n-alpha by draft position: the best K=1 lambda=0 baseline against the winner (one bar set when the winner
+    is that baseline: a trial is never compared with itself)."""
+    winner_label = "winner"
+    if baseline is not None and winner is not None and baseline["trial"] == winner["trial"]:
+        baseline, winner_label = None, "winner, itself the best K=1 λ=0 trial"
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(5, 3.5))
-    for label, row, offset in (("baseline K=1 λ=0", baseline, -0.2), ("winner", winner, 0.2)):
+    for label, row, offset in (("baseline K=1 λ=0", baseline, -0.2), (winner_label, winner, 0.2)):
         if row is None:
             continue
         positions = [n for n in (1, 2, 3) if row.get(f"alpha_{n}") is not None]
@@ -134,7 +185,10 @@ def plot_alpha(baseline: dict[str, Any] | None, winner: dict[str, Any] | None, p
     axis.set_xticks([1, 2, 3], ["1-α", "2-α", "3-α"])
     axis.set_ylabel("acceptance rate")
     axis.set_ylim(0, 1)
-    axis.legend(fontsize=7)
+    if baseline is None and winner is None:
+        axis.text(2, 0.5, "no valid trial", ha="center", va="center")
+    else:
+        axis.legend(fontsize=7)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)

@@ -23,7 +23,7 @@ from typing import Any
 from pipeline.bench import Question, drop_training_overlap, evaluate_head, load_questions
 from pipeline.config import ConfigError, EvalConfig, SweepConfig, TargetConfig, TrainConfig
 from pipeline.data import write_json_atomically
-from pipeline.stages.resources import use_gpus
+from pipeline.stages.resources import init_ray, use_gpus
 from pipeline.stages.train import TRAIN_SUMMARY_FILE, data_shards, run_train
 from tune import report
 
@@ -187,7 +187,7 @@ def _log_trial(context: dict[str, Any], train: dict[str, Any], evaluation: dict[
     from pipeline.tracking import Run
 
     run = Run(context["mlflow_uri"], train["mlflow_run_id"])
-    run.log_metrics({k: v for k, v in evaluation.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    run.log_metrics(evaluation, prefix="eval/")
     run.log_artifact(trial_dir / EVAL_FILE)
     run.end()
 
@@ -215,8 +215,7 @@ def run_sweep(config: SweepConfig, *, data_dirs: list[str], parent_run_id: str |
         print(f"[sweep] {sweep_dir} already holds the results of this sweep; nothing to run")
         return {**finished, "cached": True}
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     uri = _tracking_uri(config)
     parent = _parent_run(config, sweep_dir, uri, parent_run_id, key)
     trials = {trial_name(o): o for o in config.trial_overrides()}
@@ -313,7 +312,7 @@ def _fit(config: SweepConfig, context: dict[str, Any], sweep_dir: Path, names: l
             param_space={"trial": ray.tune.grid_search(names)},
             tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrency),
             run_config=ray.tune.RunConfig(
-                name="tune", storage_path=str(sweep_dir),
+                name="tune", storage_path=str(sweep_dir), verbose=0,  # trials print their own progress lines
                 failure_config=ray.tune.FailureConfig(max_failures=config.max_trial_failures),
             ),
         )
@@ -350,7 +349,13 @@ def _summarize(config: SweepConfig, rows: list[dict[str, Any]], sweep_dir: Path,
     failed = [r["trial"] for r in rows if not report.is_valid(r)]
     if failed:
         print(f"[sweep] {len(failed)} trial(s) failed or were not lossless and cannot win: {failed}")
+    not_champion = report.no_champion_reason(winner, min_speedup=config.champion_min_speedup)
+    eval_warning = report.small_evaluation(rows, min_new_tokens=config.eval.min_new_tokens)
+    if eval_warning:
+        print(f"[sweep] warning: {eval_warning}")
     return {"sweep_key": key, "sweep_dir": str(sweep_dir), "rows": rows, "winner": winner, "baseline": baseline,
+            "champion": not_champion is None, "no_champion_reason": not_champion,
+            "champion_min_speedup": config.champion_min_speedup, "eval_warning": eval_warning,
             "grid_keys": grid_keys, "eval_prompts": questions, "eval_prompts_dropped": dropped,
             "plots": [str(p) for p in plots], "table": str(sweep_dir / "trials.md")}
 
@@ -363,9 +368,17 @@ def _log_parent(uri: str | None, parent: str | None, summary: dict[str, Any], sw
     run = Run(uri, parent)
     winner = summary["winner"] or {}
     run.log_metrics({"trials": len(summary["rows"]), "trials_failed": sum(not report.is_valid(r) for r in summary["rows"]),
-                     "best_speedup": winner.get("speedup"), "best_tau": winner.get("tau")})
+                     "champion": float(summary["champion"])}, prefix="sweep/")
+    run.log_metrics({k: winner.get(k) for k in ("speedup", "tau", "alpha_1", "alpha_2", "alpha_3", "exact_match",
+                                                "lossless_violations", "val_tau")}, prefix="best/")
+    run.describe(report.run_description(summary))
     if winner:
         run.client.set_tag(parent, "koala.winner", winner["trial"])
+    run.client.set_tag(parent, "koala.champion", str(summary["champion"]).lower())
+    if summary["no_champion_reason"]:
+        run.client.set_tag(parent, "koala.no_champion_reason", summary["no_champion_reason"])
+    if summary["eval_warning"]:
+        run.client.set_tag(parent, "koala.eval_warning", summary["eval_warning"])
     for name in ("trials.csv", "trials.md"):
         run.log_artifact(sweep_dir / name, "sweep")
     run.log_artifact(sweep_dir / "plots", "sweep/plots")
@@ -375,30 +388,38 @@ def _log_parent(uri: str | None, parent: str | None, summary: dict[str, Any], sw
 
 def register_winner(summary: dict[str, Any], *, model_name: str, tracking_uri: str | None,
                     target: TargetConfig) -> dict[str, Any] | None:
-    """Registers the winner's head as a new version of `model_name` with the alias `champion` (once per sweep)."""
+    """Registers the best trial's head as a new version of `model_name` (once per sweep). It gets the alias
+    `champion` only when the sweep found a champion (it beat plain decoding by the floor); otherwise the version is
+    tagged `koala.champion: false` with the reason, and the alias stays where it was."""
     winner = summary.get("winner")
     if not winner or tracking_uri is None or not winner.get("mlflow_run_id"):
-        print("[sweep] no registrable winner (no valid trial, or tracking disabled)")
+        print("[sweep] no registrable head (no valid trial, or tracking disabled)")
         return None
     marker = Path(summary["sweep_dir"]) / "registered.json"
     done = _read_json(marker)
     if done and done["model_name"] == model_name:
         return done
-    from pipeline.tracking import register_champion
+    from pipeline.tracking import CHAMPION_ALIAS, register_head
 
+    champion = summary.get("champion", True)
+    reason = summary.get("no_champion_reason")
     metrics = {k: winner.get(k) for k in ("speedup", "tau", "alpha_1", "alpha_2", "alpha_3", "exact_match",
                                           "near_tie_divergences", "lossless_violations")}
     trial_config = json.loads((Path(summary["sweep_dir"]) / "trials" / winner["trial"] / TRAIN_SUMMARY_FILE)
                               .read_text())
-    version = register_champion(
-        tracking_uri, model_name=model_name, run_id=winner["mlflow_run_id"],
-        tags={"target": target.spec, "target_identity": trial_config["data"]["target"], "trial": winner["trial"],
-              "sweep_key": summary["sweep_key"], "metrics": metrics,
-              "head": {k: winner.get(k) for k in summary["grid_keys"]}},
-        description=f"sweep {summary['sweep_key']} winner {winner['trial']}: speedup {winner['speedup']:.3f}, "
-                    f"tau {winner['tau']:.3f}",
+    tags = {"target": target.spec, "target_identity": trial_config["data"]["target"], "trial": winner["trial"],
+            "sweep_key": summary["sweep_key"], "metrics": metrics,
+            "head": {k: winner.get(k) for k in summary["grid_keys"]}, "koala.champion": str(champion).lower()}
+    if reason:
+        tags["koala.no_champion_reason"] = reason
+    version = register_head(
+        tracking_uri, model_name=model_name, run_id=winner["mlflow_run_id"], tags=tags,
+        alias=CHAMPION_ALIAS if champion else None,
+        description=(f"sweep {summary['sweep_key']} {'winner' if champion else 'best head (not champion)'} "
+                     f"{winner['trial']}: speedup {winner['speedup']:.3f}, tau {winner['tau']:.3f}"
+                     + (f"; not champion: {reason}" if reason else "")),
     )
-    registered = {"model_name": model_name, "version": version, "model_uri": f"models:/{model_name}@champion",
-                  "trial": winner["trial"]}
+    registered = {"model_name": model_name, "version": version, "trial": winner["trial"], "champion": champion,
+                  "model_uri": f"models:/{model_name}@{CHAMPION_ALIAS}" if champion else f"models:/{model_name}/{version}"}
     write_json_atomically(registered, marker)
     return registered

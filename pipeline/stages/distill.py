@@ -30,7 +30,7 @@ from pipeline.data import (
     write_json_atomically,
     write_table_atomically,
 )
-from pipeline.stages.resources import use_gpus
+from pipeline.stages.resources import init_ray, use_gpus
 from pipeline.target import load_target_from_config, load_tokenizer, choose_prompt_format, PromptFormat
 
 log = logging.getLogger(__name__)
@@ -164,14 +164,13 @@ def _run_pending(config: DistillConfig, shards: list[list[Conversation]], pendin
         return [distill_shard(target, shards[i], config=config, index=i) for i in pending]
     import ray
 
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     items = [{"shard": i, "conversations": json.dumps([c.to_json() for c in shards[i]])} for i in pending]
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         DistillActor,
         fn_constructor_kwargs={"config": config.to_dict()},
         batch_size=1,
-        concurrency=min(config.num_actors, len(items)),
+        compute=ray.data.ActorPoolStrategy(size=min(config.num_actors, len(items))),
         num_cpus=config.cpus_per_actor,
         num_gpus=1 if use_gpus(config.use_gpu, section="distill") else 0,
     )
@@ -187,10 +186,11 @@ def _track(config: DistillConfig, summary: dict[str, Any], *, parent_run_id: str
         tracking_uri(config.tracking), experiment=config.tracking.experiment, run_name="distill",
         params={**config.to_dict(), "data": {k: v for k, v in summary.items() if k != "settings"}},
         tags={"koala.stage": "distill"}, parent_run_id=parent_run_id,
+        started_at=time.time() - summary["wall_time_s"],  # the run spans the work, not just its logging
     )
     run.log_metrics({k: summary[k] for k in ("prompts_kept", "response_tokens_total", "tokens_per_s",
-                                             "actor_tokens_per_s", "wall_time_s")})
-    run.log_metrics({f"skipped_{reason}": n for reason, n in summary["prompts_skipped"].items()})
+                                             "actor_tokens_per_s", "wall_time_s")}, prefix="distill/")
+    run.log_metrics({f"skipped_{reason}": n for reason, n in summary["prompts_skipped"].items()}, prefix="distill/")
     for name in (SUMMARY_FILE, FREQUENCY_FILE, MANIFEST_FILE):
         run.log_artifact(Path(config.out_dir) / name, "distill")
     run.end()

@@ -29,6 +29,7 @@ from pipeline.config import ConfigError, TrainConfig
 from pipeline.data import FREQUENCY_FILE, atomic_path, read_token_frequencies, write_json_atomically
 from pipeline.heads import build_head, save_head, target_identity_dict
 from pipeline.target import load_target_from_config
+from pipeline.tracking import training_metric_names
 from pipeline.training import (
     FeatureStore, KoalaTrainer, LiveFeatures, LoopHooks, iterate_batches, planned_steps, run_training_loop,
 )
@@ -271,7 +272,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             trainer.load_state(Path(directory))
     tracking = _worker_run(payload) if rank == 0 else None
     if tracking and checkpoint:
-        tracking.log_metrics({"resumed_from_step": trainer.step}, step=trainer.step)
+        tracking.log_metrics({"resumed_from_step": trainer.step}, step=trainer.step, prefix="train/")
 
     def report(metrics: dict[str, float]) -> None:
         """Rank 0 writes the checkpoint (trainer state + the exportable head); every rank reports."""
@@ -288,7 +289,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         if config.fail_once_at_step and step == config.fail_once_at_step:
             _fail_once(Path(payload["fault_marker"]))
 
-    hooks = LoopHooks(log=(lambda m, s: tracking.log_metrics(m, step=s)) if tracking else LoopHooks.log,
+    hooks = LoopHooks(log=(lambda m, s: tracking.log_metrics(training_metric_names(m), step=s)) if tracking
+                      else LoopHooks.log,
                       checkpoint=report, after_step=after_step)
     validate = _validation(trainer, validation_rows, validation_features, config)
     run_training_loop(trainer, train_rows=train_rows, features=train_features, validate=validate, hooks=hooks)
@@ -351,10 +353,11 @@ def run_train(config: TrainConfig, *, run_name: str | None = None, parent_run_id
     With `end_run=False` the MLflow run stays open for the caller (a sweep adds the evaluation to it)."""
     import ray
     import ray.data
+    from ray.data.expressions import col
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.stages.resources import use_gpus
+    from pipeline.stages.resources import init_ray, use_gpus
 
     started = time.perf_counter()
     paths = data_shards(config)
@@ -364,18 +367,19 @@ def run_train(config: TrainConfig, *, run_name: str | None = None, parent_run_id
     use_cache, cache_reason = choose_feature_cache(config, tokens=stats["tokens"], hidden_size=_hidden_size(stats, config))
     log.warning("train: %d rows, %d tokens; feature cache: %s", stats["rows"], stats["tokens"], cache_reason)
     draft_ids = draft_vocabulary(config, _eos_ids(config), paths) if config.head.draft_vocab_size else None
-    train_rows, _ = split_rows(read_rows(paths), config)
-    train_ids = {row["prompt_id"] for row in train_rows}
-    if not ray.is_initialized():
-        ray.init()
+    train_rows, validation_rows = split_rows(read_rows(paths), config)
+    init_ray()
     use_gpu = use_gpus(config.use_gpu, section="train")
 
     dataset = ray.data.read_parquet([str(p) for p in paths], columns=DATA_COLUMNS)
-    fraction = config.val_fraction
     # Materialised on the driver, before the workers claim their CPUs: token ids are small, and Ray Data tasks
     # started later would wait for CPUs that the training workers hold (a deadlock on a one-node cluster).
-    train_set = dataset.filter(lambda row: row["prompt_id"] in train_ids).materialize()
-    validation_set = dataset.filter(lambda row: is_validation(row["prompt_id"], fraction)).materialize()
+    # Expressions, not Python lambdas: Ray Data evaluates them in Arrow (an empty id list has no Arrow type).
+    train_set, validation_set = (
+        (dataset.filter(expr=col("prompt_id").is_in(sorted({row["prompt_id"] for row in rows}))) if rows
+         else dataset.limit(0)).materialize()
+        for rows in (train_rows, validation_rows)
+    )
 
     tracking = _start_run(config, stats, cache_reason, run_name=run_name, parent_run_id=parent_run_id)
     data_key = hashlib.sha1(json.dumps([str(p) for p in paths] + [
@@ -422,7 +426,7 @@ def run_train(config: TrainConfig, *, run_name: str | None = None, parent_run_id
                "mlflow_run_id": tracking.run_id if tracking else None}
     write_json_atomically(summary, out_dir / TRAIN_SUMMARY_FILE)
     if tracking:
-        tracking.log_metrics({"wall_time_s": summary["wall_time_s"]}, step=int(result.metrics.get("step", 0)))
+        tracking.log_metrics({"wall_time_s": summary["wall_time_s"]}, prefix="time/", step=int(result.metrics.get("step", 0)))
         tracking.log_artifact(head_dir, "head")
         tracking.log_artifact(out_dir / TRAIN_SUMMARY_FILE)
         tracking.log_dict(config.to_dict(), "train_config.json")
@@ -522,7 +526,7 @@ def run_train_local(config: TrainConfig, *, progress: bool = True) -> dict[str, 
         with metrics_file.open("a") as handle:
             handle.write(json.dumps({k: v for k, v in metrics.items()}) + "\n")
         if tracking:
-            tracking.log_metrics(metrics, step=step)
+            tracking.log_metrics(training_metric_names(metrics), step=step)
 
     def checkpoint(metrics: dict[str, float]) -> None:
         with atomic_path(checkpoint_dir) as temporary:
@@ -550,7 +554,7 @@ def run_train_local(config: TrainConfig, *, progress: bool = True) -> dict[str, 
     }
     write_json_atomically(summary, out_dir / TRAIN_SUMMARY_FILE)
     if tracking:
-        tracking.log_metrics({"wall_time_s": summary["wall_time_s"]}, step=trainer.step)
+        tracking.log_metrics({"wall_time_s": summary["wall_time_s"]}, prefix="time/", step=trainer.step)
         tracking.log_artifact(head_dir, "head")
         tracking.log_artifact(out_dir / TRAIN_SUMMARY_FILE)
         tracking.log_dict(config.to_dict(), "train_config.json")
