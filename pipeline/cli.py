@@ -1,4 +1,4 @@
-"""The `koala` command line: head init, bench, distill, train, tune, run, serve."""
+"""The `koala` command line: head init, bench, self-prompts, distill, train, tune, run, serve."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 import yaml
 
 from pipeline.config import (
-    BenchConfig, ConfigError, DecodeConfig, DistillConfig, HeadConfig, SweepConfig, TargetConfig, TrainConfig,
+    BenchConfig, ConfigError, DecodeConfig, DistillConfig, HeadConfig, SelfPromptConfig, SweepConfig, TargetConfig,
+    TrainConfig,
     apply_overrides, assign_dotted,
 )
 
@@ -86,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="the full pipeline: distill -> sweep -> register -> serve")
     run.add_argument("--config", default="cpu-demo", help="a preset (cpu-demo, smoke, paper-vicuna-7b) or a YAML file")
     run.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override any field, dotted")
+
+    self_prompts = commands.add_parser(
+        "self-prompts", help="the target writes user prompts for its own distillation data (Magpie-style)")
+    _add_stage_arguments(self_prompts)
+    self_prompts.add_argument("--count", type=int, help="distinct prompts to write")
+    self_prompts.add_argument("--target", help="target spec (default smollm2)")
+    self_prompts.add_argument("--out", help="JSONL file (appended; a re-run continues it)")
 
     distill = commands.add_parser("distill", help="the target writes distillation data (Ray Data)")
     _add_stage_arguments(distill)
@@ -169,6 +177,20 @@ def cmd_distill(args: argparse.Namespace) -> int:
           + (f" at {rate:.1f} tokens/s end to end ({summary['actor_tokens_per_s']:.1f} per actor while generating)"
              if rate else "") + f", wall time {summary['wall_time_s']:.1f}s")
     print(f"distill: data in {config.out_dir}")
+    return 0
+
+
+def cmd_self_prompts(args: argparse.Namespace) -> int:
+    from pipeline.stages.self_prompts import run_self_prompts
+
+    flags = {"count": "count", "target": "target.spec", "out": "out"}
+    config = SelfPromptConfig.from_dict(_stage_values(args, flags))
+    summary = run_self_prompts(config)
+    dropped = ", ".join(f"{reason} {n}" for reason, n in summary["dropped"].items()) or "none"
+    print(f"self-prompts: {summary['prompts']} prompts in {summary['out']} ({summary['prompts_reused']} from an "
+          f"earlier run), {summary['sampled_this_run']} sampled this run, dropped: {dropped}, "
+          f"wall time {summary['wall_time_s']:.1f}s")
+    print(f"self-prompts: answer them with koala distill --prompts {summary['out']}")
     return 0
 
 
@@ -311,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.target import TargetLoadError
 
     handlers = {("head", "init"): cmd_head_init, ("bench", None): cmd_bench, ("distill", None): cmd_distill,
+                ("self-prompts", None): cmd_self_prompts,
                 ("train", None): cmd_train, ("tune", None): cmd_tune, ("run", None): cmd_run,
                 ("serve", None): cmd_serve}
     handler = handlers[(args.command, getattr(args, "head_command", None))]

@@ -360,6 +360,41 @@ class DistillConfig(Config):
         }
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SelfPromptConfig(Config):
+    """`koala self-prompts`: the target writes user prompts itself (Magpie-style self-instruct).
+
+    The target's prompt format is rendered up to where a user turn's text starts, and the target samples that text
+    until it ends its turn. An instruction-tuned model then writes instructions like the ones it was tuned on, so
+    distilling its answers to them gives training data from the target's own distribution at any volume, beyond
+    the prompts a user happens to have. The prompts go to a JSONL file (OpenAI `messages`) that `koala distill
+    --prompts` reads; it is appended batch by batch, so an interrupted run keeps what it wrote and continues.
+    """
+
+    section: ClassVar[str] = "self_prompts"
+
+    count: int = 1024
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    min_chars: int = 16
+    batch_size: int = 64
+    seed: int = 0
+    out: str = "runs/data/self_prompts.jsonl"
+    target: TargetConfig = dataclasses.field(default_factory=TargetConfig)
+
+    def validate(self) -> None:
+        self.require_at_least(1, "count", "max_new_tokens", "batch_size")
+        self.require_at_least(0, "min_chars")
+        if self.temperature <= 0:
+            self.fail("temperature", f"must be > 0: prompts are sampled (greedy would write one prompt), "
+                                     f"got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            self.fail("top_p", f"must be in (0, 1], got {self.top_p}")
+        if not self.out.endswith(".jsonl"):
+            self.fail("out", f"must be a .jsonl file (koala distill --prompts reads it), got {self.out!r}")
+
+
 FEATURE_CACHE_MODES = ("auto", "on", "off")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")

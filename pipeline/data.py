@@ -237,6 +237,70 @@ def generate_responses(
     return [rows[i] for i in range(len(conversations))]
 
 
+_SENTINEL = "\x00KOALA-USER-TEXT\x00"
+
+
+def user_turn_frame(formatter: PromptFormat) -> tuple[str, str]:
+    """The target's prompt text around a user turn's content: (everything before it, what follows it).
+
+    Found by rendering a one-turn conversation around a sentinel, so any chat template (and its system prompt)
+    works without knowing its syntax."""
+    text = formatter.render([{"role": "user", "content": _SENTINEL}])
+    before, _, after = text.partition(_SENTINEL)
+    return before, after
+
+
+def generate_self_prompts(
+    target: Target,
+    count: int,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    min_chars: int = 16,
+    seed: int = 0,
+) -> tuple[list[str], Counter[str]]:
+    """`count` user prompts sampled by the target from its own user-turn prefix (Magpie-style self-instruct).
+
+    Returns the kept prompt texts and counts of the dropped ones by reason: `unfinished` (no end of turn within
+    `max_new_tokens`: a cut-off question is not one a user asks), `too_short` (under `min_chars` characters).
+    """
+    prefix, suffix = user_turn_frame(target.formatter)
+    prefix_ids = target.tokenizer(prefix, add_special_tokens=target.formatter.adds_special_tokens)["input_ids"]
+    if not prefix_ids:
+        raise ConfigError(
+            "self_prompts.target.prompt_format: the plain format has no user turn to start; self-instruct prompts "
+            "need a chat template (or the vicuna format)"
+        )
+    eos = sorted(target.eos_token_ids)
+    pad_id = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else eos[0]
+    # Formats without an end-of-turn token (vicuna) end a user turn with the text that opens the reply.
+    turn_end = suffix.strip()
+    input_ids = torch.tensor([prefix_ids] * count, device=target.device)
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        output = target.model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+            do_sample=True, temperature=temperature, top_p=top_p, eos_token_id=eos, pad_token_id=pad_id,
+        )
+    prompts: list[str] = []
+    dropped: Counter[str] = Counter()
+    for row in output[:, len(prefix_ids):].tolist():
+        tokens = _trim_response(row, eos)
+        text = target.tokenizer.decode(tokens, skip_special_tokens=True)
+        ended = bool(tokens) and tokens[-1] in eos
+        if turn_end and turn_end in text:
+            text, ended = text[: text.index(turn_end)], True
+        text = text.strip()
+        if not ended:
+            dropped["unfinished"] += 1
+        elif len(text) < min_chars:
+            dropped["too_short"] += 1
+        else:
+            prompts.append(text)
+    return prompts, dropped
+
+
 def _trim_response(tokens: list[int], eos: list[int]) -> list[int]:
     """Cuts a generated row after its first EOS (what follows is padding)."""
     for position, token in enumerate(tokens):

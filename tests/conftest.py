@@ -1,7 +1,12 @@
-"""Shared fixtures: tiny random Llama targets (fast, offline) and the real SmolLM2 target (slow)."""
+"""Shared fixtures: tiny random Llama targets (fast, offline) and the real SmolLM2 target (slow).
+
+`KOALA_TEST_DEVICE=cuda` puts the fixtures' targets (tiny Llamas and SmolLM2) on the GPU, so the Ray-free core's
+tests (decoding, heads, trees, audit, training, architectures) run on CUDA; CI leaves it unset (CPU).
+"""
 
 from __future__ import annotations
 
+import os
 import string
 from pathlib import Path
 
@@ -14,6 +19,12 @@ from pipeline.target import Target, load_target
 
 SPECIALS = ["<unk>", "<s>", "</s>"]
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+TEST_DEVICE = os.environ.get("KOALA_TEST_DEVICE", "cpu")
+
+
+def pytest_configure(config) -> None:
+    if TEST_DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        pytest.exit(f"KOALA_TEST_DEVICE={TEST_DEVICE} but CUDA is not available", returncode=4)
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -52,7 +63,7 @@ def tiny_llama(*, vocab_size: int = 80, hidden_size: int = 64, num_layers: int =
 
 
 def make_tiny_target(**kwargs) -> Target:
-    model = tiny_llama(**kwargs)
+    model = tiny_llama(**kwargs).to(TEST_DEVICE)
     return Target(model=model, tokenizer=char_tokenizer(), name="tiny-llama", prompt_format="plain")
 
 
@@ -63,7 +74,7 @@ def tiny_target() -> Target:
 
 @pytest.fixture(scope="session")
 def smollm2() -> Target:
-    return load_target("smollm2", dtype="float32", device="cpu")
+    return load_target("smollm2", dtype="float32", device=TEST_DEVICE)
 
 
 @pytest.fixture

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# One GPU session, Ray-free (what ran on the lent GPU machine for the README's "self-instruct data" figures;
+# ../shared/GPU.md says how the target gets there). Phase `main`, within about 9.5 minutes:
+#   1. in the background: the core's tests on CUDA (KOALA_TEST_DEVICE=cuda), and a bf16 losslessness audit of the
+#      shipped head (its timings share the GPU and are not reported; the audit's verdicts do not depend on timing);
+#   2. the target writes user prompts (koala self-prompts) and answers them (koala distill --no-ray), on CUDA;
+#   3. the shipped head is trained further on those answers plus ../shared/data/smollm2_answers (koala train --no-ray);
+#   4. vanilla decoding, HF prompt lookup and the new head are timed on MT-bench first turns, fp32, greedy.
+# Phase `audit` (right after, on the same machine): `koala bench --audit` with the new head in bf16 (with the HF
+# baselines) and fp32.
+#
+#   DATA=.devcarry/data RUNS=/root/keep/runs bash benchmarks/gpu_selfinstruct.sh main     # then: ... audit
+#
+# For a quick look on a CPU: PROMPTS=8 BATCH=8 TRAIN_SECONDS=20 TRAIN_EXTRA="--max-train-tokens 3000" PER_CATEGORY=1
+# MAX_NEW_TOKENS=16 TESTS=tests/test_losses.py (TRAIN_EXTRA goes to koala train).
+# Every step has a time limit; each writes as it goes, so a step cut short still leaves what it made.
+set -uo pipefail
+phase=${1:?usage: gpu_selfinstruct.sh main|audit}
+DATA=${DATA:-../shared/data}
+RUNS=${RUNS:-runs/selfinstruct}
+OUT=${OUT:-$RUNS/out}
+PY=${PY:-python3}
+TARGET=${TARGET:-smollm2}
+PROMPTS=${PROMPTS:-8192}           # self-instruct prompts to write
+PROMPT_SECONDS=${PROMPT_SECONDS:-60}
+DISTILL_SECONDS=${DISTILL_SECONDS:-100}
+TRAIN_SECONDS=${TRAIN_SECONDS:-160}
+BUDGET=${BUDGET:-560}              # the whole main phase, seconds
+BATCH=${BATCH:-1024}               # generation batch (rows)
+PER_CATEGORY=${PER_CATEGORY:-4}
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-128}
+TEST_SECONDS=${TEST_SECONDS:-300}
+koala() { $PY -m pipeline.cli "$@"; }
+stamp() { echo "[gpu +${SECONDS}s] $*"; }
+mkdir -p "$RUNS" "$OUT"
+NEW_HEAD=$RUNS/train/head
+
+case $phase in
+  main)
+    stamp "start: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo no GPU)"
+    # The target loads once here, so the parallel steps below find its converted copy in the cache.
+    $PY -c "from pipeline.target import load_target; load_target('$TARGET', dtype='float32')" 2>&1 | tail -1
+
+    TESTS=${TESTS:-tests/test_decoding.py tests/test_heads.py tests/test_trees.py tests/test_audit.py \
+      tests/test_losses.py tests/test_training.py tests/test_architectures.py tests/test_smollm2.py}
+    (KOALA_TEST_DEVICE=cuda OMP_NUM_THREADS=4 timeout "$TEST_SECONDS" $PY -m pytest -v --tb=short -rf -p no:cacheprovider \
+       $TESTS > "$OUT/cuda_tests.log" 2>&1; echo "exit $?" >> "$OUT/cuda_tests.log") &
+    tests_pid=$!
+    (OMP_NUM_THREADS=2 timeout 300 $PY -m pipeline.cli bench --target "$TARGET" --dtype bfloat16 --audit --no-hf \
+       --per-category 2 --max-new-tokens "$MAX_NEW_TOKENS" --questions "$DATA/mt_bench/question.jsonl" \
+       --json "$OUT/audit_bf16_shipped.json" > "$RUNS/audit_bf16_shipped.log" 2>&1) &
+    audit_pid=$!
+
+    stamp "self-prompts"
+    timeout "$PROMPT_SECONDS" $PY -m pipeline.cli self-prompts --target "$TARGET" --count "$PROMPTS" \
+      --out "$RUNS/self_prompts.jsonl" --set batch_size="$BATCH" --set target.dtype=bfloat16 2>&1 \
+      | grep --line-buffered -v "^WARNING pipeline.stages.self_prompts" | tail -3
+    stamp "self-prompts: $(wc -l < "$RUNS/self_prompts.jsonl") prompts"
+
+    stamp "distill"
+    timeout "$DISTILL_SECONDS" $PY -m pipeline.cli distill --no-ray --target "$TARGET" \
+      --prompts "$RUNS/self_prompts.jsonl" --out "$RUNS/selfinstruct_answers" --max-new-tokens 192 \
+      --set batch_size="$BATCH" --set shard_size="$BATCH" --set target.dtype=bfloat16 \
+      --set tracking.enabled=false 2>&1 | grep --line-buffered "distill" | tail -4
+    stamp "distill: $(ls "$RUNS"/selfinstruct_answers/shard-*.parquet 2>/dev/null | wc -l) shards"
+
+    stamp "train"
+    data_dirs="$DATA/smollm2_answers"
+    ls "$RUNS"/selfinstruct_answers/shard-*.parquet > /dev/null 2>&1 && data_dirs="$data_dirs $RUNS/selfinstruct_answers"
+    # shellcheck disable=SC2086
+    timeout $((TRAIN_SECONDS + 120)) $PY -m pipeline.cli train --no-ray --target "$TARGET" --data $data_dirs \
+      --out "$RUNS/train" --head-type eagle --num-layers 1 --draft-vocab-size 8192 --unroll-depth 2 --epochs 100 \
+      --set init_head=pipeline/drafters/smollm2-eagle --set head_lr=5e-4 --set batch_size=64 \
+      --set target.dtype=float32 --set tracking.enabled=false --set max_train_seconds="$TRAIN_SECONDS" \
+      --set cache_limit_gb=16 --set log_every_steps=50 --set checkpoint_every_steps=100000 \
+      ${TRAIN_EXTRA:-} > "$RUNS/train.log" 2>&1
+    stamp "train exit $?: $(grep -a '\[train\] epoch' "$RUNS/train.log" | tail -1)"
+    grep -a '\[train\] epoch' "$RUNS/train.log" | sed 's/^.*\[train\]/[train]/'
+    # Parameters train in fp32 (bf16 autocast only computes in bf16): the trainer state says which dtypes it holds.
+    $PY -c "import collections, sys; from safetensors.torch import load_file; \
+print('[train] trainer state dtypes:', dict(collections.Counter(str(t.dtype) for t in load_file(sys.argv[1]).values())))" \
+      "$RUNS/train/checkpoint/trainer_state.safetensors" 2>&1 | tail -1
+
+    # The background work must not share the GPU with the timed comparison.
+    wait "$audit_pid"; kill "$tests_pid" 2>/dev/null; wait "$tests_pid"
+    stamp "tests: $(grep -E '(passed|failed)' "$OUT/cuda_tests.log" | tail -1) $(tail -1 "$OUT/cuda_tests.log")"
+    stamp "bf16 audit: $(grep -a -i 'violation\|near' "$RUNS/audit_bf16_shipped.log" | head -2 | tr '\n' ' ')"
+
+    left=$((BUDGET - SECONDS - 25))
+    stamp "timing vanilla, HF prompt lookup and the new head (deadline ${left}s)"
+    if [ -f "$NEW_HEAD/head.safetensors" ] && [ "$left" -gt 30 ]; then
+      $PY benchmarks/compare_heads.py --target "$TARGET" --dtype float32 --head "new=$NEW_HEAD" \
+        --questions "$DATA/mt_bench/question.jsonl" --per-category "$PER_CATEGORY" \
+        --max-new-tokens "$MAX_NEW_TOKENS" --deadline "$left" --json "$OUT/gpu_compare.json" 2>&1 \
+        | grep --line-buffered -v "Warn\|warn" | tail -15
+    fi
+
+    # What comes back: the new head (fp16), logs and the self-instruct data (prompts and answers).
+    $PY - "$NEW_HEAD" "$OUT/head" <<'EOF'
+import pathlib, shutil, sys
+from safetensors.torch import load_file, save_file
+source, target = map(pathlib.Path, sys.argv[1:3])
+if (source / "head.safetensors").is_file():
+    target.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(source / "head.safetensors").items()}
+    save_file(tensors, target / "head.safetensors")
+    shutil.copy(source / "head_config.json", target / "head_config.json")
+EOF
+    [ -d "$OUT/head" ] && tar cf "$OUT/head.tar" -C "$OUT" head && rm -rf "$OUT/head"
+    tar czf "$OUT/logs.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d *.log train/metrics.jsonl train/train_summary.json \
+      selfinstruct_answers/summary.json 2>/dev/null)
+    tar czf "$OUT/selfinstruct_data.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d self_prompts.jsonl selfinstruct_answers \
+      2>/dev/null)
+    stamp "done"; ls -la "$OUT"
+    ;;
+  audit)
+    for dtype in bfloat16 float32; do
+      extra=""; per=1
+      [ "$dtype" = float32 ] && extra="--no-hf"
+      # shellcheck disable=SC2086
+      timeout "${AUDIT_SECONDS:-120}" $PY -m pipeline.cli bench --target "$TARGET" --drafter "$NEW_HEAD" \
+        --dtype "$dtype" --audit $extra --per-category "$per" --max-new-tokens "$MAX_NEW_TOKENS" \
+        --questions "$DATA/mt_bench/question.jsonl" --json "$OUT/audit_$dtype.json" 2>&1 \
+        | grep --line-buffered -v "Warn\|warn" | tail -12
+    done
+    ;;
+esac
