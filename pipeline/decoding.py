@@ -193,6 +193,12 @@ def score(
 ) -> _ScoreResult:
     """One target forward over `input_ids` `(1, T)` appended to `cache`; a tree pass adds its `position_ids`
     `(1, T)` and boolean attention pattern `allowed` `(1, 1, T, cached + T)`."""
+    # A sliding-window layer that records its past (caches.new_cache) goes back to its window before each forward:
+    # after a verification the rollback did it, after a vanilla step nothing else does, and transformers before
+    # 5.18 hands attention every recorded position while its mask covers only the window.
+    cached = cache.get_seq_length()
+    if cached:  # an empty cache has no layers to trim yet (and transformers 5.17 cannot crop them)
+        rollback_cache(cache, cached)
     kwargs: dict[str, Any] = {}
     if last_logits_only and _accepts_logits_to_keep(type(model)):
         kwargs["logits_to_keep"] = 1

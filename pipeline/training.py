@@ -70,7 +70,10 @@ def pad_rows(rows: Sequence[dict[str, Any]], *, max_seq_len: int, pad_id: int = 
 
 @torch.no_grad()
 def target_features(model: nn.Module, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """The frozen target's last hidden state `(B, T, H)` for right-padded ids (padding is never a label)."""
+    """The frozen target's last hidden state `(B, T, H)` for right-padded ids (padding is never a label), on the
+    target's device whatever device the ids come from."""
+    device = next(model.parameters()).device
+    input_ids, loss_mask = input_ids.to(device), loss_mask.to(device)
     attention_mask = torch.ones_like(input_ids)
     lengths = torch.tensor([int(m.nonzero().max()) + 1 if m.any() else 1 for m in loss_mask], device=input_ids.device)
     attention_mask[torch.arange(input_ids.shape[1], device=input_ids.device)[None] >= lengths[:, None]] = 0

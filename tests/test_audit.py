@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_target
+from conftest import TEST_DEVICE, make_tiny_target
 from pipeline import audit as losslessness
 from pipeline import decoding
 from pipeline.bench import Question, run_bench
@@ -69,6 +69,8 @@ def test_zero_drafted_tokens_equal_vanilla_bit_for_bit(tiny_target):
     assert torch.equal(speculative.chosen_logits, vanilla.chosen_logits)
 
 
+@pytest.mark.skipif(TEST_DEVICE != "cpu", reason="its bf16 divergences come from the CPU's bf16 kernels (a GPU rounds "
+                                                 "elsewhere); on a GPU, koala bench --audit measures bf16")
 def test_bf16_divergences_are_near_ties_not_violations():
     """On the CPU in bf16 the verify pass and the one-token step round differently; whatever diverges must be
     explained by that drift."""
@@ -113,7 +115,8 @@ def test_an_off_by_one_position_is_a_violation(monkeypatch):
 
     def shifted_score(model, input_ids, cache, *, last_logits_only, want_features):
         if input_ids.shape[1] > 1 and cache.get_seq_length() > 0:  # the speculative verify pass, not the prefill
-            positions = torch.arange(cache.get_seq_length() + 1, cache.get_seq_length() + 1 + input_ids.shape[1])
+            positions = torch.arange(cache.get_seq_length() + 1, cache.get_seq_length() + 1 + input_ids.shape[1],
+                                     device=input_ids.device)
             output = model(input_ids=input_ids, position_ids=positions[None], use_cache=True,
                            output_hidden_states=want_features, **{decoding.cache_argument(type(model).forward): cache})
             return decoding._ScoreResult(logits=output.logits[0],

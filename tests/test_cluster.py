@@ -66,7 +66,10 @@ def test_presets_load_and_validate(preset, tmp_path):
 ])
 def test_bad_pipeline_config_fails_before_any_work(override, field, tmp_path, capsys):
     run_dir = tmp_path / "runs"
-    code = pipeline_main(["--config", "smoke", "--set", f"run_dir={run_dir}", "--set", override])
+    prompts = tmp_path / "prompts.jsonl"  # the preset's default prompts live in ../shared, which a checkout may lack
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    code = pipeline_main(["--config", "smoke", "--set", f"run_dir={run_dir}",
+                          "--set", f"distill.prompts=[{prompts}]", "--set", override])
     assert code == 2
     error = capsys.readouterr().err
     assert field in error and "Traceback" not in error

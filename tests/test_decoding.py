@@ -51,7 +51,7 @@ class OracleDrafter:
             token = int(self.model(sequence[None]).logits[0, -1].argmax())
             proposal.token_ids.append(token)
             proposal.draft_probs.append(None)
-            sequence = torch.cat([sequence, torch.tensor([token])])
+            sequence = torch.cat([sequence, torch.tensor([token], device=sequence.device)])
         return proposal
 
 
@@ -166,7 +166,7 @@ def _exact_marginals(target, prompt, vocab):
     model = target.model
     with torch.no_grad():
         p1 = torch.softmax(model(prompt[None]).logits[0, -1].double(), -1)  # (V,)
-        pairs = torch.cartesian_prod(torch.arange(vocab), torch.arange(vocab))  # (V*V, 2)
+        pairs = torch.cartesian_prod(*[torch.arange(vocab, device=prompt.device)] * 2)  # (V*V, 2)
         sequences = torch.cat([prompt.expand(len(pairs), -1), pairs], dim=1)
         logits = model(sequences).logits.double()
     p2_given_1 = torch.softmax(logits[:, -2], -1).view(vocab, vocab, vocab)[:, 0]  # (t1, t2)
@@ -217,8 +217,8 @@ def test_speculative_sampling_keeps_target_distribution(head_type, draft_thresho
         torch.nn.init.normal_(head.heads[1][0].linear.weight, std=1.0)
     else:
         torch.nn.init.normal_(head.fc.weight, std=1.0)
-    prompt = torch.tensor([1, 5, 3])
-    marginal2, marginal3 = _exact_marginals(target, prompt, vocab)
+    prompt = torch.tensor([1, 5, 3], device=target.device)
+    marginal2, marginal3 = (m.cpu() for m in _exact_marginals(target, prompt, vocab))
     counts2, counts3 = torch.zeros(vocab), torch.zeros(vocab)
     drafted = accepted = 0
     for seed in range(3000):

@@ -23,7 +23,7 @@ from pipeline.vocab import count_tokens, top_token_ids
 
 
 def _features(target, length=6):
-    ids = torch.randint(3, target.model.config.vocab_size, (1, length))
+    ids = torch.randint(3, target.model.config.vocab_size, (1, length)).to(target.device)
     with torch.no_grad():
         return ids, target.model(ids, output_hidden_states=True).hidden_states[-1]
 
@@ -197,8 +197,8 @@ def test_eagle_rotary_stays_fp32_and_master_weights_are_fp32_on_a_bf16_target():
     head.to(torch.bfloat16)
     rotary = head._target_parts[2]
     assert rotary.inv_freq.dtype == torch.float32
-    positions = torch.tensor([[1024]])
-    cos, _ = rotary(torch.zeros(1, 1, 8, dtype=torch.float32), position_ids=positions)
+    positions = torch.tensor([[1024]], device=rotary.inv_freq.device)
+    cos, _ = rotary(torch.zeros(1, 1, 8, dtype=torch.float32, device=positions.device), position_ids=positions)
     exact = torch.cos(1024 * rotary.inv_freq.double())
     assert (cos[0, 0, : exact.numel()].double() - exact).abs().max() < 1e-3
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline import audit as losslessness
 from pipeline.config import DecodeConfig, HeadConfig
 from pipeline.decoding import generate
 from pipeline.heads import build_head
@@ -22,7 +23,23 @@ MAX_NEW_TOKENS = 24
 @pytest.fixture(scope="module")
 def vanilla_outputs(smollm2):
     config = DecodeConfig(max_new_tokens=MAX_NEW_TOKENS)
-    return {text: generate(smollm2, smollm2.encode_prompt(text), config=config) for text in PROMPTS}
+    return {text: generate(smollm2, smollm2.encode_prompt(text), config=config, record_logits=True) for text in PROMPTS}
+
+
+def assert_lossless(target, text, vanilla, speculative):
+    """fp32 on the CPU is exact. On CUDA (KOALA_TEST_DEVICE=cuda) the fp32 kernels that score one token and a
+    verify pass round differently in the last bits, so a divergence there must be a near-tie by the audit
+    (pipeline/audit.py), never a violation."""
+    if speculative.token_ids == vanilla.token_ids:
+        return
+    assert target.device.type == "cuda", f"fp32 on the CPU must be exact: {speculative.token_ids} != {vanilla.token_ids}"
+    audit = losslessness.compare(target, target.encode_prompt(text), vanilla, speculative)
+    verdict = losslessness.classify([audit])[0]
+    assert verdict.verdict == "near_tie", verdict.to_dict()
+
+
+def run(target, text, config, **kwargs):
+    return generate(target, target.encode_prompt(text), config=config, record_logits=True, **kwargs)
 
 
 def test_target_identity_and_chat_template(smollm2):
@@ -53,8 +70,8 @@ def test_greedy_speculative_equals_vanilla_on_smollm2(smollm2, vanilla_outputs, 
     head = build_head(HeadConfig(head_type=head_type, num_layers=num_layers, num_heads=3), smollm2.model)
     config = DecodeConfig(max_new_tokens=MAX_NEW_TOKENS)
     for text, vanilla in vanilla_outputs.items():
-        speculative = generate(smollm2, smollm2.encode_prompt(text), config=config, drafter=head)
-        assert speculative.token_ids == vanilla.token_ids
+        speculative = run(smollm2, text, config, drafter=head)
+        assert_lossless(smollm2, text, vanilla, speculative)
         assert speculative.stats.draft_tokens > 0
 
 
@@ -65,9 +82,8 @@ def test_draft_vocabulary_head_on_smollm2(smollm2, vanilla_outputs, shared_data)
     head = build_head(HeadConfig(head_type="eagle", draft_vocab_size=2048), smollm2.model, draft_token_ids=token_ids)
     assert head.lm_head_weight.shape == (2048, 576)
     text, vanilla = next(iter(vanilla_outputs.items()))
-    speculative = generate(smollm2, smollm2.encode_prompt(text), config=DecodeConfig(max_new_tokens=MAX_NEW_TOKENS),
-                           drafter=head)
-    assert speculative.token_ids == vanilla.token_ids
+    speculative = run(smollm2, text, DecodeConfig(max_new_tokens=MAX_NEW_TOKENS), drafter=head)
+    assert_lossless(smollm2, text, vanilla, speculative)
 
 
 def test_shipped_default_drafter_loads_small_and_is_lossless_and_accepted(smollm2):
@@ -87,10 +103,9 @@ def test_shipped_default_drafter_loads_small_and_is_lossless_and_accepted(smollm
     config = DecodeConfig(max_new_tokens=64)
     produced = passes = 0
     for text in PROMPTS:
-        prompt_ids = smollm2.encode_prompt(text)
-        vanilla = generate(smollm2, prompt_ids, config=config)
-        speculative = generate(smollm2, prompt_ids, config=config, drafter=head)
-        assert speculative.token_ids == vanilla.token_ids
+        vanilla = run(smollm2, text, config)
+        speculative = run(smollm2, text, config, drafter=head)
+        assert_lossless(smollm2, text, vanilla, speculative)
         produced += speculative.stats.new_tokens
         passes += speculative.stats.target_forward_passes
     assert produced / passes > 1.3
@@ -99,7 +114,6 @@ def test_shipped_default_drafter_loads_small_and_is_lossless_and_accepted(smollm
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_audit_on_smollm2_fp32_exact_bf16_without_violations(dtype):
     """The real target with the shipped head: fp32 is exact; bf16 may diverge, but only by near-ties."""
-    from pipeline import audit as losslessness
     from pipeline.heads import default_drafter_dir, load_head
     from pipeline.target import load_target
 
@@ -129,10 +143,9 @@ def test_tree_drafts_with_the_shipped_head_are_lossless_and_accepted_to_full_dep
     config = DecodeConfig(max_new_tokens=64, draft_length=3, tree=tree, tree_nodes=12)  # trees at most 3 deep
     accepted, evaluated, rounds, drafted = [0] * 3, [0] * 3, 0, 0
     for text in PROMPTS:
-        prompt_ids = smollm2.encode_prompt(text)
-        vanilla = generate(smollm2, prompt_ids, config=DecodeConfig(max_new_tokens=64))
-        speculative = generate(smollm2, prompt_ids, config=config, drafter=head)
-        assert speculative.token_ids == vanilla.token_ids
+        vanilla = run(smollm2, text, DecodeConfig(max_new_tokens=64))
+        speculative = run(smollm2, text, config, drafter=head)
+        assert_lossless(smollm2, text, vanilla, speculative)
         stats = speculative.stats
         accepted = [a + b for a, b in zip(accepted, stats.accepted)]
         evaluated = [a + b for a, b in zip(evaluated, stats.evaluated)]

@@ -26,7 +26,7 @@ def _rows(target, count=4, length=24, seed=0):
 
 
 def _batch(target, rows):
-    input_ids, loss_mask = pad_rows(rows, max_seq_len=64)
+    input_ids, loss_mask = (t.to(target.device) for t in pad_rows(rows, max_seq_len=64))
     return TrainBatch(input_ids, loss_mask, target_features(target.model, input_ids, loss_mask))
 
 

@@ -53,17 +53,17 @@ def test_static_tree_builder_keeps_a_tree_and_the_likeliest_paths():
 def test_keeping_a_tree_path_equals_running_the_path(tiny_target):
     """After a tree verify pass the cache holds exactly what running the accepted path token by token gives."""
     model = tiny_target.model
-    prefix = torch.tensor([[1, 5, 9, 14, 3]])
+    prefix = torch.tensor([[1, 5, 9, 14, 3]], device=model.device)
     tokens, parents = [7, 8, 20, 21, 22], [-1, -1, 1, 2, 1]  # the path 1 -> 2 -> 3 is in a non-first branch
     cache = DynamicCache(config=model.config)
     score(model, prefix, cache, last_logits_only=True, want_features=False)
-    ids, positions, allowed = verify_inputs(30, tokens, parents, cached=prefix.shape[1], device=torch.device("cpu"))
+    ids, positions, allowed = verify_inputs(30, tokens, parents, cached=prefix.shape[1], device=model.device)
     tree = score(model, ids, cache, last_logits_only=False, want_features=False, position_ids=positions,
                  allowed=allowed)
     keep_cache_positions(cache, prefix.shape[1] + 1, [1, 2, 3])
 
     reference = DynamicCache(config=model.config)
-    linear = score(model, torch.tensor([[1, 5, 9, 14, 3, 30, 8, 20, 21]]), reference, last_logits_only=False,
+    linear = score(model, torch.tensor([[1, 5, 9, 14, 3, 30, 8, 20, 21]], device=model.device), reference, last_logits_only=False,
                    want_features=False)
     assert cache.get_seq_length() == reference.get_seq_length() == 9
     for ours, theirs in zip(cache.layers, reference.layers):
@@ -123,7 +123,7 @@ def _train_briefly(target, head_type, num_layers, steps):
         output = generate(target, prompt_ids, config=DecodeConfig(max_new_tokens=40)).token_ids
         rows.append({"input_ids": prompt_ids[0].tolist() + output,
                      "loss_mask": [0] * prompt_ids.shape[1] + [1] * len(output)})
-    input_ids, loss_mask = pad_rows(rows, max_seq_len=128)
+    input_ids, loss_mask = (t.to(target.device) for t in pad_rows(rows, max_seq_len=128))
     batch = TrainBatch(input_ids, loss_mask, target_features(target.model, input_ids, loss_mask))
     for _ in range(steps):
         trainer.train_step(batch)
