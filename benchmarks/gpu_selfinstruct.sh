@@ -6,16 +6,16 @@
 #   2. the target writes user prompts (koala self-prompts) and answers them (koala distill --no-ray), on CUDA;
 #   3. the shipped head is trained further on those answers plus ../shared/data/smollm2_answers (koala train --no-ray);
 #   4. vanilla decoding, HF prompt lookup and the new head are timed on MT-bench first turns, fp32, greedy.
-# Phase `audit` (right after, on the same machine): `koala bench --audit` with the new head in bf16 (with the HF
-# baselines) and fp32.
+# Phase `verify` (a later short session): the core's tests on CUDA, and the shipped head audited and timed against
+# vanilla, HF generate and HF prompt lookup in fp32 and bf16.
 #
-#   DATA=.devcarry/data RUNS=/root/keep/runs bash benchmarks/gpu_selfinstruct.sh main     # then: ... audit
+#   DATA=.devcarry/data RUNS=/root/keep/runs bash benchmarks/gpu_selfinstruct.sh main     # or: ... verify
 #
 # For a quick look on a CPU: PROMPTS=8 BATCH=8 TRAIN_SECONDS=20 TRAIN_EXTRA="--max-train-tokens 3000" PER_CATEGORY=1
 # MAX_NEW_TOKENS=16 TESTS=tests/test_losses.py (TRAIN_EXTRA goes to koala train).
 # Every step has a time limit; each writes as it goes, so a step cut short still leaves what it made.
 set -uo pipefail
-phase=${1:?usage: gpu_selfinstruct.sh main|audit}
+phase=${1:?usage: gpu_selfinstruct.sh main|verify}
 DATA=${DATA:-../shared/data}
 RUNS=${RUNS:-runs/selfinstruct}
 OUT=${OUT:-$RUNS/out}
@@ -113,15 +113,22 @@ EOF
       2>/dev/null)
     stamp "done"; ls -la "$OUT"
     ;;
-  audit)
-    for dtype in bfloat16 float32; do
-      extra=""; per=1
-      [ "$dtype" = float32 ] && extra="--no-hf"
-      # shellcheck disable=SC2086
-      timeout "${AUDIT_SECONDS:-120}" $PY -m pipeline.cli bench --target "$TARGET" --drafter "$NEW_HEAD" \
-        --dtype "$dtype" --audit $extra --per-category "$per" --max-new-tokens "$MAX_NEW_TOKENS" \
-        --questions "$DATA/mt_bench/question.jsonl" --json "$OUT/audit_$dtype.json" 2>&1 \
-        | grep --line-buffered -v "Warn\|warn" | tail -12
+  verify)
+    # What a short session checks (about 5 minutes after the target is set up): the core's tests on CUDA, then the
+    # shipped head (or DRAFTER) audited and timed against vanilla, HF generate and HF prompt lookup, fp32 then bf16
+    # (bf16 on fewer prompts: at SmolLM2's size it is the slower dtype on a GPU).
+    DRAFTER=${DRAFTER:-pipeline/drafters/smollm2-eagle}
+    KOALA_TEST_DEVICE=cuda timeout "${TEST_SECONDS}" $PY -m pytest -q -rf -p no:cacheprovider \
+      ${TESTS:-tests/test_decoding.py tests/test_heads.py tests/test_trees.py tests/test_audit.py \
+      tests/test_losses.py tests/test_training.py tests/test_architectures.py tests/test_smollm2.py} \
+      > "$OUT/cuda_tests.log" 2>&1
+    stamp "tests: $(tail -1 "$OUT/cuda_tests.log")"
+    for run in "float32 --per-category 1" "bfloat16 --limit 3"; do
+      set -- $run
+      timeout "${AUDIT_SECONDS:-120}" $PY -m pipeline.cli bench --target "$TARGET" --drafter "$DRAFTER" \
+        --dtype "$1" --audit "$2" "$3" --max-new-tokens "$MAX_NEW_TOKENS" \
+        --questions "$DATA/mt_bench/question.jsonl" --json "$OUT/audit_$1.json" 2>&1 \
+        | grep --line-buffered -v "Warn\|warn\|koala bench:" | tail -12
     done
     ;;
 esac

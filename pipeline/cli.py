@@ -23,7 +23,8 @@ log = logging.getLogger("koala")
 
 def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="smollm2", help="'smollm2', a hub id, a model directory or a .gguf file")
-    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16/fp16 on CUDA), float32, float16, bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU and for targets under 1B parameters on "
+                        "CUDA, else bf16/fp16), float32, float16, bfloat16")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--prompt-format", default="auto", help="auto, chat, vicuna or plain")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the target's own modeling code")

@@ -9,7 +9,9 @@ import pytest
 
 from conftest import char_tokenizer, tiny_llama
 from pipeline.config import ConfigError, TargetConfig
-from pipeline.target import Target, TargetLoadError, choose_prompt_format, load_target, resolve_spec
+from pipeline.target import (
+    Target, TargetLoadError, approximate_parameters, choose_prompt_format, load_target, pick_dtype, resolve_spec,
+)
 
 
 def test_unknown_local_paths_are_one_line_errors(tmp_path):
@@ -94,3 +96,19 @@ def test_target_config_validation_names_fields():
         TargetConfig(dtype="fp8")
     with pytest.raises(ConfigError, match="target.device"):
         TargetConfig(device="tpu")
+
+
+def test_auto_dtype_is_fp32_on_cpus_and_for_small_targets_on_gpus(monkeypatch):
+    """Small targets decode launch-bound on a GPU (fp32 measured fastest there, and exact); large ones in bf16."""
+    import torch
+    from transformers import LlamaConfig
+
+    smollm2 = LlamaConfig(hidden_size=576, num_hidden_layers=30, vocab_size=49152)
+    vicuna_7b = LlamaConfig(hidden_size=4096, num_hidden_layers=32, vocab_size=32000)
+    assert 1.2e8 < approximate_parameters(smollm2) < 1.6e8 and 6e9 < approximate_parameters(vicuna_7b) < 7.5e9
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert pick_dtype("auto", cuda, smollm2) == torch.float32
+    assert pick_dtype("auto", cuda, vicuna_7b) == torch.bfloat16
+    assert pick_dtype("auto", cpu, vicuna_7b) == torch.float32
+    assert pick_dtype("bfloat16", cpu, smollm2) == torch.bfloat16
