@@ -81,13 +81,14 @@ def keep_cache_positions(cache: DynamicCache, start: int, keep: Sequence[int]) -
         layer.values = layer.values.index_select(-2, index)
 
 
-def _layer_kinds(model: PreTrainedModel) -> list[str]:
+def _layer_kinds(model: PreTrainedModel, cache: DynamicCache | None = None) -> list[str]:
     """The attention kind of every decoder layer as the model's masks are keyed: config.layer_types where the
-    config has them, else all full or (a `sliding_window` and no layer types: Mistral, Phi-3) all sliding."""
+    config has them, else all full or (a `sliding_window` and no layer types: Mistral, Phi-3) all sliding, as the
+    model's cache (`cache`, or a new one) lays its layers out."""
     config = model.config
     if getattr(config, "layer_types", None):
         return list(config.layer_types)
-    sliding = has_sliding_layers(DynamicCache(config=config))
+    sliding = has_sliding_layers(cache if cache is not None else DynamicCache(config=config))
     return [SLIDING if sliding else FULL] * config.num_hidden_layers
 
 
@@ -117,14 +118,16 @@ def tree_incapability(model: PreTrainedModel) -> str | None:
 
 
 def tree_attention(
-    model: PreTrainedModel, allowed: torch.Tensor, positions: torch.Tensor, *, cached: int
+    model: PreTrainedModel, allowed: torch.Tensor, positions: torch.Tensor, *, cached: int,
+    cache: DynamicCache | None = None,
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """The boolean "query may attend key" pattern of a tree verify pass, `(1, 1, n, cached + n)` over [cache, pending,
     nodes], as the target's layers need it: as it is for full attention; for sliding-window layers restricted to
     keys within each query's window (`key position > query position - window`, transformers' own rule) and cut to
     the keys such a layer holds during the pass (its last `window - 1` cached positions and the n new ones). A model
-    with several layer types gets a {layer type: pattern} mapping."""
-    kinds = _layer_kinds(model)
+    with several layer types gets a {layer type: pattern} mapping. Pass the target's `cache` to read its layer kinds
+    from it (else a throwaway cache is built to find them)."""
+    kinds = _layer_kinds(model, cache)
     patterns = {}
     for kind in set(kinds):
         if kind == FULL:

@@ -632,12 +632,14 @@ def default_drafter_dir(target_spec: str) -> Path | None:
     return DRAFTERS_DIR / name if name else None
 
 
-def read_head_metadata(directory: str | Path) -> dict[str, Any]:
+def read_head_metadata(directory: str | Path, *, with_weights: bool = True) -> dict[str, Any]:
+    """A head directory's JSON config; the directory must hold the weights too unless `with_weights` is False (a
+    registered head's config fetched on its own)."""
     directory = Path(directory)
     config_path = directory / HEAD_CONFIG_FILE
     if not directory.is_dir():
         raise HeadLoadError(f"drafter directory {directory} does not exist; create one with `koala head init`")
-    if not config_path.is_file() or not (directory / HEAD_WEIGHTS_FILE).is_file():
+    if not config_path.is_file() or (with_weights and not (directory / HEAD_WEIGHTS_FILE).is_file()):
         raise HeadLoadError(
             f"drafter directory {directory} must hold {HEAD_CONFIG_FILE} and {HEAD_WEIGHTS_FILE}; "
             "create one with `koala head init`"

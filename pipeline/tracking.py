@@ -178,8 +178,10 @@ def register_head(uri: str, *, model_name: str, run_id: str, artifact_path: str 
     return version.version
 
 
-def download_registered_head(uri: str, model_uri: str, dst: str | Path) -> Path:
-    """`models:/NAME@champion` (or `models:/NAME/VERSION`) -> a local head directory that `load_head` reads."""
+def download_registered_head(uri: str, model_uri: str, dst: str | Path, *, only: str = "") -> Path:
+    """`models:/NAME@champion` (or `models:/NAME/VERSION`) -> a local head directory that `load_head` reads.
+    With `only` (a file name in the head directory) just that file is fetched, into `dst`, and its directory is
+    returned: enough for `read_head_metadata` without the weights."""
     import mlflow.artifacts
     from mlflow.tracking import MlflowClient
 
@@ -191,7 +193,11 @@ def download_registered_head(uri: str, model_uri: str, dst: str | Path) -> Path:
         name, _, number = model_uri.removeprefix("models:/").partition("/")
         source = client.get_model_version(name, number).source
     Path(dst).mkdir(parents=True, exist_ok=True)
+    if only:
+        source = f"{source.rstrip('/')}/{only}"
     if source.startswith("runs:/"):  # through this client: mlflow.artifacts would open the default registry, a
         run_id, _, path = source.removeprefix("runs:/").partition("/")  # mlflow.db in the working directory
-        return Path(client.download_artifacts(run_id, path, str(dst)))
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=uri))
+        local = Path(client.download_artifacts(run_id, path, str(dst)))
+    else:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=uri))
+    return local.parent if only else local

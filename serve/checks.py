@@ -1,8 +1,8 @@
 """Checks made on the driver before deploying, so that a mistake fails in seconds with one line that says what to do
 instead of inside every replica after a minute of retries.
 
-They read only the target's config and the head's JSON config (no weights). A registered drafter is downloaded
-once to a temporary directory to read its config, and the replicas download it again.
+They read only the target's config and the head's JSON config (no weights; for a registered drafter only its
+`head_config.json` is downloaded, to a temporary directory).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.heads import HeadLoadError, check_target_matches, read_head_metadata
+from pipeline.heads import HEAD_CONFIG_FILE, HeadLoadError, check_target_matches, read_head_metadata
 from pipeline.target import load_model_config
 from pipeline.tracking import download_registered_head, tracking_uri
 from serve.config import REGISTRY_PREFIX, ServeConfig
@@ -27,7 +27,7 @@ def registered_head_metadata(config: ServeConfig) -> dict[str, Any]:
     uri = tracking_uri(config.tracking)
     with tempfile.TemporaryDirectory(prefix="koala-drafter-check-") as scratch:
         try:
-            head_dir = download_registered_head(uri, config.drafter_source, scratch)
+            head_dir = download_registered_head(uri, config.drafter_source, scratch, only=HEAD_CONFIG_FILE)
         except Exception as error:  # MLflow raises its own exception types (and OSError, for an unreachable store)
             raise HeadLoadError(
                 f"drafter {config.drafter_source} does not resolve in the MLflow registry at {uri} "
@@ -35,7 +35,7 @@ def registered_head_metadata(config: ServeConfig) -> dict[str, Any]:
                 "the store that has it, or pass a head directory"
             ) from error
         try:
-            return read_head_metadata(head_dir)
+            return read_head_metadata(head_dir, with_weights=False)
         except HeadLoadError as error:
             raise HeadLoadError(f"drafter {config.drafter_source} is not a head: {error}") from error
 

@@ -136,7 +136,12 @@ def test_sweep_measures_every_trial_tracks_them_and_registers_the_fastest(distil
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp_path)  # resolving a registered head leaves no default store (mlflow.db) behind
         head_dir = download_registered_head(uri, "models:/koala-drafter@champion", tmp_path / "download")
+        config_only = download_registered_head(uri, "models:/koala-drafter@champion", tmp_path / "config-only",
+                                               only="head_config.json")
     assert not (tmp_path / "mlflow.db").exists()
+    assert sorted(p.name for p in config_only.iterdir()) == ["head_config.json"]  # serve's checks skip the weights
+    assert json.loads((config_only / "head_config.json").read_text()) == \
+        json.loads((head_dir / "head_config.json").read_text())
     load_head(head_dir, load_target(str(tiny_model_dir), device="cpu").model, target_name=str(tiny_model_dir))
 
     again = run_sweep(config, data_dirs=[str(distilled)])
