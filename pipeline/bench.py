@@ -87,7 +87,7 @@ def _hf_generate(target: Target, prompt_ids: torch.Tensor, decode: DecodeConfig,
     """Times HF `generate` with the same stopping rules (EOS, max_new_tokens) and sampling settings."""
     sampling = {} if decode.greedy else {"temperature": decode.temperature, "top_p": decode.top_p}
     eos = sorted(target.eos_token_ids)
-    pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else eos[0]
+    pad = target.pad_token_id
     if target.device.type == "cuda":
         torch.cuda.synchronize(target.device)
     started = time.perf_counter()

@@ -198,11 +198,10 @@ def generate_responses(
     Prompts are sorted by length inside the call so batches carry little padding; rows come back in input order.
     """
     formatter = target.formatter
-    tokenizer = target.tokenizer
     encoded = [formatter.encode(list(c.messages)) for c in conversations]
     order = sorted(range(len(conversations)), key=lambda i: len(encoded[i]))
     eos = sorted(target.eos_token_ids)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    pad_id = target.pad_token_id
     rows: dict[int, Row] = {}
     generator_seed = torch.Generator().manual_seed(seed)
     for start in range(0, len(order), batch_size):
@@ -273,7 +272,7 @@ def generate_self_prompts(
             "need a chat template (or the vicuna format)"
         )
     eos = sorted(target.eos_token_ids)
-    pad_id = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else eos[0]
+    pad_id = target.pad_token_id
     # Formats without an end-of-turn token (vicuna) end a user turn with the text that opens the reply.
     turn_end = suffix.strip()
     input_ids = torch.tensor([prefix_ids] * count, device=target.device)

@@ -206,7 +206,7 @@ def score(
         kwargs["position_ids"] = position_ids
     if allowed is not None:
         implementation = model.config._attn_implementation or "sdpa"
-        patterns = tree_attention(model, allowed, position_ids, cached=cache.get_seq_length(), cache=cache)
+        patterns = tree_attention(model, allowed, position_ids, cached=cached, cache=cache)
         convert = functools.partial(attention_mask_for, implementation=implementation, dtype=model.dtype)
         kwargs["attention_mask"] = (
             {kind: convert(pattern) for kind, pattern in patterns.items()} if isinstance(patterns, dict)

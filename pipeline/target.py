@@ -137,6 +137,13 @@ class Target:
             return frozenset()
         return frozenset([source] if isinstance(source, int) else source)
 
+    @property
+    def pad_token_id(self) -> int:
+        """The id batched `generate` pads with: the tokenizer's pad token, else the lowest EOS id."""
+        if self.tokenizer.pad_token_id is not None:
+            return self.tokenizer.pad_token_id
+        return min(self.eos_token_ids)
+
     def format_messages(self, messages: list[dict[str, str]]) -> str:
         """Renders a conversation ending with a user turn as the target's prompt text."""
         return self.formatter.render(messages)
