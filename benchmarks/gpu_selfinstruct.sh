@@ -6,6 +6,9 @@
 #   2. the target writes user prompts (koala self-prompts) and answers them (koala distill --no-ray), on CUDA;
 #   3. the shipped head is trained further on those answers plus ../shared/data/smollm2_answers (koala train --no-ray);
 #   4. vanilla decoding, HF prompt lookup and the new head are timed on MT-bench first turns, fp32, greedy.
+# Phase `grow` (about 8 minutes, then phase `time` at once on the same machine): the shipped head audited and timed
+# in fp32 and bf16 against vanilla, HF generate and HF prompt lookup; the core's tests on CUDA in the background
+# while PROMPTS more self-instruct prompts are written and answered and the shipped head trains on all the data.
 # Phase `verify` (a later short session): the core's tests on CUDA, and the shipped head audited and timed against
 # vanilla, HF generate and HF prompt lookup in fp32 and bf16.
 #
@@ -15,7 +18,7 @@
 # MAX_NEW_TOKENS=16 TESTS=tests/test_losses.py (TRAIN_EXTRA goes to koala train).
 # Every step has a time limit; each writes as it goes, so a step cut short still leaves what it made.
 set -uo pipefail
-phase=${1:?usage: gpu_selfinstruct.sh main|verify}
+phase=${1:?usage: gpu_selfinstruct.sh main|grow|time|verify}
 DATA=${DATA:-../shared/data}
 RUNS=${RUNS:-runs/selfinstruct}
 OUT=${OUT:-$RUNS/out}
@@ -34,6 +37,27 @@ koala() { $PY -m pipeline.cli "$@"; }
 stamp() { echo "[gpu +${SECONDS}s] $*"; }
 mkdir -p "$RUNS" "$OUT"
 NEW_HEAD=$RUNS/train/head
+
+# What comes back: the new head (fp16), the logs and the new self-instruct data (prompts and answers).
+pack_results() {
+  local answers=$1
+  $PY - "$NEW_HEAD" "$OUT/head" <<'EOF'
+import pathlib, shutil, sys
+from safetensors.torch import load_file, save_file
+source, target = map(pathlib.Path, sys.argv[1:3])
+if (source / "head.safetensors").is_file():
+    target.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(source / "head.safetensors").items()}
+    save_file(tensors, target / "head.safetensors")
+    shutil.copy(source / "head_config.json", target / "head_config.json")
+EOF
+  [ -d "$OUT/head" ] && tar cf "$OUT/head.tar" -C "$OUT" head && rm -rf "$OUT/head"
+  tar czf "$OUT/logs.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d *.log train/metrics.jsonl train/train_summary.json \
+    "$answers"/summary.json 2>/dev/null)
+  tar czf "$OUT/selfinstruct_data.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d self_prompts.jsonl new_prompts.jsonl \
+    "$answers" 2>/dev/null)
+  stamp "done"; ls -la "$OUT"
+}
 
 case $phase in
   main)
@@ -95,23 +119,73 @@ print('[train] trainer state dtypes:', dict(collections.Counter(str(t.dtype) for
         | grep --line-buffered -v "Warn\|warn" | tail -15
     fi
 
-    # What comes back: the new head (fp16), logs and the self-instruct data (prompts and answers).
-    $PY - "$NEW_HEAD" "$OUT/head" <<'EOF'
-import pathlib, shutil, sys
-from safetensors.torch import load_file, save_file
-source, target = map(pathlib.Path, sys.argv[1:3])
-if (source / "head.safetensors").is_file():
-    target.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(source / "head.safetensors").items()}
-    save_file(tensors, target / "head.safetensors")
-    shutil.copy(source / "head_config.json", target / "head_config.json")
-EOF
-    [ -d "$OUT/head" ] && tar cf "$OUT/head.tar" -C "$OUT" head && rm -rf "$OUT/head"
-    tar czf "$OUT/logs.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d *.log train/metrics.jsonl train/train_summary.json \
-      selfinstruct_answers/summary.json 2>/dev/null)
-    tar czf "$OUT/selfinstruct_data.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d self_prompts.jsonl selfinstruct_answers \
-      2>/dev/null)
-    stamp "done"; ls -la "$OUT"
+    pack_results selfinstruct_answers
+    ;;
+  grow)
+    # One more point on the tau-against-data curve, within about 9.5 minutes: first the shipped head's audited fp32
+    # and bf16 benches with the HF baselines, alone on the GPU (their timings are reported); then, with the core's
+    # tests on CUDA in the background, the target writes PROMPTS more prompts (continuing data/smollm2-selfinstruct's
+    # file, so every batch is new) and answers them, the shipped head trains further on all three datasets, and the
+    # result is timed against vanilla and HF prompt lookup.
+    DRAFTER=${DRAFTER:-pipeline/drafters/smollm2-eagle}
+    stamp "start: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo no GPU)"
+    $PY -c "from pipeline.target import load_target; load_target('$TARGET', dtype='float32')" 2>&1 | tail -1
+    for run in "float32 ${AUDIT_FP32:---per-category 1}" "bfloat16 ${AUDIT_BF16:---limit 3}"; do
+      set -- $run
+      timeout "${AUDIT_SECONDS:-75}" $PY -m pipeline.cli bench --target "$TARGET" --drafter "$DRAFTER" \
+        --dtype "$1" --audit "$2" "$3" --max-new-tokens "$MAX_NEW_TOKENS" \
+        --questions "$DATA/mt_bench/question.jsonl" --json "$OUT/audit_$1.json" 2>&1 \
+        | grep --line-buffered -v "Warn\|warn\|koala bench:" | tail -12
+      stamp "audit $1 done"
+    done
+
+    (KOALA_TEST_DEVICE=cuda OMP_NUM_THREADS=4 timeout "$TEST_SECONDS" $PY -m pytest -q -rf -p no:cacheprovider \
+       ${TESTS:-tests/test_decoding.py tests/test_heads.py tests/test_trees.py tests/test_audit.py \
+       tests/test_losses.py tests/test_training.py tests/test_architectures.py tests/test_smollm2.py} \
+       > "$OUT/cuda_tests.log" 2>&1; echo "exit $?" >> "$OUT/cuda_tests.log") &
+    tests_pid=$!
+
+    known=data/smollm2-selfinstruct/self_prompts.jsonl
+    cp "$known" "$RUNS/self_prompts.jsonl"
+    stamp "self-prompts: $PROMPTS more"
+    timeout "$PROMPT_SECONDS" $PY -m pipeline.cli self-prompts --target "$TARGET" \
+      --count $(( $(wc -l < "$known") + PROMPTS )) --out "$RUNS/self_prompts.jsonl" --set batch_size="$BATCH" \
+      --set target.dtype=bfloat16 2>&1 | grep --line-buffered -v "^WARNING pipeline.stages.self_prompts" | tail -3
+    tail -n +$(( $(wc -l < "$known") + 1 )) "$RUNS/self_prompts.jsonl" > "$RUNS/new_prompts.jsonl"
+    stamp "self-prompts: $(wc -l < "$RUNS/new_prompts.jsonl") new prompts"
+
+    stamp "distill"
+    timeout "$DISTILL_SECONDS" $PY -m pipeline.cli distill --no-ray --target "$TARGET" \
+      --prompts "$RUNS/new_prompts.jsonl" --out "$RUNS/selfinstruct2_answers" --max-new-tokens 192 \
+      --set batch_size="$BATCH" --set shard_size="$BATCH" --set target.dtype=bfloat16 \
+      --set tracking.enabled=false 2>&1 | grep --line-buffered "distill" | tail -4
+    stamp "distill: $(ls "$RUNS"/selfinstruct2_answers/shard-*.parquet 2>/dev/null | wc -l) shards"
+
+    stamp "train"
+    data_dirs="$DATA/smollm2_answers data/smollm2-selfinstruct"
+    ls "$RUNS"/selfinstruct2_answers/shard-*.parquet > /dev/null 2>&1 && \
+      data_dirs="$data_dirs $RUNS/selfinstruct2_answers"
+    # shellcheck disable=SC2086
+    timeout $((TRAIN_SECONDS + 90)) $PY -m pipeline.cli train --no-ray --target "$TARGET" --data $data_dirs \
+      --out "$RUNS/train" --head-type eagle --num-layers 1 --draft-vocab-size 8192 --unroll-depth 2 --epochs 100 \
+      --set init_head="$DRAFTER" --set head_lr=5e-4 --set batch_size=64 \
+      --set target.dtype=float32 --set tracking.enabled=false --set max_train_seconds="$TRAIN_SECONDS" \
+      --set cache_limit_gb=24 --set log_every_steps=50 --set checkpoint_every_steps=100000 \
+      ${TRAIN_EXTRA:-} > "$RUNS/train.log" 2>&1
+    stamp "train exit $?"
+    grep -a '\[train\]' "$RUNS/train.log" | sed 's/^.*\[train\]/[train]/' | tail -14
+
+    kill "$tests_pid" 2>/dev/null; wait "$tests_pid"
+    stamp "tests: $(grep -E '(passed|failed)' "$OUT/cuda_tests.log" | tail -1) $(tail -1 "$OUT/cuda_tests.log")"
+    pack_results selfinstruct2_answers
+    ;;
+  time)
+    # The head `grow` trained (or HEAD), timed against vanilla and HF prompt lookup on MT-bench first turns, fp32,
+    # greedy, alone on the GPU; the JSON is rewritten after every prompt, so a cut run keeps what it measured.
+    $PY benchmarks/compare_heads.py --target "$TARGET" --dtype float32 --head "new=${HEAD:-$NEW_HEAD}" \
+      --questions "$DATA/mt_bench/question.jsonl" --per-category "$PER_CATEGORY" \
+      --max-new-tokens "$MAX_NEW_TOKENS" --deadline "$((BUDGET - 15))" --json "$OUT/gpu_compare.json" 2>&1 \
+      | grep --line-buffered -v "Warn\|warn" | tail -15
     ;;
   verify)
     # What a short session checks (about 5 minutes after the target is set up): the core's tests on CUDA, then the
