@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache, PreTrainedModel
 
 from pipeline.config import DecodeConfig
@@ -357,7 +358,14 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
+# The attention kernels decoding may use: every one but cuDNN's. cuDNN attention (which PyTorch prefers for bf16 and
+# fp16 on Hopper GPUs) builds an execution plan for each new sequence length, and decoding meets a new length at
+# every round and draft step. On an H200 in bf16 the passes that carry an attention mask took 5.0 ms per draft step
+# (0.4 in fp32) and 54 ms per verification (26 in fp32); see the README's GPU section. fp32 never uses cuDNN, and
+# the other kernels need no plan. The setting is process-wide while `generate` runs: one generation at a time.
+DECODING_ATTENTION_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
 def generate(
     target: Target,
     prompt_ids: torch.Tensor,
@@ -373,6 +381,16 @@ def generate(
     changes which tokens are generated, only when generation stops. `record_logits` keeps the logits row that chose
     every emitted token (`GenerationResult.chosen_logits`, for the losslessness audit).
     """
+    with sdpa_kernel(list(DECODING_ATTENTION_BACKENDS)):
+        return _generate(target, prompt_ids, config=config, drafter=drafter, on_tokens=on_tokens,
+                         record_logits=record_logits)
+
+
+@torch.inference_mode()
+def _generate(
+    target: Target, prompt_ids: torch.Tensor, *, config: DecodeConfig, drafter: DraftHead | None,
+    on_tokens: TokenCallback | None, record_logits: bool,
+) -> GenerationResult:
     model, device = target.model, target.device
     prompt_length = prompt_ids.shape[1]
     context = target.context_window

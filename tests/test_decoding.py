@@ -327,3 +327,24 @@ def test_on_tokens_returning_false_cancels_generation(tiny_target):
     assert cancelled.finish_reason == "cancelled"
     assert cancelled.token_ids == full.token_ids[: len(cancelled.token_ids)]
     assert len(cancelled.token_ids) < len(full.token_ids)
+
+
+def test_decoding_never_uses_cudnn_attention(tiny_target, monkeypatch):
+    """cuDNN attention plans per sequence length, and decoding meets a new length every round (slow on Hopper GPUs
+    in bf16): every attention call of vanilla and speculative decoding, target and head, runs with cuDNN off, and
+    the process's setting is restored afterwards."""
+    cudnn_at_calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(*args, **kwargs):
+        cudnn_at_calls.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    head = build_head(HeadConfig(head_type="eagle", num_heads=3), tiny_target.model)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    prompt_ids = _prompt_ids(tiny_target, PROMPTS[0])
+    generate(tiny_target, prompt_ids, config=_greedy(max_new_tokens=12))
+    generate(tiny_target, prompt_ids, config=_greedy(max_new_tokens=12), drafter=head)
+    assert len(cudnn_at_calls) > 20 and not any(cudnn_at_calls)
+    assert torch.backends.cuda.cudnn_sdp_enabled()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,6 +21,7 @@ PROMPTS = [
     "Explain what a hash table is in two sentences.",
 ]
 MAX_NEW_TOKENS = 24
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +79,10 @@ def test_greedy_speculative_equals_vanilla_on_smollm2(smollm2, vanilla_outputs, 
         assert speculative.stats.draft_tokens > 0
 
 
-def test_draft_vocabulary_head_on_smollm2(smollm2, vanilla_outputs, shared_data):
-    questions = (shared_data / "sharegpt_prompts" / "ShareGPT_V3_filtered_500.json").read_text()
-    counts = count_tokens([questions], smollm2.tokenizer)
+def test_draft_vocabulary_head_on_smollm2(smollm2, vanilla_outputs):
+    # A draft vocabulary from the repository's own self-instruct prompts (no ../shared needed, e.g. on a GPU machine).
+    lines = (REPOSITORY / "data" / "smollm2-selfinstruct" / "self_prompts.jsonl").read_text().splitlines()[:500]
+    counts = count_tokens([json.loads(line)["messages"][0]["content"] for line in lines], smollm2.tokenizer)
     token_ids = top_token_ids(counts, 2048, always_include=[2])
     head = build_head(HeadConfig(head_type="eagle", draft_vocab_size=2048), smollm2.model, draft_token_ids=token_ids)
     assert head.lm_head_weight.shape == (2048, 576)

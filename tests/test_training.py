@@ -165,7 +165,7 @@ def test_validation_keeps_the_best_epoch_for_export(tiny_target):
     snapshots = []
     for epoch, val_tau in enumerate([1.2, 1.5, 1.3]):
         trainer.train_step(batch)
-        snapshots.append({k: v.clone() for k, v in trainer.head_module.state_dict().items()})
+        snapshots.append({k: v.detach().cpu().clone() for k, v in trainer.head_module.state_dict().items()})
         assert trainer.consider_best(val_tau, epoch) == (epoch != 2)
     assert trainer.best_epoch == 1 and trainer.best_val_tau == 1.5
     for name, value in trainer.export_state().items():
