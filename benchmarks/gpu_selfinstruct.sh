@@ -9,8 +9,8 @@
 # Phase `grow` (about 8 minutes, then phase `time` at once on the same machine): the shipped head audited and timed
 # in fp32 and bf16 against vanilla, HF generate and HF prompt lookup; the core's tests on CUDA in the background
 # while PROMPTS more self-instruct prompts are written and answered and the shipped head trains on all the data.
-# Phase `verify` (a later short session): the core's tests on CUDA, and the shipped head audited and timed against
-# vanilla, HF generate and HF prompt lookup in fp32 and bf16.
+# Phase `verify` (a later short session): the core's tests on CUDA, the shipped head audited and timed against
+# vanilla, HF generate and HF prompt lookup in fp32 and bf16, and bf16 decoding with and without cuDNN attention.
 #
 #   DATA=.devcarry/data RUNS=/root/keep/runs bash benchmarks/gpu_selfinstruct.sh main     # or: ... verify
 #
@@ -139,7 +139,7 @@ print('[train] trainer state dtypes:', dict(collections.Counter(str(t.dtype) for
       stamp "audit $1 done"
     done
 
-    (KOALA_TEST_DEVICE=cuda OMP_NUM_THREADS=4 timeout "$TEST_SECONDS" $PY -m pytest -q -rf -p no:cacheprovider \
+    (KOALA_TEST_DEVICE=cuda OMP_NUM_THREADS=4 timeout "$TEST_SECONDS" $PY -m pytest -v --tb=short -rf -p no:cacheprovider \
        ${TESTS:-tests/test_decoding.py tests/test_heads.py tests/test_trees.py tests/test_audit.py \
        tests/test_losses.py tests/test_training.py tests/test_architectures.py tests/test_smollm2.py} \
        > "$OUT/cuda_tests.log" 2>&1; echo "exit $?" >> "$OUT/cuda_tests.log") &
@@ -192,7 +192,7 @@ print('[train] trainer state dtypes:', dict(collections.Counter(str(t.dtype) for
     # shipped head (or DRAFTER) audited and timed against vanilla, HF generate and HF prompt lookup, fp32 then bf16
     # (bf16 on fewer prompts: at SmolLM2's size it is the slower dtype on a GPU).
     DRAFTER=${DRAFTER:-pipeline/drafters/smollm2-eagle}
-    KOALA_TEST_DEVICE=cuda timeout "${TEST_SECONDS}" $PY -m pytest -q -rf -p no:cacheprovider \
+    KOALA_TEST_DEVICE=cuda timeout "${TEST_SECONDS}" $PY -m pytest -v --tb=short -rf -p no:cacheprovider \
       ${TESTS:-tests/test_decoding.py tests/test_heads.py tests/test_trees.py tests/test_audit.py \
       tests/test_losses.py tests/test_training.py tests/test_architectures.py tests/test_smollm2.py} \
       > "$OUT/cuda_tests.log" 2>&1
@@ -204,5 +204,9 @@ print('[train] trainer state dtypes:', dict(collections.Counter(str(t.dtype) for
         --questions "$DATA/mt_bench/question.jsonl" --json "$OUT/audit_$1.json" 2>&1 \
         | grep --line-buffered -v "Warn\|warn\|koala bench:" | tail -12
     done
+    # Decoding keeps cuDNN attention off (pipeline/decoding.py, DECODING_ATTENTION_BACKENDS): bf16 with and without.
+    timeout "${AUDIT_SECONDS:-120}" $PY benchmarks/attention_backends.py --target "$TARGET" --dtype bfloat16 --limit 3 \
+      --max-new-tokens "$MAX_NEW_TOKENS" --questions "$DATA/mt_bench/question.jsonl" \
+      --json "$OUT/attention_backends.json" 2>&1 | grep --line-buffered -v "Warn\|warn" | tail -5
     ;;
 esac
