@@ -414,8 +414,8 @@ class TrainConfig(Config):
       time it won; unrolling 4 steps costs ~5x per step and pays off as a fine-tune, see `init_head`);
       `feature_noise` adds U(-a, a) to the true input features (EAGLE); `feature_loss_weight` weighs EAGLE's
       feature regression;
-    - selection: after every epoch a validation estimate of tau (chain acceptance of `val_draft_length` drafted
-      tokens on held-out rows, as greedy decoding accepts them); `select_best` exports the best epoch's head.
+    - selection: after every epoch a validation estimate of tau (greedy chain decoding with `val_draft_length`
+      drafted tokens replayed round by round on the held-out answers); `select_best` exports the best epoch's head.
     `max_train_seconds` > 0 stops training after that much training time (then validates and exports).
     `init_head` names a head directory to start from (fine-tuning, e.g. with training-time test); its type, K and
     draft vocabulary must match `head`.

@@ -421,18 +421,21 @@ class KoalaTrainer:
     def evaluate(self, batches: Iterable[TrainBatch]) -> dict[str, float | None]:
         """Validation through the unwrapped head (never a DDP wrapper: it runs on one rank only).
 
-        `val_tau`: the acceptance length greedy chain drafting of `val_draft_length` tokens would reach, estimated
-        from every response position of the held-out rows as a chain start: 1 + the mean number of leading
-        drafted tokens equal to the target's own greedy tokens. `val_acc_n`: the n-th drafted token's accuracy given
-        the first n-1 were right (an estimate of n-alpha). Also the distillation loss and the discriminator's
-        accuracy."""
+        `val_tau`: the acceptance length greedy chain drafting of `val_draft_length` tokens reaches when decoding
+        is replayed on the held-out answers: round by round from the first answer token, each round accepting the
+        leading drafted tokens equal to the target's own greedy tokens, then one token of the target's; tokens
+        per target pass, the prefill counted, as decoding's tau. (Averaging over every position as a chain start
+        instead overstates it: decoding spends more rounds where drafts fail. On 24 held-out self-instruct answers
+        that average said 3.05, real decoding 2.77 and this replay 2.72.) `val_acc_n`: the n-th drafted token's
+        accuracy given the first n-1 were right, over every position (an estimate of n-alpha). Also the
+        distillation loss and the discriminator's accuracy."""
         self.head_module.eval()
         depth = self.config.val_draft_length
         reached = torch.zeros(depth)
         correct = torch.zeros(depth)
         tree_reached = torch.zeros(depth)
         tree_ranks = torch.zeros(depth, TREE_RANKS)
-        starts = accepted = 0.0
+        tokens = passes = 0
         loss_total = loss_weight = d_correct = d_total = 0.0
         for batch in batches:
             with self.autocast():
@@ -441,13 +444,15 @@ class KoalaTrainer:
             hits = ranks == 0
             self._count_tree_ranks(ranks, evaluable, tree_reached, tree_ranks)
             alive = evaluable[0].clone()
-            starts += float(alive.sum())
             for step in range(hits.shape[0]):
                 alive &= evaluable[step]
                 reached[step] += alive.sum().item()
                 alive &= hits[step]
                 correct[step] += alive.sum().item()
-                accepted += float(alive.sum())
+            leading = (hits & evaluable).int().cumprod(dim=0).sum(dim=0)  # (B, T): accepted drafts per chain start
+            for row_leading, row_mask in zip(leading.tolist(), batch.loss_mask.tolist()):
+                row_tokens, row_passes = replay_chain_decoding(row_leading, row_mask)
+                tokens, passes = tokens + row_tokens, passes + row_passes
             count = float(predictions.weights.sum())
             if count:
                 loss_total += float(self._losses(predictions)["loss_distill"]) * count
@@ -463,7 +468,7 @@ class KoalaTrainer:
             f"val_acc_{step + 1}": float(correct[step] / reached[step]) if reached[step] else None
             for step in range(depth)
         }
-        metrics["val_tau"] = 1 + accepted / starts if starts else None
+        metrics["val_tau"] = tokens / passes if passes else None
         self.val_rank_accuracy = [(tree_ranks[d] / tree_reached[d]).tolist() for d in range(depth) if tree_reached[d]]
         metrics["val_loss_distill"] = loss_total / loss_weight if loss_weight else None
         metrics["val_d_accuracy"] = d_correct / d_total if d_total else None
@@ -607,6 +612,21 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
         state.setdefault(int(index), {})[field] = value
     current = optimizer.state_dict()
     optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+
+
+def replay_chain_decoding(leading: list[int], loss_mask: list[int]) -> tuple[int, int]:
+    """Greedy chain decoding replayed on one answer: `leading[s]` is how many drafted tokens a round whose verified
+    context ends at position s accepts; `loss_mask` marks the answer. Returns (answer tokens, target passes), the
+    prefill's pass (which emits the first answer token) counted."""
+    answer = [position for position, in_answer in enumerate(loss_mask) if in_answer]
+    if not answer:
+        return 0, 0
+    pending, last = answer[0], answer[-1]  # `pending`: the newest emitted token, not yet in the target's cache
+    tokens = passes = 1
+    while pending < last:
+        emitted = min(leading[pending - 1] + 1, last - pending)  # accepted drafts, then the target's own token
+        tokens, passes, pending = tokens + emitted, passes + 1, pending + emitted
+    return tokens, passes
 
 
 def iterate_batches(

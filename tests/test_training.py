@@ -12,7 +12,7 @@ from conftest import make_tiny_target
 from pipeline.config import DecodeConfig, HeadConfig, TrainConfig
 from pipeline.decoding import generate
 from pipeline.heads import build_head
-from pipeline.training import KoalaTrainer, TrainBatch, iterate_batches, pad_rows, target_features
+from pipeline.training import KoalaTrainer, TrainBatch, iterate_batches, pad_rows, replay_chain_decoding, target_features
 
 
 def _rows(target, count=4, length=24, seed=0):
@@ -217,6 +217,33 @@ def test_validation_chain_acceptance_is_what_greedy_decoding_accepts(tiny_target
         for _ in range(4):
             trainer.train_step(batch)
     assert {0, draft_length} <= seen and len(seen) > 2, seen
+
+
+def test_validation_tau_is_the_tau_greedy_chain_decoding_reaches(tiny_target):
+    """val_tau replays greedy chain decoding on a held-out answer: on the answer the decoder itself produced, it is
+    that generation's tau exactly, as the head goes from untrained to overfitted."""
+    draft_length = 3
+    trainer = _trainer(tiny_target, "eagle", 0.0, val_draft_length=draft_length)
+    prompt = torch.tensor([[1, 5, 9, 14, 3, 22]])
+    decode = DecodeConfig(max_new_tokens=50, draft_length=draft_length, tree="chain")  # within _batch's 64
+    taus = []
+    for _ in range(8):
+        result = generate(tiny_target, prompt, config=decode, drafter=trainer.head_module.eval())
+        sequence = prompt[0].tolist() + result.token_ids
+        mask = [0] * prompt.shape[1] + [1] * len(result.token_ids)
+        batch = _batch(tiny_target, [{"input_ids": sequence, "loss_mask": mask}])
+        assert trainer.evaluate([batch])["val_tau"] == pytest.approx(result.stats.acceptance_length)
+        taus.append(result.stats.acceptance_length)
+        for _ in range(4):
+            trainer.train_step(batch)
+    assert max(taus) > min(taus) + 1, taus
+
+
+def test_replayed_decoding_counts_rounds_like_the_decoder():
+    # The answer is at positions 2-7; a round from chain start 1 accepts 2 drafts, one from chain start 4 all 3.
+    leading = [0, 2, 0, 0, 3, 0, 0, 0]
+    assert replay_chain_decoding(leading, [0, 0, 1, 1, 1, 1, 1, 1]) == (6, 3)  # prefill, +3, +2 (answer ends)
+    assert replay_chain_decoding(leading, [0, 0, 0, 0]) == (0, 0)
 
 
 def _answers_file(path, *, rows=16, length=40, seed=0, vocab_size=80):
