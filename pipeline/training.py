@@ -444,12 +444,13 @@ class KoalaTrainer:
             hits = ranks == 0
             self._count_tree_ranks(ranks, evaluable, tree_reached, tree_ranks)
             alive = evaluable[0].clone()
+            leading = torch.zeros(alive.shape, dtype=torch.long, device=alive.device)  # accepted drafts per start
             for step in range(hits.shape[0]):
                 alive &= evaluable[step]
                 reached[step] += alive.sum().item()
                 alive &= hits[step]
                 correct[step] += alive.sum().item()
-            leading = (hits & evaluable).int().cumprod(dim=0).sum(dim=0)  # (B, T): accepted drafts per chain start
+                leading += alive
             for row_leading, row_mask in zip(leading.tolist(), batch.loss_mask.tolist()):
                 row_tokens, row_passes = replay_chain_decoding(row_leading, row_mask)
                 tokens, passes = tokens + row_tokens, passes + row_passes
