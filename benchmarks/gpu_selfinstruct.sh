@@ -33,10 +33,83 @@ BATCH=${BATCH:-1024}               # generation batch (rows)
 PER_CATEGORY=${PER_CATEGORY:-4}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-128}
 TEST_SECONDS=${TEST_SECONDS:-300}
-koala() { $PY -m pipeline.cli "$@"; }
 stamp() { echo "[gpu +${SECONDS}s] $*"; }
 mkdir -p "$RUNS" "$OUT"
 NEW_HEAD=$RUNS/train/head
+DRAFTER=${DRAFTER:-pipeline/drafters/smollm2-eagle}
+CORE_TESTS="tests/test_decoding.py tests/test_heads.py tests/test_trees.py tests/test_audit.py tests/test_losses.py
+  tests/test_training.py tests/test_architectures.py tests/test_smollm2.py"
+
+start() {
+  stamp "start: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo no GPU)"
+  # The target loads once here, so the later (and parallel) steps find its converted copy in the cache.
+  $PY -c "from pipeline.target import load_target; load_target('$TARGET', dtype='float32')" 2>&1 | tail -1
+}
+
+# The core's tests on CUDA, verbose, so a run cut by its time limit still names the tests that failed.
+cuda_tests() {
+  # shellcheck disable=SC2086
+  KOALA_TEST_DEVICE=cuda timeout "$TEST_SECONDS" $PY -m pytest -v --tb=short -rf -p no:cacheprovider \
+    ${TESTS:-$CORE_TESTS} > "$OUT/cuda_tests.log" 2>&1
+  echo "exit $?" >> "$OUT/cuda_tests.log"
+}
+tests_summary() { stamp "tests: $(grep -E '(passed|failed)' "$OUT/cuda_tests.log" | tail -1) $(tail -1 "$OUT/cuda_tests.log")"; }
+
+# DRAFTER audited and timed against vanilla, HF generate and HF prompt lookup: $1 seconds per dtype, then the
+# fp32 and the bf16 prompt selection (bench options).
+audited_benches() {
+  local seconds=$1 fp32=$2 bf16=$3 run
+  for run in "float32 $fp32" "bfloat16 $bf16"; do
+    set -- $run
+    timeout "$seconds" $PY -m pipeline.cli bench --target "$TARGET" --drafter "$DRAFTER" \
+      --dtype "$1" --audit "$2" "$3" --max-new-tokens "$MAX_NEW_TOKENS" \
+      --questions "$DATA/mt_bench/question.jsonl" --json "$OUT/audit_$1.json" 2>&1 \
+      | grep --line-buffered -v "Warn\|warn\|koala bench:" | tail -12
+    stamp "audit $1 done"
+  done
+}
+
+# The target writes prompts into $RUNS/self_prompts.jsonl until it holds $1.
+write_prompts() {
+  timeout "$PROMPT_SECONDS" $PY -m pipeline.cli self-prompts --target "$TARGET" --count "$1" \
+    --out "$RUNS/self_prompts.jsonl" --set batch_size="$BATCH" --set target.dtype=bfloat16 2>&1 \
+    | grep --line-buffered -v "^WARNING pipeline.stages.self_prompts" | tail -3
+}
+
+# The target answers the prompts in $1 into $RUNS/$2.
+distill_answers() {
+  stamp "distill"
+  timeout "$DISTILL_SECONDS" $PY -m pipeline.cli distill --no-ray --target "$TARGET" \
+    --prompts "$1" --out "$RUNS/$2" --max-new-tokens 192 \
+    --set batch_size="$BATCH" --set shard_size="$BATCH" --set target.dtype=bfloat16 \
+    --set tracking.enabled=false 2>&1 | grep --line-buffered "distill" | tail -4
+  stamp "distill: $(ls "$RUNS/$2"/shard-*.parquet 2>/dev/null | wc -l) shards"
+}
+
+# DRAFTER trained further into $RUNS/train on the data directories given: $1 cache_limit_gb, $2 seconds allowed
+# beyond TRAIN_SECONDS (loading, features, validation), then the directories, plus $RUNS/$3 if it holds answers.
+train_further() {
+  local cache_gb=$1 margin=$2 answers=$3
+  shift 3
+  ls "$RUNS/$answers"/shard-*.parquet > /dev/null 2>&1 && set -- "$@" "$RUNS/$answers"
+  stamp "train"
+  # shellcheck disable=SC2086
+  timeout $((TRAIN_SECONDS + margin)) $PY -m pipeline.cli train --no-ray --target "$TARGET" --data "$@" \
+    --out "$RUNS/train" --head-type eagle --num-layers 1 --draft-vocab-size 8192 --unroll-depth 2 --epochs 100 \
+    --set init_head="$DRAFTER" --set head_lr=5e-4 --set batch_size=64 \
+    --set target.dtype=float32 --set tracking.enabled=false --set max_train_seconds="$TRAIN_SECONDS" \
+    --set cache_limit_gb="$cache_gb" --set log_every_steps=50 --set checkpoint_every_steps=100000 \
+    ${TRAIN_EXTRA:-} > "$RUNS/train.log" 2>&1
+}
+
+# The new head (or HEAD) timed against vanilla and HF prompt lookup on MT-bench first turns, fp32, greedy, until
+# the deadline $1 (seconds); the JSON is rewritten after every prompt, so a cut run keeps what it measured.
+time_new_head() {
+  $PY benchmarks/compare_heads.py --target "$TARGET" --dtype float32 --head "new=${HEAD:-$NEW_HEAD}" \
+    --questions "$DATA/mt_bench/question.jsonl" --per-category "$PER_CATEGORY" \
+    --max-new-tokens "$MAX_NEW_TOKENS" --deadline "$1" --json "$OUT/gpu_compare.json" 2>&1 \
+    | grep --line-buffered -v "Warn\|warn" | tail -15
+}
 
 # What comes back: the new head (fp16), the logs and the new self-instruct data (prompts and answers).
 pack_results() {
@@ -61,14 +134,8 @@ EOF
 
 case $phase in
   main)
-    stamp "start: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo no GPU)"
-    # The target loads once here, so the parallel steps below find its converted copy in the cache.
-    $PY -c "from pipeline.target import load_target; load_target('$TARGET', dtype='float32')" 2>&1 | tail -1
-
-    TESTS=${TESTS:-tests/test_decoding.py tests/test_heads.py tests/test_trees.py tests/test_audit.py \
-      tests/test_losses.py tests/test_training.py tests/test_architectures.py tests/test_smollm2.py}
-    (KOALA_TEST_DEVICE=cuda OMP_NUM_THREADS=4 timeout "$TEST_SECONDS" $PY -m pytest -v --tb=short -rf -p no:cacheprovider \
-       $TESTS > "$OUT/cuda_tests.log" 2>&1; echo "exit $?" >> "$OUT/cuda_tests.log") &
+    start
+    OMP_NUM_THREADS=4 cuda_tests &
     tests_pid=$!
     (OMP_NUM_THREADS=2 timeout 300 $PY -m pipeline.cli bench --target "$TARGET" --dtype bfloat16 --audit --no-hf \
        --per-category 2 --max-new-tokens "$MAX_NEW_TOKENS" --questions "$DATA/mt_bench/question.jsonl" \
@@ -76,28 +143,10 @@ case $phase in
     audit_pid=$!
 
     stamp "self-prompts"
-    timeout "$PROMPT_SECONDS" $PY -m pipeline.cli self-prompts --target "$TARGET" --count "$PROMPTS" \
-      --out "$RUNS/self_prompts.jsonl" --set batch_size="$BATCH" --set target.dtype=bfloat16 2>&1 \
-      | grep --line-buffered -v "^WARNING pipeline.stages.self_prompts" | tail -3
+    write_prompts "$PROMPTS"
     stamp "self-prompts: $(wc -l < "$RUNS/self_prompts.jsonl") prompts"
-
-    stamp "distill"
-    timeout "$DISTILL_SECONDS" $PY -m pipeline.cli distill --no-ray --target "$TARGET" \
-      --prompts "$RUNS/self_prompts.jsonl" --out "$RUNS/selfinstruct_answers" --max-new-tokens 192 \
-      --set batch_size="$BATCH" --set shard_size="$BATCH" --set target.dtype=bfloat16 \
-      --set tracking.enabled=false 2>&1 | grep --line-buffered "distill" | tail -4
-    stamp "distill: $(ls "$RUNS"/selfinstruct_answers/shard-*.parquet 2>/dev/null | wc -l) shards"
-
-    stamp "train"
-    data_dirs="$DATA/smollm2_answers"
-    ls "$RUNS"/selfinstruct_answers/shard-*.parquet > /dev/null 2>&1 && data_dirs="$data_dirs $RUNS/selfinstruct_answers"
-    # shellcheck disable=SC2086
-    timeout $((TRAIN_SECONDS + 120)) $PY -m pipeline.cli train --no-ray --target "$TARGET" --data $data_dirs \
-      --out "$RUNS/train" --head-type eagle --num-layers 1 --draft-vocab-size 8192 --unroll-depth 2 --epochs 100 \
-      --set init_head=pipeline/drafters/smollm2-eagle --set head_lr=5e-4 --set batch_size=64 \
-      --set target.dtype=float32 --set tracking.enabled=false --set max_train_seconds="$TRAIN_SECONDS" \
-      --set cache_limit_gb=16 --set log_every_steps=50 --set checkpoint_every_steps=100000 \
-      ${TRAIN_EXTRA:-} > "$RUNS/train.log" 2>&1
+    distill_answers "$RUNS/self_prompts.jsonl" selfinstruct_answers
+    train_further 16 120 selfinstruct_answers "$DATA/smollm2_answers"
     stamp "train exit $?: $(grep -a '\[train\] epoch' "$RUNS/train.log" | tail -1)"
     grep -a '\[train\] epoch' "$RUNS/train.log" | sed 's/^.*\[train\]/[train]/'
     # Parameters train in fp32 (bf16 autocast only computes in bf16): the trainer state says which dtypes it holds.
@@ -107,103 +156,51 @@ print('[train] trainer state dtypes:', dict(collections.Counter(str(t.dtype) for
 
     # The background work must not share the GPU with the timed comparison.
     wait "$audit_pid"; kill "$tests_pid" 2>/dev/null; wait "$tests_pid"
-    stamp "tests: $(grep -E '(passed|failed)' "$OUT/cuda_tests.log" | tail -1) $(tail -1 "$OUT/cuda_tests.log")"
+    tests_summary
     stamp "bf16 audit: $(grep -a -i 'violation\|near' "$RUNS/audit_bf16_shipped.log" | head -2 | tr '\n' ' ')"
 
     left=$((BUDGET - SECONDS - 25))
     stamp "timing vanilla, HF prompt lookup and the new head (deadline ${left}s)"
     if [ -f "$NEW_HEAD/head.safetensors" ] && [ "$left" -gt 30 ]; then
-      $PY benchmarks/compare_heads.py --target "$TARGET" --dtype float32 --head "new=$NEW_HEAD" \
-        --questions "$DATA/mt_bench/question.jsonl" --per-category "$PER_CATEGORY" \
-        --max-new-tokens "$MAX_NEW_TOKENS" --deadline "$left" --json "$OUT/gpu_compare.json" 2>&1 \
-        | grep --line-buffered -v "Warn\|warn" | tail -15
+      time_new_head "$left"
     fi
-
     pack_results selfinstruct_answers
     ;;
   grow)
     # One more point on the tau-against-data curve, within about 9.5 minutes: first the shipped head's audited fp32
     # and bf16 benches with the HF baselines, alone on the GPU (their timings are reported); then, with the core's
     # tests on CUDA in the background, the target writes PROMPTS more prompts (continuing data/smollm2-selfinstruct's
-    # file, so every batch is new) and answers them, the shipped head trains further on all three datasets, and the
-    # result is timed against vanilla and HF prompt lookup.
-    DRAFTER=${DRAFTER:-pipeline/drafters/smollm2-eagle}
-    stamp "start: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo no GPU)"
-    $PY -c "from pipeline.target import load_target; load_target('$TARGET', dtype='float32')" 2>&1 | tail -1
-    for run in "float32 ${AUDIT_FP32:---per-category 1}" "bfloat16 ${AUDIT_BF16:---limit 3}"; do
-      set -- $run
-      timeout "${AUDIT_SECONDS:-75}" $PY -m pipeline.cli bench --target "$TARGET" --drafter "$DRAFTER" \
-        --dtype "$1" --audit "$2" "$3" --max-new-tokens "$MAX_NEW_TOKENS" \
-        --questions "$DATA/mt_bench/question.jsonl" --json "$OUT/audit_$1.json" 2>&1 \
-        | grep --line-buffered -v "Warn\|warn\|koala bench:" | tail -12
-      stamp "audit $1 done"
-    done
-
-    (KOALA_TEST_DEVICE=cuda OMP_NUM_THREADS=4 timeout "$TEST_SECONDS" $PY -m pytest -v --tb=short -rf -p no:cacheprovider \
-       ${TESTS:-tests/test_decoding.py tests/test_heads.py tests/test_trees.py tests/test_audit.py \
-       tests/test_losses.py tests/test_training.py tests/test_architectures.py tests/test_smollm2.py} \
-       > "$OUT/cuda_tests.log" 2>&1; echo "exit $?" >> "$OUT/cuda_tests.log") &
+    # file, so every batch is new) and answers them, and the shipped head trains further on all three datasets.
+    start
+    audited_benches "${AUDIT_SECONDS:-75}" "${AUDIT_FP32:---per-category 1}" "${AUDIT_BF16:---limit 3}"
+    OMP_NUM_THREADS=4 cuda_tests &
     tests_pid=$!
 
     known=data/smollm2-selfinstruct/self_prompts.jsonl
     cp "$known" "$RUNS/self_prompts.jsonl"
     stamp "self-prompts: $PROMPTS more"
-    timeout "$PROMPT_SECONDS" $PY -m pipeline.cli self-prompts --target "$TARGET" \
-      --count $(( $(wc -l < "$known") + PROMPTS )) --out "$RUNS/self_prompts.jsonl" --set batch_size="$BATCH" \
-      --set target.dtype=bfloat16 2>&1 | grep --line-buffered -v "^WARNING pipeline.stages.self_prompts" | tail -3
+    write_prompts $(( $(wc -l < "$known") + PROMPTS ))
     tail -n +$(( $(wc -l < "$known") + 1 )) "$RUNS/self_prompts.jsonl" > "$RUNS/new_prompts.jsonl"
     stamp "self-prompts: $(wc -l < "$RUNS/new_prompts.jsonl") new prompts"
-
-    stamp "distill"
-    timeout "$DISTILL_SECONDS" $PY -m pipeline.cli distill --no-ray --target "$TARGET" \
-      --prompts "$RUNS/new_prompts.jsonl" --out "$RUNS/selfinstruct2_answers" --max-new-tokens 192 \
-      --set batch_size="$BATCH" --set shard_size="$BATCH" --set target.dtype=bfloat16 \
-      --set tracking.enabled=false 2>&1 | grep --line-buffered "distill" | tail -4
-    stamp "distill: $(ls "$RUNS"/selfinstruct2_answers/shard-*.parquet 2>/dev/null | wc -l) shards"
-
-    stamp "train"
-    data_dirs="$DATA/smollm2_answers data/smollm2-selfinstruct"
-    ls "$RUNS"/selfinstruct2_answers/shard-*.parquet > /dev/null 2>&1 && \
-      data_dirs="$data_dirs $RUNS/selfinstruct2_answers"
-    # shellcheck disable=SC2086
-    timeout $((TRAIN_SECONDS + 90)) $PY -m pipeline.cli train --no-ray --target "$TARGET" --data $data_dirs \
-      --out "$RUNS/train" --head-type eagle --num-layers 1 --draft-vocab-size 8192 --unroll-depth 2 --epochs 100 \
-      --set init_head="$DRAFTER" --set head_lr=5e-4 --set batch_size=64 \
-      --set target.dtype=float32 --set tracking.enabled=false --set max_train_seconds="$TRAIN_SECONDS" \
-      --set cache_limit_gb=24 --set log_every_steps=50 --set checkpoint_every_steps=100000 \
-      ${TRAIN_EXTRA:-} > "$RUNS/train.log" 2>&1
+    distill_answers "$RUNS/new_prompts.jsonl" selfinstruct2_answers
+    train_further 24 90 selfinstruct2_answers "$DATA/smollm2_answers" data/smollm2-selfinstruct
     stamp "train exit $?"
     grep -a '\[train\]' "$RUNS/train.log" | sed 's/^.*\[train\]/[train]/' | tail -14
 
     kill "$tests_pid" 2>/dev/null; wait "$tests_pid"
-    stamp "tests: $(grep -E '(passed|failed)' "$OUT/cuda_tests.log" | tail -1) $(tail -1 "$OUT/cuda_tests.log")"
+    tests_summary
     pack_results selfinstruct2_answers
     ;;
   time)
-    # The head `grow` trained (or HEAD), timed against vanilla and HF prompt lookup on MT-bench first turns, fp32,
-    # greedy, alone on the GPU; the JSON is rewritten after every prompt, so a cut run keeps what it measured.
-    $PY benchmarks/compare_heads.py --target "$TARGET" --dtype float32 --head "new=${HEAD:-$NEW_HEAD}" \
-      --questions "$DATA/mt_bench/question.jsonl" --per-category "$PER_CATEGORY" \
-      --max-new-tokens "$MAX_NEW_TOKENS" --deadline "$((BUDGET - 15))" --json "$OUT/gpu_compare.json" 2>&1 \
-      | grep --line-buffered -v "Warn\|warn" | tail -15
+    time_new_head "$((BUDGET - 15))"
     ;;
   verify)
     # What a short session checks (about 5 minutes after the target is set up): the core's tests on CUDA, then the
     # shipped head (or DRAFTER) audited and timed against vanilla, HF generate and HF prompt lookup, fp32 then bf16
     # (bf16 on fewer prompts: at SmolLM2's size it is the slower dtype on a GPU).
-    DRAFTER=${DRAFTER:-pipeline/drafters/smollm2-eagle}
-    KOALA_TEST_DEVICE=cuda timeout "${TEST_SECONDS}" $PY -m pytest -v --tb=short -rf -p no:cacheprovider \
-      ${TESTS:-tests/test_decoding.py tests/test_heads.py tests/test_trees.py tests/test_audit.py \
-      tests/test_losses.py tests/test_training.py tests/test_architectures.py tests/test_smollm2.py} \
-      > "$OUT/cuda_tests.log" 2>&1
-    stamp "tests: $(tail -1 "$OUT/cuda_tests.log")"
-    for run in "float32 --per-category 1" "bfloat16 --limit 3"; do
-      set -- $run
-      timeout "${AUDIT_SECONDS:-120}" $PY -m pipeline.cli bench --target "$TARGET" --drafter "$DRAFTER" \
-        --dtype "$1" --audit "$2" "$3" --max-new-tokens "$MAX_NEW_TOKENS" \
-        --questions "$DATA/mt_bench/question.jsonl" --json "$OUT/audit_$1.json" 2>&1 \
-        | grep --line-buffered -v "Warn\|warn\|koala bench:" | tail -12
-    done
+    cuda_tests
+    tests_summary
+    audited_benches "${AUDIT_SECONDS:-120}" "--per-category 1" "--limit 3"
     # Decoding keeps cuDNN attention off (pipeline/decoding.py, DECODING_ATTENTION_BACKENDS): bf16 with and without.
     timeout "${AUDIT_SECONDS:-120}" $PY benchmarks/attention_backends.py --target "$TARGET" --dtype bfloat16 --limit 3 \
       --max-new-tokens "$MAX_NEW_TOKENS" --questions "$DATA/mt_bench/question.jsonl" \
