@@ -28,6 +28,8 @@ def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--prompt-format", default="auto", help="auto, chat, vicuna or plain")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the target's own modeling code")
+    parser.add_argument("--cpu-linear", default="onednn", help="on a CPU: onednn (fast fp32 linear layers) or torch "
+                        "(nn.Linear's MKL path)")
 
 
 def _target_config(args: argparse.Namespace) -> TargetConfig:
@@ -37,6 +39,7 @@ def _target_config(args: argparse.Namespace) -> TargetConfig:
         device=args.device,
         prompt_format=args.prompt_format,
         trust_remote_code=args.trust_remote_code,
+        cpu_linear=args.cpu_linear,
     )
 
 

@@ -17,6 +17,7 @@ import yaml
 HEAD_TYPES = ("medusa", "eagle")
 PROMPT_FORMATS = ("auto", "chat", "vicuna", "plain")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+CPU_LINEAR_KERNELS = ("onednn", "torch")
 # Defaults shared by every stage that decodes, so heads are trained on the lengths they are evaluated and served at.
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_DRAFT_THRESHOLD = 0.0
@@ -250,6 +251,9 @@ class TargetConfig(Config):
     prompt_format: str = "auto"
     system_prompt: str | None = None
     trust_remote_code: bool = False
+    # On a CPU, "onednn" runs the fp32 linear layers through oneDNN (pipeline/cpu_linear.py: a target step 28 ms
+    # instead of 42 on the reference machine, same results up to rounding); "torch" keeps nn.Linear's MKL path.
+    cpu_linear: str = "onednn"
 
     def validate(self) -> None:
         if not self.spec:
@@ -260,6 +264,8 @@ class TargetConfig(Config):
             self.fail("prompt_format", f"unknown prompt format {self.prompt_format!r}; choose one of {list(PROMPT_FORMATS)}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             self.fail("device", f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.cpu_linear not in CPU_LINEAR_KERNELS:
+            self.fail("cpu_linear", f"unknown kernel {self.cpu_linear!r}; choose one of {list(CPU_LINEAR_KERNELS)}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

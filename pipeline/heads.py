@@ -29,6 +29,7 @@ from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
 from pipeline.caches import rollback_cache
+from pipeline.cpu_linear import OneDnnLinear, linear, use_onednn_linears, uses_onednn_linears
 from pipeline.config import ConfigError, HeadConfig
 from pipeline.trees import TreeShape, best_nodes, build_static_tree, log_softmax_top, static_tree_parents
 
@@ -432,7 +433,9 @@ class EagleHead(nn.Module):
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """features `(..., H)` -> draft logits `(..., V_draft)` (soft-capped like the target's)."""
-        return soft_cap(F.linear(features, self.lm_head_weight.to(features.dtype)), self.logit_softcap)
+        # The LM-head rows are a buffer, not an nn.Linear: they take oneDNN's kernel when the head's layers do.
+        product = linear if isinstance(self.fc, OneDnnLinear) else F.linear
+        return soft_cap(product(features, self.lm_head_weight.to(features.dtype)), self.logit_softcap)
 
     def propose_tree(
         self, state: EagleState, features: torch.Tensor, next_token_ids: torch.Tensor, shape: TreeShape,
@@ -594,7 +597,10 @@ def build_head(
             raise ConfigError(f"head.draft_vocab_size: token-id map has ids outside the target vocabulary [0, {vocab_size})")
     elif draft_token_ids is not None:
         raise ConfigError("head.draft_vocab_size: is 0 (full vocabulary) but a token-id map was given")
-    return HEAD_CLASSES[config.head_type](config, target=target, draft_token_ids=draft_token_ids)
+    head = HEAD_CLASSES[config.head_type](config, target=target, draft_token_ids=draft_token_ids)
+    if uses_onednn_linears(target):  # the head's CPU kernels follow the target's (TargetConfig.cpu_linear)
+        use_onednn_linears(head)
+    return head
 
 
 def target_identity_dict(target: PreTrainedModel, name: str) -> dict[str, Any]:

@@ -24,6 +24,8 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from pipeline.cpu_linear import use_onednn_linears
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2"
@@ -363,8 +365,10 @@ def load_target(
     prompt_format: str = "auto",
     system_prompt: str | None = None,
     trust_remote_code: bool = False,
+    cpu_linear: str = "onednn",
 ) -> Target:
-    """Loads a target model + tokenizer in eval mode, on CUDA when available and the CPU otherwise."""
+    """Loads a target model + tokenizer in eval mode, on CUDA when available and the CPU otherwise; on a CPU its
+    linear layers run through oneDNN unless `cpu_linear` is "torch" (see pipeline/cpu_linear.py)."""
     location, extra = resolve_spec(spec)
     torch_device = pick_device(device)
     try:
@@ -382,6 +386,8 @@ def load_target(
         ) from error
     model.to(torch_device).eval()
     model.requires_grad_(False)
+    if torch_device.type == "cpu" and cpu_linear == "onednn":
+        use_onednn_linears(model)
     chosen_format = choose_prompt_format(prompt_format, tokenizer, spec)
     return Target(model=model, tokenizer=tokenizer, name=spec, prompt_format=chosen_format, system_prompt=system_prompt)
 
@@ -395,4 +401,5 @@ def load_target_from_config(config) -> Target:
         prompt_format=config.prompt_format,
         system_prompt=config.system_prompt,
         trust_remote_code=config.trust_remote_code,
+        cpu_linear=config.cpu_linear,
     )
