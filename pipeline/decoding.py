@@ -289,11 +289,12 @@ def verify_costs(model: PreTrainedModel, sizes: tuple[int, ...], *, context: int
     if missing:
         device = cache_device(model)
         generator = torch.Generator().manual_seed(0)
-        prefix = torch.randint(10, model.config.vocab_size, (1, context), generator=generator).to(device)
+        vocab_size = model.config.vocab_size
+        prefix = torch.randint(vocab_size, (1, context), generator=generator).to(device)
         cache = new_cache(model.config)
         score(model, prefix, cache, last_logits_only=True, want_features=False)
         for k in missing:
-            ids = torch.randint(10, model.config.vocab_size, (1, k), generator=generator).to(device)
+            ids = torch.randint(vocab_size, (1, k), generator=generator).to(device)
             timings = []
             for _ in range(repeats + 1):  # the first run of a shape warms its kernels up
                 _synchronize(device)
@@ -339,18 +340,23 @@ def _tree_shape(target: Target, drafter: DraftHead, config: DecodeConfig, draft_
     return TreeShape(nodes=nodes, depth=draft_length, static=tuple(static[:nodes]))
 
 
-# On a CPU, PyTorch's linear layers run 2 or 3 rows as that many matrix-vector products: verifying 2-3 tokens costs
-# more than verifying 4 (SmolLM2 fp32, 2 threads: 1/2/3/4 tokens 42/68/80/62 ms). Such verifications are padded to 4
-# positions whose outputs are ignored (attention is causal: they cannot change the real ones) and rolled back.
+# On a CPU, PyTorch's MKL linear layers (TargetConfig.cpu_linear "torch") run 2 or 3 rows as that many
+# matrix-vector products: verifying 2-3 tokens costs more than verifying 4 (SmolLM2 fp32, 2 threads: 1/2/3/4 tokens
+# 42/68/80/62 ms; through oneDNN 28/34/34/35). Such verifications are padded to 4 positions whose outputs are ignored
+# (attention is causal: they cannot change the real ones) and rolled back, where the measured costs say 4 is cheaper.
 CPU_FAST_VERIFY_ROWS = 4
 
 
-def _pad_for_cpu(verify_ids: torch.Tensor) -> torch.Tensor:
-    """verify_ids `(k,)` -> `(k,)` or `(4,)` on a CPU when 1 < k < 4 (the last token repeated)."""
-    short = CPU_FAST_VERIFY_ROWS - len(verify_ids)
-    if verify_ids.device.type != "cpu" or len(verify_ids) < 2 or short <= 0:
+def _pad_for_cpu(model: PreTrainedModel, verify_ids: torch.Tensor) -> torch.Tensor:
+    """verify_ids `(k,)` -> `(k,)`, or `(4,)` (the last token repeated) on a CPU when 1 < k < 4 and verifying 4
+    tokens is measured to cost less than k (`verify_costs`)."""
+    rows = len(verify_ids)
+    if verify_ids.device.type != "cpu" or rows < 2 or rows >= CPU_FAST_VERIFY_ROWS:
         return verify_ids
-    return torch.cat([verify_ids, verify_ids[-1:].repeat(short)])
+    costs = verify_costs(model, (rows, CPU_FAST_VERIFY_ROWS))
+    if costs[CPU_FAST_VERIFY_ROWS] >= costs[rows]:
+        return verify_ids
+    return torch.cat([verify_ids, verify_ids[-1:].repeat(CPU_FAST_VERIFY_ROWS - rows)])
 
 
 def _synchronize(device: torch.device) -> None:
@@ -449,7 +455,7 @@ def _generate(
         else:
             draft_tokens = torch.tensor(proposal.token_ids, dtype=torch.long, device=device)
             verify_ids = torch.cat([torch.tensor([pending], device=device), draft_tokens])
-            scored = score(model, _pad_for_cpu(verify_ids)[None], cache, last_logits_only=False,
+            scored = score(model, _pad_for_cpu(model, verify_ids)[None], cache, last_logits_only=False,
                            want_features=want_features)
             scored.logits = scored.logits[: len(verify_ids)]
             if config.greedy:

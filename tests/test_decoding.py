@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_target
+from conftest import TEST_DEVICE, make_tiny_target
 from pipeline.config import ConfigError, DecodeConfig, HeadConfig
 from pipeline.decoding import (
     GenerationStats,
@@ -348,3 +348,29 @@ def test_decoding_never_uses_cudnn_attention(tiny_target, monkeypatch):
     generate(tiny_target, prompt_ids, config=_greedy(max_new_tokens=12), drafter=head)
     assert len(cudnn_at_calls) > 20 and not any(cudnn_at_calls)
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cpu", reason="the padding is a CPU kernel choice")
+@pytest.mark.parametrize("four_is_cheaper", [True, False])
+def test_short_cpu_verifications_are_padded_only_where_measured_cheaper(tiny_target, monkeypatch, four_is_cheaper):
+    import pipeline.decoding as decoding
+
+    costs = {2: 2.0, 3: 3.0, 4: 1.0 if four_is_cheaper else 5.0}
+    monkeypatch.setattr(decoding, "verify_costs", lambda model, sizes: {k: costs[k] for k in sizes})
+    scored_lengths = []
+    real_score = decoding.score
+
+    def spy(model, input_ids, cache, **kwargs):
+        scored_lengths.append(input_ids.shape[1])
+        return real_score(model, input_ids, cache, **kwargs)
+
+    monkeypatch.setattr(decoding, "score", spy)
+    head = build_head(HeadConfig(head_type="eagle", num_layers=1, num_heads=2), tiny_target.model).eval()
+    prompt = _prompt_ids(tiny_target, PROMPTS[1])
+    vanilla = generate(tiny_target, prompt, config=_greedy(max_new_tokens=20))
+    scored_lengths.clear()
+    speculative = generate(tiny_target, prompt, config=_greedy(max_new_tokens=20), drafter=head)
+    assert speculative.token_ids == vanilla.token_ids
+    verifications = scored_lengths[1:]  # after the prefill
+    assert verifications and set(verifications) <= {1, 2, 3, 4}
+    assert (4 in verifications) == four_is_cheaper and (3 in verifications) != four_is_cheaper
