@@ -58,8 +58,9 @@ def _takes_onednn(inputs: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, through oneDNN where `OneDnnLinear` would take it."""
-    if _takes_onednn(inputs, weight) and onednn_linear_available():
+    """`F.linear`, through oneDNN for fp32 CPU inference. For modules `use_onednn_linears` swapped (it checked that
+    the kernel works here), and for the weights such a module's owner holds outside an `nn.Linear`."""
+    if _takes_onednn(inputs, weight):
         return _onednn(inputs, weight, bias)
     return F.linear(inputs, weight, bias)
 
@@ -68,9 +69,7 @@ class OneDnnLinear(nn.Linear):
     """`nn.Linear` whose fp32 CPU inference runs through oneDNN (see the module docstring)."""
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        if _takes_onednn(inputs, self.weight):
-            return _onednn(inputs, self.weight, self.bias)
-        return super().forward(inputs)
+        return linear(inputs, self.weight, self.bias)
 
 
 def use_onednn_linears(model: nn.Module) -> int:
