@@ -28,8 +28,9 @@ def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--prompt-format", default="auto", help="auto, chat, vicuna or plain")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the target's own modeling code")
-    parser.add_argument("--cpu-linear", default="onednn", help="on a CPU: onednn (fast fp32 linear layers) or torch "
-                        "(nn.Linear's MKL path)")
+    parser.add_argument("--cpu-linear", default="onednn",
+                        help="on a CPU: onednn (fast fp32 linear layers; keeps a second, packed copy of their "
+                             "weights), onednn-unpacked (one copy, slower verification) or torch (nn.Linear's MKL path)")
 
 
 def _target_config(args: argparse.Namespace) -> TargetConfig:

@@ -29,7 +29,7 @@ from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
 from pipeline.caches import rollback_cache
-from pipeline.cpu_linear import OneDnnLinear, linear, use_onednn_linears, uses_onednn_linears
+from pipeline.cpu_linear import OneDnnLinear, linear, packs_weights, use_onednn_linears, uses_onednn_linears
 from pipeline.config import ConfigError, HeadConfig
 from pipeline.trees import TreeShape, best_nodes, build_static_tree, log_softmax_top, static_tree_parents
 
@@ -434,8 +434,10 @@ class EagleHead(nn.Module):
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """features `(..., H)` -> draft logits `(..., V_draft)` (soft-capped like the target's)."""
         # The LM-head rows are a buffer, not an nn.Linear: they take oneDNN's kernel when the head's layers do.
-        product = linear if isinstance(self.fc, OneDnnLinear) else F.linear
-        return soft_cap(product(features, self.lm_head_weight.to(features.dtype)), self.logit_softcap)
+        weight = self.lm_head_weight.to(features.dtype)
+        if isinstance(self.fc, OneDnnLinear):
+            return soft_cap(linear(features, weight, pack=self.fc.pack_weight), self.logit_softcap)
+        return soft_cap(F.linear(features, weight), self.logit_softcap)
 
     def propose_tree(
         self, state: EagleState, features: torch.Tensor, next_token_ids: torch.Tensor, shape: TreeShape,
@@ -599,7 +601,7 @@ def build_head(
         raise ConfigError("head.draft_vocab_size: is 0 (full vocabulary) but a token-id map was given")
     head = HEAD_CLASSES[config.head_type](config, target=target, draft_token_ids=draft_token_ids)
     if uses_onednn_linears(target):  # the head's CPU kernels follow the target's (TargetConfig.cpu_linear)
-        use_onednn_linears(head)
+        use_onednn_linears(head, pack_weights=packs_weights(target))
     return head
 
 

@@ -368,7 +368,8 @@ def load_target(
     cpu_linear: str = "onednn",
 ) -> Target:
     """Loads a target model + tokenizer in eval mode, on CUDA when available and the CPU otherwise; on a CPU its
-    linear layers run through oneDNN unless `cpu_linear` is "torch" (see pipeline/cpu_linear.py)."""
+    linear layers run through oneDNN unless `cpu_linear` is "torch", with packed weights unless it is
+    "onednn-unpacked" (see pipeline/cpu_linear.py)."""
     location, extra = resolve_spec(spec)
     torch_device = pick_device(device)
     try:
@@ -386,8 +387,8 @@ def load_target(
         ) from error
     model.to(torch_device).eval()
     model.requires_grad_(False)
-    if torch_device.type == "cpu" and cpu_linear == "onednn":
-        use_onednn_linears(model)
+    if torch_device.type == "cpu" and cpu_linear != "torch":
+        use_onednn_linears(model, pack_weights=cpu_linear != "onednn-unpacked")
     chosen_format = choose_prompt_format(prompt_format, tokenizer, spec)
     return Target(model=model, tokenizer=tokenizer, name=spec, prompt_format=chosen_format, system_prompt=system_prompt)
 

@@ -9,7 +9,9 @@ from torch import nn
 
 from pipeline import cpu_linear
 from pipeline.config import ConfigError, DecodeConfig, HeadConfig, TargetConfig
-from pipeline.cpu_linear import OneDnnLinear, onednn_linear_available, use_onednn_linears, uses_onednn_linears
+from pipeline.cpu_linear import (
+    OneDnnLinear, onednn_linear_available, packs_weights, use_onednn_linears, uses_onednn_linears,
+)
 from pipeline.decoding import generate
 from pipeline.heads import build_head
 from pipeline.target import Target, load_target
@@ -26,9 +28,9 @@ def kernel_calls(monkeypatch) -> list[tuple[int, ...]]:
     calls: list[tuple[int, ...]] = []
     real = cpu_linear._onednn
 
-    def spy(inputs, weight, bias):
+    def spy(inputs, weight, bias, *, pack):
         calls.append(tuple(inputs.shape))
-        return real(inputs, weight, bias)
+        return real(inputs, weight, bias, pack=pack)
 
     monkeypatch.setattr(cpu_linear, "_onednn", spy)
     return calls
@@ -102,7 +104,16 @@ def test_swapping_keeps_parameters_tied_weights_and_subclasses():
 
 def test_load_target_chooses_the_kernel_from_the_config(tiny_model_dir):
     fast = load_target(str(tiny_model_dir), device="cpu")
-    assert uses_onednn_linears(fast.model)
+    assert uses_onednn_linears(fast.model) and packs_weights(fast.model)
+    lean = load_target(str(tiny_model_dir), device="cpu", cpu_linear="onednn-unpacked")
+    assert uses_onednn_linears(lean.model) and not packs_weights(lean.model)
+    head = build_head(HeadConfig(head_type="eagle", num_heads=2), lean.model)
+    assert uses_onednn_linears(head) and not packs_weights(head)  # the head follows the target's choice
+    with torch.inference_mode():
+        lean.model(torch.tensor([[1, 2, 3]]))
+        head.logits(torch.randn(2, lean.model.config.hidden_size))
+    lean_weights = [p for p in [*lean.model.parameters(), *head.buffers()] if p.dim() == 2]
+    assert not any(weight in cpu_linear._packed_weights for weight in lean_weights)  # no second copy made
     plain = load_target(str(tiny_model_dir), device="cpu", cpu_linear="torch")
     assert not uses_onednn_linears(plain.model)
     with pytest.raises(ConfigError, match="cpu_linear"):
@@ -122,3 +133,49 @@ def test_speculative_decoding_through_onednn_equals_vanilla(head_type, kernel_ca
     speculative = generate(target, prompt, config=DecodeConfig(max_new_tokens=24), drafter=head)
     assert speculative.token_ids == vanilla.token_ids
     assert calls_in_vanilla > 0 and len(kernel_calls) > calls_in_vanilla
+
+
+def test_each_weight_is_packed_once_and_repacked_when_it_changes():
+    plain, fast = _pair(True)
+    inputs = torch.randn(3, 48)
+    with torch.inference_mode():
+        first = cpu_linear.packed_weight(fast.weight)
+        fast(inputs)
+        assert cpu_linear.packed_weight(fast.weight) is first  # reused, not reordered per call
+    # An optimiser step changes the weight in place: inference afterwards must see the new values.
+    optimizer = torch.optim.SGD(fast.parameters(), lr=0.5)
+    fast(inputs).square().sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        plain.load_state_dict(fast.state_dict())
+        torch.testing.assert_close(fast(inputs), plain(inputs), atol=1e-5, rtol=1e-5)
+        assert cpu_linear.packed_weight(fast.weight) is not first
+        fast.load_state_dict(_pair(True)[0].state_dict() | {"bias": fast.bias * 0})  # and after load_state_dict
+        plain.load_state_dict(fast.state_dict())
+        torch.testing.assert_close(fast(inputs), plain(inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_copies_do_not_outlive_their_weights():
+    _, fast = _pair(False)
+    with torch.inference_mode():
+        fast(torch.randn(2, 48))
+    weight = fast.weight
+    assert weight in cpu_linear._packed_weights
+    entries = len(cpu_linear._packed_weights)
+    del fast, weight
+    assert len(cpu_linear._packed_weights) == entries - 1
+
+
+def test_weights_made_under_inference_mode_stay_dense_and_correct(kernel_calls):
+    with torch.inference_mode():
+        plain = nn.Linear(48, 96)  # inference tensors: no version counter to tell a change
+        fast = nn.Linear(48, 96)
+        fast.load_state_dict(plain.state_dict())
+        use_onednn_linears(fast)
+        inputs = torch.randn(4, 48)
+        assert cpu_linear.packed_weight(fast.weight) is fast.weight
+        torch.testing.assert_close(fast(inputs), plain(inputs), atol=1e-5, rtol=1e-5)
+        fast.weight.add_(1.0)
+        plain.weight.add_(1.0)
+        torch.testing.assert_close(fast(inputs), plain(inputs), atol=1e-5, rtol=1e-5)
+    assert kernel_calls == [(4, 48), (4, 48)]
