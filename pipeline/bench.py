@@ -161,6 +161,7 @@ def run_bench(
             "prompt_tokens": spec.prompt_tokens,
             "new_tokens": spec.new_tokens,
             "tau": spec.acceptance_length,
+            "tree_nodes": spec.tree_nodes,
             "exact_match": record["exact_match"],
             **{f"{m}_s": round(record[m].wall_time_s, 4) for m in METHODS if m in record},
         })
@@ -197,6 +198,8 @@ def build_report(
         "alpha": metrics.n_alpha(speculative, max_n=max(3, max((len(s.evaluated) for s in speculative), default=0))),
         # Token-for-token equality is the guarantee only for greedy decoding.
         "exact_match": sum(exact) / len(exact) if decode.greedy else None,
+        # The draft tree's node budgets the speculative runs used (an `auto` budget resolved; 0 = chains).
+        "tree_nodes": sorted({s.tree_nodes for s in speculative}),
         "tokens_per_s": tokens_per_s,
         "vanilla_vs_hf_generate": (
             tokens_per_s["vanilla"] / tokens_per_s["hf_generate"] if tokens_per_s.get("hf_generate") else None
@@ -233,7 +236,8 @@ def format_table(report: dict[str, Any]) -> str:
         "",
         f"prompts {report['n_prompts']}  speedup {report['speedup']:.3f}x  tau {report['tau']:.3f}  "
         f"alpha(1..{len(report['alpha'])}) [{alpha}]  exact_match {exact}",
-        f"target step {target_ms} ms  draft step {draft_ms} ms/token  draft/target {ratio}",
+        f"target step {target_ms} ms  draft step {draft_ms} ms/token  draft/target {ratio}  "
+        f"tree nodes {_describe_trees(report.get('tree_nodes', []))}",
     ]
     if "audit" in report:
         audit = report["audit"]
@@ -242,6 +246,10 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{audit['lossless_violations']} lossless violations (reference noise "
                      f"{audit['reference_noise']:.3g})")
     return "\n".join(lines)
+
+
+def _describe_trees(budgets: list[int]) -> str:
+    return ", ".join(str(nodes) if nodes else "none (chains)" for nodes in budgets) or "-"
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> Path:

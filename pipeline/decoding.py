@@ -62,6 +62,7 @@ class GenerationStats:
     wall_time_s: float = 0.0
     target_time_s: float = 0.0
     draft_time_s: float = 0.0
+    tree_nodes: int = 0  # the draft tree's node budget (resolved when `auto`); 0 = chains
 
     @property
     def acceptance_length(self) -> float:
@@ -272,15 +273,17 @@ def cache_device(model: PreTrainedModel) -> torch.device:
     return model.get_output_embeddings().weight.device
 
 
-# Verify sizes tried by an `auto` node budget, and how much dearer than verifying the chain a tree may be.
+# Verify sizes tried by an `auto` node budget, and how much dearer than verifying the chain a tree may be: about
+# the acceptance a tree adds over the chain (the shipped SmolLM2 head, 16 MT-bench prompts on the 2-core CPU: tau
+# 1.92 as a chain of 4, 2.05 with 7 nodes, 2.22 with 10; see the README's "Draft trees").
 AUTO_TREE_SIZES = (8, 12, 16, 24, 32, 48, 64)
-AUTO_TREE_COST_SLACK = 1.1
+AUTO_TREE_COST_SLACK = 1.2
 _verify_costs: dict[tuple[int, str, str], dict[int, float]] = {}
 
 
 @torch.inference_mode()
 def verify_costs(model: PreTrainedModel, sizes: tuple[int, ...], *, context: int = 128,
-                 repeats: int = 3) -> dict[int, float]:
+                 repeats: int = 5) -> dict[int, float]:
     """Seconds the target needs to score k tokens after `context` cached ones, per k (the best of `repeats`),
     measured once per model, device and dtype."""
     key = (id(model), str(cache_device(model)), str(model.dtype))
@@ -293,24 +296,26 @@ def verify_costs(model: PreTrainedModel, sizes: tuple[int, ...], *, context: int
         prefix = torch.randint(vocab_size, (1, context), generator=generator).to(device)
         cache = new_cache(model.config)
         score(model, prefix, cache, last_logits_only=True, want_features=False)
-        for k in missing:
-            ids = torch.randint(vocab_size, (1, k), generator=generator).to(device)
-            timings = []
-            for _ in range(repeats + 1):  # the first run of a shape warms its kernels up
+        inputs = {k: torch.randint(vocab_size, (1, k), generator=generator).to(device) for k in missing}
+        timings: dict[int, list[float]] = {k: [] for k in missing}
+        # Sizes take turns, so a drift in the machine's speed (another process, clocks) reaches all of them alike;
+        # the first pass over the sizes warms their kernels up and is not counted.
+        for _ in range(repeats + 1):
+            for k in missing:
                 _synchronize(device)
                 started = time.perf_counter()
-                score(model, ids, cache, last_logits_only=False, want_features=True)
+                score(model, inputs[k], cache, last_logits_only=False, want_features=True)
                 _synchronize(device)
-                timings.append(time.perf_counter() - started)
+                timings[k].append(time.perf_counter() - started)
                 rollback_cache(cache, context)
-            known[k] = min(timings[1:])
+        known.update({k: min(timings[k][1:]) for k in missing})
     return {k: known[k] for k in sizes}
 
 
 def auto_tree_nodes(model: PreTrainedModel, draft_length: int) -> int:
     """The node budget `auto` picks: the largest tree whose verify pass costs at most AUTO_TREE_COST_SLACK times
     verifying a chain of `draft_length` (measured on this device: a GPU scores ~60 tokens in about one step, a
-    2-core CPU 8 tokens in 1.1 of the 5-token cost), and at least the chain's length."""
+    2-core CPU 8-12 tokens in 1.07-1.2 of the 5-token cost), and at least the chain's length."""
     chain = draft_length + 1
     costs = verify_costs(model, (chain, *AUTO_TREE_SIZES))
     fitting = [k for k in AUTO_TREE_SIZES if costs[k] <= AUTO_TREE_COST_SLACK * costs[chain]]
@@ -428,6 +433,7 @@ def _generate(
     next_tokens = torch.cat([prompt_ids[:, 1:].to(device), torch.tensor([[pending]], device=device)], dim=1)
     draft_state = drafter.new_state() if drafter else None
     tree_shape = _tree_shape(target, drafter, config, draft_length) if drafter is not None else None
+    stats.tree_nodes = tree_shape.nodes if tree_shape is not None else 0
 
     while finish_reason is None:
         committed = cache.get_seq_length()

@@ -51,7 +51,9 @@ def test_head_init_then_bench_writes_a_complete_report(model_dir, questions, tmp
     assert report["settings"]["head"]["num_layers"] == 2
     assert report["settings"]["max_new_tokens"] == 16
     assert report["step_cost"]["draft_ms_per_token"] > 0
-    assert "speedup" in capsys.readouterr().out
+    assert report["tree_nodes"] == [0] and {row["tree_nodes"] for row in report["per_prompt"]} == {0}
+    printed = capsys.readouterr().out
+    assert "speedup" in printed and "tree nodes none (chains)" in printed
 
 
 def test_head_init_with_draft_vocabulary(model_dir, questions, tmp_path):

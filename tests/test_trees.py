@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from conftest import make_tiny_target
+from pipeline import decoding
 from pipeline.caches import keep_cache_positions
 from pipeline.config import ConfigError, DecodeConfig, HeadConfig, TrainConfig
 from pipeline.decoding import auto_tree_nodes, generate, score
@@ -150,6 +151,7 @@ def test_greedy_tree_decoding_equals_vanilla(tiny_target, head_type, num_layers,
         assert speculative.token_ids == vanilla.token_ids
         assert speculative.finish_reason == vanilla.finish_reason
         stats = speculative.stats
+        assert stats.tree_nodes == 10
         rejected += stats.evaluated[0] - stats.accepted[0]
         accepted_full += stats.accepted[2] if len(stats.accepted) > 2 else 0
     assert rejected > 0, "the test must exercise rejected branches"
@@ -164,11 +166,21 @@ def test_sampling_with_a_tree_setting_drafts_chains(tiny_target, caplog):
         result = generate(tiny_target, tiny_target.encode_prompt(PROMPTS[0]), config=config, drafter=head)
     assert len(result.token_ids) == 12
     assert "greedy-only" in caplog.text
+    assert result.stats.tree_nodes == 0
 
 
-def test_auto_node_budget_comes_from_measured_verify_costs(tiny_target):
+def test_auto_node_budget_comes_from_measured_verify_costs(tiny_target, monkeypatch):
     nodes = auto_tree_nodes(tiny_target.model, 4)
     assert nodes >= 4
+    # The rule on costs like the 2-core CPU's through packed oneDNN weights (ms): the largest size within
+    # AUTO_TREE_COST_SLACK (1.2) of the 5-token chain, minus its root.
+    cpu = {5: 29.0, 8: 32.0, 12: 34.5, 16: 38.5, 24: 47.0, 32: 54.0, 48: 75.0, 64: 86.0}
+    monkeypatch.setattr(decoding, "verify_costs", lambda model, sizes: {k: cpu[k] for k in sizes})
+    assert auto_tree_nodes(tiny_target.model, 4) == 11
+    cpu[12] = 35.5  # just over 1.2x: the next size down
+    assert auto_tree_nodes(tiny_target.model, 4) == 7
+    cpu[8] = 35.0
+    assert auto_tree_nodes(tiny_target.model, 4) == 4  # no tree fits: the chain
     with pytest.raises(ConfigError, match="decode.tree"):
         DecodeConfig(tree="bushy")
 
