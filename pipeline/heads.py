@@ -436,8 +436,10 @@ class EagleHead(nn.Module):
         # The LM-head rows are a buffer, not an nn.Linear: they take oneDNN's kernel when the head's layers do.
         weight = self.lm_head_weight.to(features.dtype)
         if isinstance(self.fc, OneDnnLinear):
-            return soft_cap(linear(features, weight, pack=self.fc.pack_weight), self.logit_softcap)
-        return soft_cap(F.linear(features, weight), self.logit_softcap)
+            product = linear(features, weight, pack=self.fc.pack_weight)
+        else:
+            product = F.linear(features, weight)
+        return soft_cap(product, self.logit_softcap)
 
     def propose_tree(
         self, state: EagleState, features: torch.Tensor, next_token_ids: torch.Tensor, shape: TreeShape,
