@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=int)
     train.add_argument("--num-workers", type=int)
     train.add_argument("--unroll-depth", type=int, help="EAGLE training-time test steps (1 = no unrolling)")
+    train.add_argument("--extra-feature-layers", type=int, nargs="+", metavar="LAYER",
+                       help="EAGLE-3 style fusion: target layers the head reads besides the last hidden state")
     train.add_argument("--max-train-tokens", type=int, help="data budget: response tokens to train on (0 = all)")
     train.add_argument("--target", help="target spec (default smollm2)")
     train.add_argument("--no-ray", action="store_true",
@@ -205,7 +207,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     flags = {"data": "data_dirs", "out": "out_dir", "head_type": "head.head_type", "num_layers": "head.num_layers",
              "adv_weight": "adv_weight", "draft_vocab_size": "head.draft_vocab_size", "epochs": "epochs",
              "max_steps": "max_steps", "num_workers": "num_workers", "target": "target.spec",
-             "unroll_depth": "unroll_depth", "max_train_tokens": "max_train_tokens"}
+             "unroll_depth": "unroll_depth", "max_train_tokens": "max_train_tokens",
+             "extra_feature_layers": "head.extra_feature_layers"}
     config = TrainConfig.from_dict(_stage_values(args, flags))
     if args.no_ray:
         from pipeline.stages.train import run_train_local

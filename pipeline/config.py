@@ -162,7 +162,9 @@ class HeadConfig(Config):
     `draft_vocab_size` = 0 means the full target vocabulary; N > 0 restricts the head's LM head to N token ids
     (FR-Spec style), whose map is stored with the head. `static_tree` holds rank paths, best first (training
     builds it from the head's measured top-k accuracy per draft step); `tree: static` decoding drafts its best
-    `tree_nodes`.
+    `tree_nodes`. `extra_feature_layers` (EAGLE only) are target layers whose outputs the head reads besides the
+    last hidden state, fused by a learned projection (EAGLE-3 reads a low, a middle and a high layer); indices
+    as in `output_hidden_states` (0 = the embeddings, i = decoder layer i's output); () = the last state only.
     """
 
     section: ClassVar[str] = "head"
@@ -172,6 +174,7 @@ class HeadConfig(Config):
     num_heads: int = 4
     draft_vocab_size: int = 0
     static_tree: tuple[tuple[int, ...], ...] = ()
+    extra_feature_layers: tuple[int, ...] = ()
 
     def validate(self) -> None:
         if self.head_type not in HEAD_TYPES:
@@ -186,6 +189,11 @@ class HeadConfig(Config):
         for path in self.static_tree:
             if not path or min(path) < 0 or (len(path) > 1 and path[:-1] not in paths):
                 self.fail("static_tree", f"{path} is not a path of ranks whose parent path is in the tree")
+        layers = self.extra_feature_layers
+        if layers and self.head_type != "eagle":
+            self.fail("extra_feature_layers", f"only EAGLE heads fuse several target layers, not {self.head_type}")
+        if any(layer < 0 for layer in layers) or len(set(layers)) != len(layers):
+            self.fail("extra_feature_layers", f"must be distinct layer indices >= 0 (0 = the embeddings), got {layers}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

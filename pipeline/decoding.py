@@ -16,7 +16,7 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from pipeline.config import DecodeConfig
 from pipeline.caches import keep_cache_positions, new_cache, rollback_cache, tree_attention, tree_incapability
-from pipeline.heads import DraftHead, Proposal, attention_mask_for, cache_argument
+from pipeline.heads import DraftHead, Proposal, attention_mask_for, cache_argument, head_input_features
 from pipeline.trees import (
     DEFAULT_STATIC_TREE, TreeShape, accept_greedy, node_depths, verify_inputs,
 )
@@ -192,9 +192,11 @@ def _accepts_logits_to_keep(model_class: type) -> bool:
 def score(
     model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache, *, last_logits_only: bool, want_features: bool,
     position_ids: torch.Tensor | None = None, allowed: torch.Tensor | None = None,
+    extra_feature_layers: Sequence[int] = (),
 ) -> _ScoreResult:
     """One target forward over `input_ids` `(1, T)` appended to `cache`; a tree pass adds its `position_ids`
-    `(1, T)` and boolean attention pattern `allowed` `(1, 1, T, cached + T)`."""
+    `(1, T)` and boolean attention pattern `allowed` `(1, 1, T, cached + T)`. `want_features` returns the drafter's
+    input features (`head_input_features`: the last hidden state, plus `extra_feature_layers` for a fused head)."""
     # A sliding-window layer that records its past (caches.new_cache) goes back to its window before each forward:
     # after a verification the rollback did it, after a vanilla step nothing else does, and transformers before
     # 5.18 hands attention every recorded position while its mask covers only the window.
@@ -216,7 +218,7 @@ def score(
         )
     kwargs[cache_argument(type(model).forward)] = cache
     output = model(input_ids=input_ids, use_cache=True, output_hidden_states=want_features, **kwargs)
-    features = output.hidden_states[-1] if want_features else None
+    features = head_input_features(output.hidden_states, extra_feature_layers) if want_features else None
     return _ScoreResult(logits=output.logits[0], features=features)
 
 
@@ -256,14 +258,14 @@ def _notify(on_tokens: TokenCallback | None, output_ids: list[int], start: int, 
 
 def _verify_tree(
     model: PreTrainedModel, cache: DynamicCache, pending: int, proposal: Proposal, *, committed: int,
-    want_features: bool,
+    want_features: bool, extra_feature_layers: Sequence[int],
 ) -> tuple[_ScoreResult, list[int], int]:
     """Scores the pending token and every tree node in one pass, accepts greedily along the tree and keeps only
     the accepted path in the cache. Returns (scores, accepted node indices, the target's next token)."""
     ids, positions, allowed = verify_inputs(pending, proposal.token_ids, proposal.parents, cached=committed,
                                             device=cache_device(model))
     scored = score(model, ids, cache, last_logits_only=False, want_features=want_features, position_ids=positions,
-                   allowed=allowed)
+                   allowed=allowed, extra_feature_layers=extra_feature_layers)
     accepted, bonus = accept_greedy(scored.logits.argmax(-1).tolist(), proposal.token_ids, proposal.parents)
     keep_cache_positions(cache, committed + 1, accepted)
     return scored, accepted, bonus
@@ -417,13 +419,16 @@ def _generate(
         generator.manual_seed(config.seed if config.seed is not None else torch.seed())
     pick = _Picker(config, generator)
     want_features = drafter is not None
+    # A fused (EAGLE-3 style) head reads intermediate target layers besides the last hidden state.
+    extra_layers = tuple(getattr(getattr(drafter, "config", None), "extra_feature_layers", ()))
     draft_length = min(config.draft_length or drafter.config.num_heads, drafter.max_draft_length) if drafter else 0
     vocab_size = model.get_output_embeddings().weight.shape[0]
 
     _synchronize(device)
     started = time.perf_counter()
     cache = new_cache(model.config)
-    prefill = score(model, prompt_ids.to(device), cache, last_logits_only=True, want_features=want_features)
+    prefill = score(model, prompt_ids.to(device), cache, last_logits_only=True, want_features=want_features,
+                    extra_feature_layers=extra_layers)
     stats.target_forward_passes += 1
     pending, _ = pick(prefill.logits[-1])
     output_ids = [pending]
@@ -454,7 +459,7 @@ def _generate(
 
         if proposal.parents is not None and proposal.token_ids:
             scored, accepted, pending = _verify_tree(model, cache, pending, proposal, committed=committed,
-                                                     want_features=want_features)
+                                                     want_features=want_features, extra_feature_layers=extra_layers)
             rows = [0] + [1 + node for node in accepted]
             drafted_depth = max(node_depths(proposal.parents))
             emitted = [proposal.token_ids[node] for node in accepted] + [pending]
@@ -462,7 +467,7 @@ def _generate(
             draft_tokens = torch.tensor(proposal.token_ids, dtype=torch.long, device=device)
             verify_ids = torch.cat([torch.tensor([pending], device=device), draft_tokens])
             scored = score(model, _pad_for_cpu(model, verify_ids)[None], cache, last_logits_only=False,
-                           want_features=want_features)
+                           want_features=want_features, extra_feature_layers=extra_layers)
             scored.logits = scored.logits[: len(verify_ids)]
             if config.greedy:
                 num_accepted, pending = verify_greedy(scored.logits, draft_tokens)

@@ -1,6 +1,7 @@
 """KOALA draft heads: Medusa heads with K residual blocks and an EAGLE head with K decoder layers.
 
-Both read the target's last hidden state ("feature", post final norm, as `output_hidden_states` returns it).
+Both read the target's last hidden state ("feature", post final norm, as `output_hidden_states` returns it); an
+EAGLE head may also read intermediate layers (`extra_feature_layers`, EAGLE-3's fusion, see `head_input_features`).
 A head may predict over a subset of the target vocabulary (`draft_vocab_size`, FR-Spec style); `draft_token_ids`
 maps its output index to the target token id.
 
@@ -17,7 +18,7 @@ import inspect
 import json
 import math
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -101,6 +102,19 @@ class _ChainConfidence:
         chosen = probs[index] if probs is not None else torch.softmax(logits.float(), dim=-1)[index]
         self.probability *= float(chosen)
         return self.probability >= self.threshold
+
+
+def head_input_features(hidden_states: Sequence[torch.Tensor], extra_layers: Sequence[int] = ()) -> torch.Tensor:
+    """What a head reads from the target's `output_hidden_states`: the last hidden state `(B, T, H)`, then (EAGLE-3
+    style fusion) each of `extra_layers`' outputs, RMS-normalised, concatenated `(B, T, (1 + n) H)`. Intermediate
+    residual streams run orders of magnitude larger than the normed last state (and past fp16's range in some
+    models): normalising gives the fusion inputs of one scale and keeps the fp16 feature cache finite."""
+    last = hidden_states[-1]
+    if not extra_layers:
+        return last
+    extras = [F.rms_norm(hidden_states[layer].float(), (last.shape[-1],), eps=1e-6).to(last.dtype)
+              for layer in extra_layers]
+    return torch.cat([last, *extras], dim=-1)
 
 
 def _frozen_lm_head_rows(target: PreTrainedModel, draft_token_ids: torch.Tensor | None) -> torch.Tensor:
@@ -315,11 +329,28 @@ def _full_attention_config(target_config: PretrainedConfig, num_layers: int) -> 
     return config
 
 
+def _identity_fusion(hidden_size: int, extra_layers: Sequence[int], num_target_layers: int) -> nn.Linear | None:
+    """The EAGLE-3 style projection of the last hidden state and `extra_layers`' states to one feature, initialised
+    to pass the last state through (a fused head starts as the plain head, and `init_head` can start from one)."""
+    if not extra_layers:
+        return None
+    if max(extra_layers) >= num_target_layers:
+        raise ConfigError(f"head.extra_feature_layers: {tuple(extra_layers)} reaches past the target's "
+                          f"{num_target_layers} layers (use indices 0..{num_target_layers - 1}; the last state is "
+                          "always read)")
+    fuse = nn.Linear((1 + len(extra_layers)) * hidden_size, hidden_size, bias=False)
+    with torch.no_grad():
+        fuse.weight.zero_()
+        fuse.weight[:, :hidden_size].copy_(torch.eye(hidden_size))
+    return fuse
+
+
 class EagleHead(nn.Module):
     """EAGLE draft head with K decoder layers of the target's own architecture.
 
     Input at position t: the target feature f_t concatenated with the embedding of token t+1 (frozen target
-    embedding), projected `2H -> H`; then K decoder layers; then the target's frozen final norm gives the predicted
+    embedding), projected `2H -> H`; then K decoder layers; with `extra_feature_layers`, the target's f_t is first
+    fused from its last and those layers' states (`fuse`, `(1 + n) H -> H`, starting as "read the last state"); then the target's frozen final norm gives the predicted
     feature f_{t+1}, and the target's frozen LM head (draft-vocabulary rows) its logits. Drafting feeds predicted
     features back autoregressively; `forward_unrolled` trains exactly that (training-time test).
     """
@@ -331,9 +362,12 @@ class EagleHead(nn.Module):
         self.layer_config = _full_attention_config(target.config, config.num_layers)
         hidden_size = target.config.hidden_size
         self.vocabulary = _DraftVocabulary(draft_token_ids)
+        self.hidden_size = hidden_size
         self.fc = nn.Linear(2 * hidden_size, hidden_size)
         layer_class = type(first_layer)
         self.layers = nn.ModuleList(layer_class(self.layer_config, layer_idx=i) for i in range(config.num_layers))
+        # Made last, so a fused head draws the same initial weights as the plain head from the same seed.
+        self.fuse = _identity_fusion(hidden_size, config.extra_feature_layers, target.config.num_hidden_layers)
         self._cache_argument = cache_argument(layer_class.forward)
         # Per-layer-type rotary modules (Gemma-3) take the layer type; the head's layers are full attention.
         self._rotary_layer_type = (
@@ -363,6 +397,8 @@ class EagleHead(nn.Module):
     ) -> torch.Tensor:
         """The head proper on `(B, T, H)` features and `(B, T)` next tokens -> predicted features `(B, T, H)`."""
         embed_tokens, final_norm, rotary = self._target_parts
+        if features.shape[-1] != self.hidden_size:  # the target's fused layers (a predicted feature is H wide)
+            features = self.fuse(features)
         embeddings = embed_tokens(next_token_ids).to(features.dtype)
         hidden = self.fc(torch.cat([embeddings, features], dim=-1))
         position_embeddings = rotary(hidden, position_ids=position_ids, **self._rotary_layer_type)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from pipeline import losses
 from pipeline.config import LOSS_CURVE_POINTS, TrainConfig
 from pipeline.discriminator import Discriminator, DiscriminatorConfig
-from pipeline.heads import EagleHead, MedusaHeads, final_logit_softcap, soft_cap
+from pipeline.heads import EagleHead, MedusaHeads, final_logit_softcap, head_input_features, soft_cap
 from pipeline.trees import build_static_tree
 
 GREEDY_CHUNK = 4096  # positions per full-vocabulary argmax (bounds memory on long validation batches)
@@ -69,16 +69,18 @@ def pad_rows(rows: Sequence[dict[str, Any]], *, max_seq_len: int, pad_id: int = 
 
 
 @torch.no_grad()
-def target_features(model: nn.Module, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """The frozen target's last hidden state `(B, T, H)` for right-padded ids (padding is never a label), on the
-    target's device whatever device the ids come from."""
+def target_features(model: nn.Module, input_ids: torch.Tensor, loss_mask: torch.Tensor,
+                    extra_layers: Sequence[int] = ()) -> torch.Tensor:
+    """The frozen target's features for right-padded ids (padding is never a label), on the target's device
+    whatever device the ids come from: the last hidden state `(B, T, H)`, or with `extra_layers` the fused head's
+    input `(B, T, (1 + n) H)` (`head_input_features`)."""
     device = next(model.parameters()).device
     input_ids, loss_mask = input_ids.to(device), loss_mask.to(device)
     attention_mask = torch.ones_like(input_ids)
     lengths = torch.tensor([int(m.nonzero().max()) + 1 if m.any() else 1 for m in loss_mask], device=input_ids.device)
     attention_mask[torch.arange(input_ids.shape[1], device=input_ids.device)[None] >= lengths[:, None]] = 0
     output = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
-    return output.hidden_states[-1]
+    return head_input_features(output.hidden_states, extra_layers)
 
 
 def row_length(row: dict[str, Any], max_seq_len: int) -> int:
@@ -86,8 +88,9 @@ def row_length(row: dict[str, Any], max_seq_len: int) -> int:
 
 
 class FeatureStore:
-    """The frozen target's features for a list of rows, computed once: one flat `(total_tokens, H)` fp16 tensor
-    (on the training device, so a batch is one gather) and each row's offset."""
+    """The frozen target's features for a list of rows, computed once: one flat `(total_tokens, W)` fp16 tensor
+    (on the training device, so a batch is one gather) and each row's offset; W = H, or (1 + n) H for a head
+    that fuses n extra layers."""
 
     def __init__(self, flat: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor, *, max_seq_len: int):
         self.flat, self.offsets, self.lengths, self.max_seq_len = flat, offsets, lengths, max_seq_len
@@ -95,13 +98,13 @@ class FeatureStore:
     @classmethod
     @torch.no_grad()
     def build(cls, model: nn.Module, rows: Sequence[dict[str, Any]], *, max_seq_len: int, batch_tokens: int = 0,
-              progress: bool = True) -> FeatureStore:
+              progress: bool = True, extra_layers: Sequence[int] = ()) -> FeatureStore:
         device = model.device
         batch_tokens = batch_tokens or (16384 if device.type == "cuda" else 4096)
         lengths = torch.tensor([row_length(r, max_seq_len) for r in rows], dtype=torch.long)
         offsets = torch.cumsum(lengths, 0) - lengths
-        hidden_size = model.get_output_embeddings().weight.shape[1]
-        flat = torch.zeros(int(lengths.sum()), hidden_size, dtype=torch.float16, device=device)
+        width = model.get_output_embeddings().weight.shape[1] * (1 + len(extra_layers))
+        flat = torch.zeros(int(lengths.sum()), width, dtype=torch.float16, device=device)
         order = sorted(range(len(rows)), key=lambda i: int(lengths[i]))  # similar lengths share a batch: no waste
         chunks, chunk = [], []
         for index in order:
@@ -114,7 +117,7 @@ class FeatureStore:
         bar = tqdm(total=int(lengths.sum()), desc="target features", unit="tok", disable=not progress, mininterval=5)
         for chunk in chunks:
             input_ids, loss_mask = pad_rows([rows[i] for i in chunk], max_seq_len=max_seq_len)
-            hidden = target_features(model, input_ids.to(device), torch.ones_like(loss_mask))
+            hidden = target_features(model, input_ids.to(device), torch.ones_like(loss_mask), extra_layers)
             for slot, index in enumerate(chunk):
                 start, length = int(offsets[index]), int(lengths[index])
                 flat[start : start + length] = hidden[slot, :length].to(torch.float16)
@@ -150,13 +153,13 @@ class FeatureStore:
 class LiveFeatures:
     """Features recomputed by the frozen target for every batch (data too large to cache)."""
 
-    def __init__(self, model: nn.Module, *, max_seq_len: int):
-        self.model, self.max_seq_len = model, max_seq_len
+    def __init__(self, model: nn.Module, *, max_seq_len: int, extra_layers: Sequence[int] = ()):
+        self.model, self.max_seq_len, self.extra_layers = model, max_seq_len, tuple(extra_layers)
 
     def batch(self, rows: Sequence[dict[str, Any]], indices: Sequence[int], *, dtype: torch.dtype) -> TrainBatch:
         input_ids, loss_mask = pad_rows([rows[i] for i in indices], max_seq_len=self.max_seq_len)
         input_ids, loss_mask = input_ids.to(self.model.device), loss_mask.to(self.model.device)
-        features = target_features(self.model, input_ids, torch.ones_like(loss_mask)).to(dtype)
+        features = target_features(self.model, input_ids, torch.ones_like(loss_mask), self.extra_layers).to(dtype)
         return TrainBatch(input_ids=input_ids, loss_mask=loss_mask, features=features)
 
 
@@ -290,6 +293,10 @@ class KoalaTrainer:
     def feature_dtype(self) -> torch.dtype:
         return self.autocast_dtype or torch.float32
 
+    def _last_hidden(self, features: torch.Tensor) -> torch.Tensor:
+        """The target's last hidden state `(..., H)` out of a batch's features (which may carry fused layers)."""
+        return features[..., : self.target_rows.shape[-1]]
+
     def _target_logits(self, features: torch.Tensor) -> torch.Tensor:
         return soft_cap(F.linear(features, self.target_rows.to(features.dtype)), self.logit_softcap)
 
@@ -326,7 +333,8 @@ class KoalaTrainer:
         depth = depth or self.config.unroll_depth
         noise = self._noise if head.training and self.config.feature_noise > 0 else None
         steps = head(features[:, :-1], ids[:, 1:], unroll_depth=depth, noise=noise)  # depth x (B, L, H)
-        next_features = features[:, 1:]  # (B, L, H): f_{p+1}, what step d at position p should predict
+        last_hidden = self._last_hidden(features)
+        next_features = last_hidden[:, 1:]  # (B, L, H): f_{p+1}, what step d at position p should predict
         first_valid = F.pad(mask[:, 2:], (0, 1), value=False)  # (B, L): token p+2 is a response token
         target_all = self._target_logits(next_features[first_valid]).detach()
         draft, target, context, weights, predicted, true = [], [], [], [], [], []
@@ -336,7 +344,7 @@ class KoalaTrainer:
             chosen = step_features[valid]
             draft.append(self.head_module.logits(chosen))
             target.append(target_all[valid[first_valid]])
-            context.append(features[:, :-1][valid])
+            context.append(last_hidden[:, :-1][valid])
             predicted.append(chosen)
             true.append(next_features[valid])
             weights.append(torch.full((chosen.shape[0],), self.config.depth_loss_decay ** step, device=chosen.device))
@@ -496,6 +504,7 @@ class KoalaTrainer:
 
     def _target_greedy(self, features: torch.Tensor) -> torch.Tensor:
         """The target's own greedy token after each position, full vocabulary: features `(B, T, H)` -> `(B, T)`."""
+        features = self._last_hidden(features)
         flat = features.reshape(-1, features.shape[-1])
         weight = self.full_output_weight
         choices = [F.linear(chunk.to(weight.dtype), weight).argmax(-1) for chunk in flat.split(GREEDY_CHUNK)]

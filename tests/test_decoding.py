@@ -92,6 +92,23 @@ def test_greedy_speculative_equals_vanilla(tiny_target, head_type, num_layers):
     assert rejected > 0, "random heads should be rejected sometimes; the test would not exercise rollback"
 
 
+@pytest.mark.parametrize("tree", ["chain", "dynamic"])
+def test_fused_eagle_head_is_lossless(tiny_target, tree):
+    """A head that fuses intermediate target layers (EAGLE-3 style) gets them in every verification, chain or tree."""
+    torch.manual_seed(5)
+    head = build_head(HeadConfig(head_type="eagle", num_heads=3, extra_feature_layers=(0, 1)), tiny_target.model)
+    torch.nn.init.normal_(head.fc.weight, std=0.2)
+    torch.nn.init.normal_(head.fuse.weight, std=0.2)
+    accepted = 0
+    for text in PROMPTS:
+        prompt_ids = _prompt_ids(tiny_target, text)
+        vanilla = generate(tiny_target, prompt_ids, config=_greedy())
+        speculative = generate(tiny_target, prompt_ids, config=_greedy().replace(tree=tree), drafter=head)
+        assert speculative.token_ids == vanilla.token_ids
+        accepted += sum(speculative.stats.accepted)
+    assert accepted > 0
+
+
 def test_oracle_drafter_is_always_accepted(tiny_target):
     prompt_ids = _prompt_ids(tiny_target, PROMPTS[0])
     oracle = OracleDrafter(tiny_target, prompt_ids)

@@ -212,3 +212,23 @@ def test_saved_head_casts_to_the_requested_dtype_and_loads_in_the_target_dtype(t
     assert {t.dtype for t in load_file(tmp_path / "head.safetensors").values()} == {torch.float16}
     loaded = load_head(tmp_path, tiny_target.model, target_name=tiny_target.name)
     assert {p.dtype for p in loaded.parameters()} == {tiny_target.model.dtype}
+
+
+def test_fused_layers_are_checked_against_the_head_type_and_the_target(tiny_target):
+    with pytest.raises(ConfigError, match="head.extra_feature_layers: only EAGLE"):
+        HeadConfig(head_type="medusa", extra_feature_layers=(1,))
+    with pytest.raises(ConfigError, match="head.extra_feature_layers: must be distinct"):
+        HeadConfig(head_type="eagle", extra_feature_layers=(1, 1))
+    with pytest.raises(ConfigError, match="head.extra_feature_layers: .*past the target's 2 layers"):
+        build_head(HeadConfig(head_type="eagle", extra_feature_layers=(2,)), tiny_target.model)
+
+
+def test_fused_head_round_trips_and_plain_heads_keep_their_format(tiny_target, tmp_path):
+    fused = build_head(HeadConfig(head_type="eagle", extra_feature_layers=(0, 1)), tiny_target.model)
+    torch.nn.init.normal_(fused.fuse.weight, std=0.1)
+    save_head(fused, tmp_path / "fused", target_identity=target_identity_dict(tiny_target.model, tiny_target.name))
+    loaded = load_head(tmp_path / "fused", tiny_target.model, target_name=tiny_target.name)
+    assert loaded.config.extra_feature_layers == (0, 1)
+    torch.testing.assert_close(loaded.fuse.weight, fused.fuse.weight)
+    plain = build_head(HeadConfig(head_type="eagle"), tiny_target.model)
+    assert plain.fuse is None and not any(name.startswith("fuse") for name in plain.state_dict())

@@ -25,14 +25,14 @@ def _rows(target, count=4, length=24, seed=0):
     return rows
 
 
-def _batch(target, rows):
+def _batch(target, rows, extra_layers=()):
     input_ids, loss_mask = (t.to(target.device) for t in pad_rows(rows, max_seq_len=64))
-    return TrainBatch(input_ids, loss_mask, target_features(target.model, input_ids, loss_mask))
+    return TrainBatch(input_ids, loss_mask, target_features(target.model, input_ids, loss_mask, extra_layers))
 
 
-def _trainer(target, head_type, adv_weight, **overrides):
+def _trainer(target, head_type, adv_weight, extra_layers=(), **overrides):
     torch.manual_seed(0)
-    head_config = HeadConfig(head_type=head_type, num_layers=2, num_heads=3)
+    head_config = HeadConfig(head_type=head_type, num_layers=2, num_heads=3, extra_feature_layers=extra_layers)
     config = TrainConfig(data_dirs=("unused",), head=head_config, adv_weight=adv_weight, head_lr=3e-3,
                          discriminator_hidden_size=32, **overrides)
     head = build_head(head_config, target.model).requires_grad_(True)
@@ -219,11 +219,17 @@ def test_validation_chain_acceptance_is_what_greedy_decoding_accepts(tiny_target
     assert {0, draft_length} <= seen and len(seen) > 2, seen
 
 
-def test_validation_tau_is_the_tau_greedy_chain_decoding_reaches(tiny_target):
+@pytest.mark.parametrize("extra_layers", [(), (0, 1)])
+def test_validation_tau_is_the_tau_greedy_chain_decoding_reaches(tiny_target, extra_layers):
     """val_tau replays greedy chain decoding on a held-out answer: on the answer the decoder itself produced, it is
-    that generation's tau exactly, as the head goes from untrained to overfitted."""
+    that generation's tau exactly, as the head goes from untrained to overfitted; with fused extra layers too
+    (training reads the same layers, normalised the same way, as decoding)."""
     draft_length = 3
-    trainer = _trainer(tiny_target, "eagle", 0.0, val_draft_length=draft_length)
+    trainer = _trainer(tiny_target, "eagle", 0.0, extra_layers, val_draft_length=draft_length)
+    if extra_layers:  # the fusion reads the extra layers from the start, not only the last state
+        hidden_size = tiny_target.model.config.hidden_size
+        with torch.no_grad():
+            trainer.head_module.fuse.weight[:, hidden_size:].normal_(std=0.01)
     prompt = torch.tensor([[1, 5, 9, 14, 3, 22]])
     decode = DecodeConfig(max_new_tokens=50, draft_length=draft_length, tree="chain")  # within _batch's 64
     taus = []
@@ -231,7 +237,7 @@ def test_validation_tau_is_the_tau_greedy_chain_decoding_reaches(tiny_target):
         result = generate(tiny_target, prompt, config=decode, drafter=trainer.head_module.eval())
         sequence = prompt[0].tolist() + result.token_ids
         mask = [0] * prompt.shape[1] + [1] * len(result.token_ids)
-        batch = _batch(tiny_target, [{"input_ids": sequence, "loss_mask": mask}])
+        batch = _batch(tiny_target, [{"input_ids": sequence, "loss_mask": mask}], extra_layers)
         assert trainer.evaluate([batch])["val_tau"] == pytest.approx(result.stats.acceptance_length)
         taus.append(result.stats.acceptance_length)
         for _ in range(4):
@@ -312,3 +318,55 @@ def test_training_time_test_trains_every_unrolled_step(tiny_target):
     after = trainer.evaluate([batch])
     assert after["val_tau"] > before["val_tau"] + 0.5
     assert after["val_acc_3"] is not None and after["val_acc_3"] > 0.5
+
+
+def test_fused_head_starts_as_the_plain_head_and_learns_to_read_the_extra_layers(tiny_target):
+    """EAGLE-3 style fusion: a fresh fused head computes what the plain head with the same weights does, so it can
+    start from a trained plain head; training then moves the weights that read the extra layers."""
+    rows = _rows(tiny_target)
+    plain_batch, fused_batch = _batch(tiny_target, rows), _batch(tiny_target, rows, (0, 1))
+    hidden_size = tiny_target.model.config.hidden_size
+    assert fused_batch.features.shape[-1] == 3 * hidden_size
+    torch.testing.assert_close(fused_batch.features[..., :hidden_size], plain_batch.features)
+    extra = fused_batch.features[..., hidden_size:].unflatten(-1, (2, hidden_size))
+    torch.testing.assert_close(extra.pow(2).mean(-1), torch.ones(extra.shape[:-1]), atol=1e-2, rtol=0)  # RMS 1
+
+    plain, fused = _trainer(tiny_target, "eagle", 0.0), _trainer(tiny_target, "eagle", 0.0, (0, 1))
+    with torch.no_grad():
+        for (name, value), (fused_name, fused_value) in zip(plain.head_module.state_dict().items(),
+                                                            fused.head_module.state_dict().items()):
+            assert name == fused_name
+            fused_value.copy_(value)
+        ids = plain_batch.input_ids
+        torch.testing.assert_close(fused.head_module(fused_batch.features[:, :-1], ids[:, 1:]),
+                                   plain.head_module(plain_batch.features[:, :-1], ids[:, 1:]))
+    first = fused.train_step(fused_batch)
+    for _ in range(30):
+        last = fused.train_step(fused_batch)
+    assert last["loss_distill"] < first["loss_distill"]
+    assert fused.head_module.fuse.weight[:, hidden_size:].abs().max() > 1e-3
+
+
+def test_koala_train_no_ray_fuses_extra_layers_starting_from_a_plain_head(tiny_model_dir, tmp_path):
+    """`--extra-feature-layers` with `init_head` of a plain head: the cached features carry the extra layers, and the
+    exported head reads them (the fusion moved off its pass-through start)."""
+    from pipeline.cli import main
+    from pipeline.heads import build_head, load_head, save_head, target_identity_dict
+    from pipeline.target import load_target
+
+    target = load_target(str(tiny_model_dir), device="cpu")
+    plain = build_head(HeadConfig(head_type="eagle"), target.model)
+    save_head(plain, tmp_path / "plain", target_identity=target_identity_dict(target.model, target.name))
+    data = _answers_file(tmp_path / "answers.parquet")
+    out = tmp_path / "run"
+    assert main(["train", "--no-ray", "--data", str(data), "--out", str(out), "--target", str(tiny_model_dir),
+                 "--head-type", "eagle", "--extra-feature-layers", "0", "1", "--epochs", "1",
+                 "--set", f"init_head={tmp_path / 'plain'}", "--set", "val_fraction=0.25", "--set", "batch_size=4",
+                 "--set", "tracking.enabled=false", "--set", "target.device=cpu", "--set", "head_lr=3e-3"]) == 0
+    assert json.loads((out / "train_summary.json").read_text())["feature_cache"].startswith("estimate")
+    head = load_head(out / "head", target.model, target_name=target.name)
+    assert head.config.extra_feature_layers == (0, 1)
+    hidden_size = target.model.config.hidden_size
+    assert head.fuse.weight.shape == (hidden_size, 3 * hidden_size)
+    assert head.fuse.weight[:, hidden_size:].abs().max() > 0
+    torch.testing.assert_close(head.fc.weight, plain.fc.weight.to(head.fc.weight.dtype), atol=0.2, rtol=0)

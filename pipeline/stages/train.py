@@ -123,8 +123,10 @@ def split_rows(rows: list[dict[str, Any]], config: TrainConfig) -> tuple[list[di
 
 
 def choose_feature_cache(config: TrainConfig, *, tokens: int, hidden_size: int) -> tuple[bool, str]:
-    """(cache?, reason). The estimate is the fp16 size of one hidden state per training token."""
-    estimate_gb = tokens * hidden_size * FEATURE_BYTES / 1e9
+    """(cache?, reason). The estimate is the fp16 size of the head's input features per training token (one hidden
+    state, or 1 + n for a head that fuses n extra layers)."""
+    width = hidden_size * (1 + len(config.head.extra_feature_layers))
+    estimate_gb = tokens * width * FEATURE_BYTES / 1e9
     if config.feature_cache == "on":
         return True, f"feature_cache=on (estimate {estimate_gb:.2f} GB)"
     if config.feature_cache == "off":
@@ -172,7 +174,9 @@ def initial_head_weights(config: TrainConfig) -> dict[str, torch.Tensor] | None:
     from pipeline.heads import HEAD_WEIGHTS_FILE, read_head_metadata
 
     saved = HeadConfig.from_dict(read_head_metadata(config.init_head)["head"])
-    if saved.replace(num_heads=config.head.num_heads, static_tree=config.head.static_tree) != config.head:
+    # A plain head may start a fused one (its fusion starts as "read the last state", see EagleHead).
+    fusable = {"extra_feature_layers": config.head.extra_feature_layers} if not saved.extra_feature_layers else {}
+    if saved.replace(num_heads=config.head.num_heads, static_tree=config.head.static_tree, **fusable) != config.head:
         raise ConfigError(f"train.init_head: {config.init_head} holds a {saved} head, but train.head is {config.head}; "
                           "set head to match it")
     from safetensors.torch import load_file
@@ -190,6 +194,8 @@ def _new_trainer(config: TrainConfig, target, draft_ids: list[int] | None, *, to
     head = build_head(config.head, target.model,
                       draft_token_ids=torch.tensor(draft_ids) if draft_ids is not None else None)
     if initial is not None:
+        if getattr(head, "fuse", None) is not None and "fuse.weight" not in initial:
+            initial = {**initial, "fuse.weight": head.fuse.weight.detach().clone()}  # started from a plain head
         head.load_state_dict(initial, strict=True)
     head.requires_grad_(True)
     return KoalaTrainer(config, head=wrap_head(head) if wrap_head else head, target_model=target.model,
@@ -208,11 +214,13 @@ def _validation(trainer: KoalaTrainer, rows: list[dict[str, Any]], features, con
 
 
 def _features(model, rows, config: TrainConfig, *, cache_path: Path | None, progress: bool):
+    extra_layers = config.head.extra_feature_layers
     if cache_path is None:
-        return LiveFeatures(model, max_seq_len=config.max_seq_len)
+        return LiveFeatures(model, max_seq_len=config.max_seq_len, extra_layers=extra_layers)
     if cache_path.is_file():
         return FeatureStore.load(cache_path, device=model.device)
-    store = FeatureStore.build(model, rows, max_seq_len=config.max_seq_len, progress=progress)
+    store = FeatureStore.build(model, rows, max_seq_len=config.max_seq_len, progress=progress,
+                               extra_layers=extra_layers)
     store.save(cache_path)
     return store
 
@@ -384,7 +392,8 @@ def run_train(config: TrainConfig, *, run_name: str | None = None, parent_run_id
     tracking = _start_run(config, stats, cache_reason, run_name=run_name, parent_run_id=parent_run_id)
     data_key = hashlib.sha1(json.dumps([str(p) for p in paths] + [
         stats["tokens"], config.max_seq_len, config.max_train_tokens, config.seed, config.val_fraction,
-        config.target.spec, config.target.dtype, FEATURE_CACHE_VERSION]).encode()).hexdigest()[:12]
+        config.target.spec, config.target.dtype, FEATURE_CACHE_VERSION,
+        *config.head.extra_feature_layers]).encode()).hexdigest()[:12]
     rows_per_worker = -(-len(train_rows) // config.num_workers)
     payload = {
         "config": config.to_dict(),
@@ -493,6 +502,7 @@ def run_train_local(config: TrainConfig, *, progress: bool = True) -> dict[str, 
     trained_tokens = sum(sum(r["loss_mask"]) for r in train_rows)
     all_tokens = sum(min(len(r["input_ids"]), config.max_seq_len) for r in train_rows + validation_rows)
     use_cache, cache_reason = choose_feature_cache(config, tokens=all_tokens, hidden_size=identity["hidden_size"])
+    extra_layers = config.head.extra_feature_layers
     eos = sorted(target.eos_token_ids)
     draft_ids = draft_vocabulary(config, eos, paths) if config.head.draft_vocab_size and not config.init_head else None
     print(f"[train] {len(train_rows)} training rows ({trained_tokens} response tokens), {len(validation_rows)} "
@@ -512,11 +522,13 @@ def run_train_local(config: TrainConfig, *, progress: bool = True) -> dict[str, 
     write_json_atomically(config.to_dict(), config_file)
 
     features_started = time.perf_counter()
-    train_features = FeatureStore.build(target.model, train_rows, max_seq_len=config.max_seq_len, progress=progress) \
-        if use_cache else LiveFeatures(target.model, max_seq_len=config.max_seq_len)
+    train_features = FeatureStore.build(target.model, train_rows, max_seq_len=config.max_seq_len, progress=progress,
+                                        extra_layers=extra_layers) \
+        if use_cache else LiveFeatures(target.model, max_seq_len=config.max_seq_len, extra_layers=extra_layers)
     validation_features = FeatureStore.build(target.model, validation_rows, max_seq_len=config.max_seq_len,
-                                             progress=False) if use_cache and validation_rows else \
-        LiveFeatures(target.model, max_seq_len=config.max_seq_len)
+                                             progress=False, extra_layers=extra_layers) \
+        if use_cache and validation_rows else \
+        LiveFeatures(target.model, max_seq_len=config.max_seq_len, extra_layers=extra_layers)
     features_seconds = time.perf_counter() - features_started
 
     tracking = _local_tracking(config, {**stats, "train_rows": len(train_rows)}, cache_reason)
