@@ -41,7 +41,9 @@ STATIC_TREE_NODES = 24  # the static tree stored with an exported head; decoding
 class TrainBatch:
     input_ids: torch.Tensor  # (B, T)
     loss_mask: torch.Tensor  # (B, T) bool, False on padding
-    features: torch.Tensor  # (B, T, H) target features
+    features: torch.Tensor  # (B, T, H) target features ((B, T, (1 + n) H) for a head fusing n extra layers)
+    # (B, T) the target's greedy token after each position, when known (validation computes it once, not per epoch)
+    target_greedy: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -502,7 +504,7 @@ class KoalaTrainer:
         accuracy = self.best_rank_accuracy or self.val_rank_accuracy
         return build_static_tree(accuracy, budget) if accuracy else ()
 
-    def _target_greedy(self, features: torch.Tensor) -> torch.Tensor:
+    def target_greedy(self, features: torch.Tensor) -> torch.Tensor:
         """The target's own greedy token after each position, full vocabulary: features `(B, T, H)` -> `(B, T)`."""
         features = self._last_hidden(features)
         flat = features.reshape(-1, features.shape[-1])
@@ -522,7 +524,8 @@ class KoalaTrainer:
         step `(depth, B, T)` long (0 = the head's first choice; the draft vocabulary's size when the token is not
         in it), and which are evaluable `(depth, B, T)` bool."""
         features, ids, mask = batch.features, batch.input_ids, batch.loss_mask
-        greedy = self._draft_index(self._target_greedy(features))  # (B, T): the target's token t+1, draft index
+        greedy = batch.target_greedy if batch.target_greedy is not None else self.target_greedy(features)
+        greedy = self._draft_index(greedy)  # (B, T): the target's token t+1, draft index
         ranks, evaluable = [], []
         if isinstance(self.head_module, MedusaHeads):
             logits = self.head_module(features)  # (num_heads, B, T, V)

@@ -370,3 +370,24 @@ def test_koala_train_no_ray_fuses_extra_layers_starting_from_a_plain_head(tiny_m
     assert head.fuse.weight.shape == (hidden_size, 3 * hidden_size)
     assert head.fuse.weight[:, hidden_size:].abs().max() > 0
     torch.testing.assert_close(head.fc.weight, plain.fc.weight.to(head.fc.weight.dtype), atol=0.2, rtol=0)
+
+
+def test_validation_computes_the_targets_greedy_tokens_once(tiny_target, monkeypatch):
+    """The full-vocabulary argmax over the validation rows is the same every epoch: computed on the first
+    validation only, and the metrics equal an uncached evaluation's."""
+    from pipeline.stages.train import _validation
+    from pipeline.training import FeatureStore
+
+    rows = _rows(tiny_target, count=6)
+    trainer = _trainer(tiny_target, "eagle", 0.0, batch_size=4)
+    store = FeatureStore.build(tiny_target.model, rows, max_seq_len=64, progress=False)
+    calls = []
+    original = trainer.target_greedy
+    monkeypatch.setattr(trainer, "target_greedy", lambda features: calls.append(1) or original(features))
+    validate = _validation(trainer, rows, store, trainer.config)
+    first = validate()
+    assert len(calls) == 2  # two batches of at most 4 rows
+    assert validate() == first and len(calls) == 2
+    uncached = trainer.evaluate([store.batch(rows, [0, 1, 2, 3], dtype=torch.float32),
+                                 store.batch(rows, [4, 5], dtype=torch.float32)])
+    assert first == {k: v for k, v in uncached.items() if v is not None}
