@@ -81,7 +81,8 @@ def summarize(per_method: dict[str, list], exact: dict[str, list[bool]], setting
             longest = max((len(s.evaluated) for s in stats), default=0)
             entry.update(tau=metrics.acceptance_length(stats), alpha=metrics.n_alpha(stats, max_n=longest),
                          draft_ms_per_token=metrics.draft_ms_per_token(stats),
-                         verify_ms=metrics.target_ms_per_forward(stats))
+                         verify_ms=metrics.target_ms_per_forward(stats),
+                         lookup_accepted=sum(s.lookup_accepted for s in stats))
             if exact[name]:
                 entry["exact_match"] = sum(exact[name]) / len(exact[name])
         report["methods"][name] = entry

@@ -9,6 +9,9 @@
 # Phase `grow` (about 8 minutes, then phase `time` at once on the same machine): the shipped head audited and timed
 # in fp32 and bf16 against vanilla, HF generate and HF prompt lookup; the core's tests on CUDA in the background
 # while PROMPTS more self-instruct prompts are written and answered and the shipped head trains on all the data.
+# Phase `fusion` (about 9.5 minutes): EAGLE-3 style fusion against the plain head at equal training time (the shipped
+# head trained further for TRAIN_SECONDS as it is, and reading layers FUSE_LAYERS too), then both as chains, trees
+# and trees with a prompt-lookup branch against vanilla and HF prompt lookup on MT-bench first turns.
 # Phase `verify` (a later short session): the core's tests on CUDA, the shipped head audited and timed against
 # vanilla, HF generate and HF prompt lookup in fp32 and bf16, and bf16 decoding with and without cuDNN attention.
 #
@@ -18,7 +21,7 @@
 # MAX_NEW_TOKENS=16 TESTS=tests/test_losses.py (TRAIN_EXTRA goes to koala train).
 # Every step has a time limit; each writes as it goes, so a step cut short still leaves what it made.
 set -uo pipefail
-phase=${1:?usage: gpu_selfinstruct.sh main|grow|time|verify}
+phase=${1:?usage: gpu_selfinstruct.sh main|grow|time|verify|fusion}
 DATA=${DATA:-../shared/data}
 RUNS=${RUNS:-runs/selfinstruct}
 OUT=${OUT:-$RUNS/out}
@@ -86,20 +89,21 @@ distill_answers() {
   stamp "distill: $(ls "$RUNS/$2"/shard-*.parquet 2>/dev/null | wc -l) shards"
 }
 
-# DRAFTER trained further into $RUNS/train on the data directories given: $1 cache_limit_gb, $2 seconds allowed
-# beyond TRAIN_SECONDS (loading, features, validation), then the directories, plus $RUNS/$3 if it holds answers.
+# DRAFTER trained further into $RUNS/$TRAIN_OUT (train) on the data directories given: $1 cache_limit_gb, $2 seconds
+# allowed beyond TRAIN_SECONDS (loading, features, validation), then the directories, plus $RUNS/$3 if it holds
+# answers.
 train_further() {
-  local cache_gb=$1 margin=$2 answers=$3
+  local cache_gb=$1 margin=$2 answers=$3 out=${TRAIN_OUT:-train}
   shift 3
   ls "$RUNS/$answers"/shard-*.parquet > /dev/null 2>&1 && set -- "$@" "$RUNS/$answers"
-  stamp "train"
+  stamp "train $out"
   # shellcheck disable=SC2086
   timeout $((TRAIN_SECONDS + margin)) $PY -m pipeline.cli train --no-ray --target "$TARGET" --data "$@" \
-    --out "$RUNS/train" --head-type eagle --num-layers 1 --draft-vocab-size 8192 --unroll-depth 2 --epochs 100 \
+    --out "$RUNS/$out" --head-type eagle --num-layers 1 --draft-vocab-size 8192 --unroll-depth 2 --epochs 100 \
     --set init_head="$DRAFTER" --set head_lr=5e-4 --set batch_size=64 \
     --set target.dtype=float32 --set tracking.enabled=false --set max_train_seconds="$TRAIN_SECONDS" \
     --set cache_limit_gb="$cache_gb" --set log_every_steps=50 --set checkpoint_every_steps=100000 \
-    ${TRAIN_EXTRA:-} > "$RUNS/train.log" 2>&1
+    ${TRAIN_EXTRA:-} > "$RUNS/$out.log" 2>&1
 }
 
 # The new head (or HEAD) timed against vanilla and HF prompt lookup on MT-bench first turns, fp32, greedy, until
@@ -111,10 +115,9 @@ time_new_head() {
     | grep --line-buffered -v "Warn\|warn" | tail -15
 }
 
-# What comes back: the new head (fp16), the logs and the new self-instruct data (prompts and answers).
-pack_results() {
-  local answers=$1
-  $PY - "$NEW_HEAD" "$OUT/head" <<'EOF'
+# NEW_HEAD as fp16 into the tar file $1.tar (nothing when it was not trained).
+pack_head() {
+  $PY - "$NEW_HEAD" "$1" <<'EOF'
 import pathlib, shutil, sys
 from safetensors.torch import load_file, save_file
 source, target = map(pathlib.Path, sys.argv[1:3])
@@ -124,7 +127,13 @@ if (source / "head.safetensors").is_file():
     save_file(tensors, target / "head.safetensors")
     shutil.copy(source / "head_config.json", target / "head_config.json")
 EOF
-  [ -d "$OUT/head" ] && tar cf "$OUT/head.tar" -C "$OUT" head && rm -rf "$OUT/head"
+  [ -d "$1" ] && tar cf "$1.tar" -C "$(dirname "$1")" "$(basename "$1")" && rm -rf "$1"
+}
+
+# What comes back: the new head (fp16), the logs and the new self-instruct data (prompts and answers).
+pack_results() {
+  local answers=$1
+  pack_head "$OUT/head"
   tar czf "$OUT/logs.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d *.log train/metrics.jsonl train/train_summary.json \
     "$answers"/summary.json 2>/dev/null)
   tar czf "$OUT/selfinstruct_data.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d self_prompts.jsonl new_prompts.jsonl \
@@ -193,6 +202,32 @@ print('[train] trainer state dtypes:', dict(collections.Counter(str(t.dtype) for
     ;;
   time)
     time_new_head "$((BUDGET - 15))"
+    ;;
+  fusion)
+    start
+    for variant in plain fused; do
+      extra=""
+      [ "$variant" = fused ] && extra="--extra-feature-layers ${FUSE_LAYERS:-2 15}"
+      TRAIN_OUT=$variant TRAIN_EXTRA="$extra ${TRAIN_EXTRA:-}" train_further 24 60 none "$DATA/smollm2_answers" \
+        data/smollm2-selfinstruct
+      stamp "$variant: $(grep -a '\[train\] epoch' "$RUNS/$variant.log" | tail -1)"
+      grep -a '\[train\] epoch' "$RUNS/$variant.log" | sed 's/^.*\[train\]/[train]/'
+    done
+    left=$((BUDGET - SECONDS - 20))
+    stamp "timing (deadline ${left}s)"
+    heads=()
+    for variant in plain fused; do
+      [ -f "$RUNS/$variant/head/head.safetensors" ] || continue
+      heads+=(--head "$variant=$RUNS/$variant/head" --head "$variant-chain=$RUNS/$variant/head@5,tree=chain"
+              --head "$variant-lookup=$RUNS/$variant/head@4,lookup_tokens=${LOOKUP_TOKENS:-8}")
+    done
+    [ "${#heads[@]}" -gt 0 ] && $PY benchmarks/compare_heads.py --target "$TARGET" --dtype float32 "${heads[@]}" \
+      --questions "$DATA/mt_bench/question.jsonl" --per-category "${PER_CATEGORY_FUSION:-2}" \
+      --max-new-tokens "$MAX_NEW_TOKENS" --deadline "$left" --json "$OUT/fusion_compare.json" 2>&1 \
+      | grep --line-buffered -v "Warn\|warn" | tail -15
+    tar czf "$OUT/logs.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d *.log */metrics.jsonl */train_summary.json 2>/dev/null)
+    for variant in plain fused; do NEW_HEAD=$RUNS/$variant/head pack_head "$OUT/$variant-head"; done
+    stamp "done"; ls -la "$OUT"
     ;;
   verify)
     # What a short session checks (about 5 minutes after the target is set up): the core's tests on CUDA, then the

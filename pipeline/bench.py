@@ -162,6 +162,7 @@ def run_bench(
             "new_tokens": spec.new_tokens,
             "tau": spec.acceptance_length,
             "tree_nodes": spec.tree_nodes,
+            "lookup_accepted": spec.lookup_accepted,
             "exact_match": record["exact_match"],
             **{f"{m}_s": round(record[m].wall_time_s, 4) for m in METHODS if m in record},
         })
@@ -200,6 +201,9 @@ def build_report(
         "exact_match": sum(exact) / len(exact) if decode.greedy else None,
         # The draft tree's node budgets the speculative runs used (an `auto` budget resolved; 0 = chains).
         "tree_nodes": sorted({s.tree_nodes for s in speculative}),
+        # Of the speculative run's tokens, the share only the prompt-lookup branch had drafted (`lookup_tokens`).
+        "lookup_share": (sum(s.lookup_accepted for s in speculative) / max(1, metrics.total_tokens(speculative))
+                         if decode.lookup_tokens else None),
         "tokens_per_s": tokens_per_s,
         "vanilla_vs_hf_generate": (
             tokens_per_s["vanilla"] / tokens_per_s["hf_generate"] if tokens_per_s.get("hf_generate") else None
@@ -237,7 +241,9 @@ def format_table(report: dict[str, Any]) -> str:
         f"prompts {report['n_prompts']}  speedup {report['speedup']:.3f}x  tau {report['tau']:.3f}  "
         f"alpha(1..{len(report['alpha'])}) [{alpha}]  exact_match {exact}",
         f"target step {target_ms} ms  draft step {draft_ms} ms/token  draft/target {ratio}  "
-        f"tree nodes {_describe_trees(report.get('tree_nodes', []))}",
+        f"tree nodes {_describe_trees(report.get('tree_nodes', []))}"
+        + (f"  lookup branch {report['lookup_share']:.1%} of tokens" if report.get("lookup_share") is not None
+           else ""),
     ]
     if "audit" in report:
         audit = report["audit"]

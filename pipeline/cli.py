@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tree", default=None, help="chain, static or dynamic (default: the decoder's, static)")
     bench.add_argument("--tree-nodes", type=int, default=0, help="tree size; 0 = auto from the measured verify cost")
     bench.add_argument("--tree-top-k", type=int, default=4, help="dynamic trees: nodes expanded per step")
+    bench.add_argument("--lookup-tokens", type=int, default=None,
+                       help="prompt-lookup tokens added to each greedy tree as a branch; 0 = none (default: the decoder's)")
     bench.add_argument("--draft-threshold", type=float, default=None,
                        help="end a chain once its draft probability falls below this (default: the decoder's)")
     bench.add_argument("--seed", type=int, default=0)
@@ -141,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="HTTP port (default 8000)")
     serve.add_argument("--model-name", help="the model id clients send (default koala)")
     serve.add_argument("--tree", help="chain, static or dynamic drafts for greedy requests (default static)")
+    serve.add_argument("--lookup-tokens", type=int, help="prompt-lookup tokens added to each greedy tree; 0 = none")
     serve.add_argument("--num-replicas", type=int)
     serve.add_argument("--max-replicas", type=int, help="> 0 enables autoscaling between min and max replicas")
     serve.add_argument("--api-key-env", help="environment variable holding the API key (requests then need it)")
@@ -229,6 +232,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serve.config import REGISTRY_PREFIX, ServeConfig
 
     flags = {"target": "target.spec", "drafter": "drafter", "use_drafter": "use_drafter", "tree": "tree",
+             "lookup_tokens": "lookup_tokens",
              "tracking_uri": "tracking.uri", "host": "host", "port": "port", "model_name": "model_name",
              "num_replicas": "num_replicas", "max_replicas": "max_replicas", "api_key_env": "api_key_env"}
     config = ServeConfig.from_dict(_stage_values(args, flags))
@@ -303,6 +307,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.draft_threshold is not None:
         decode = decode.replace(draft_threshold=args.draft_threshold)
     decode = decode.replace(tree=args.tree or decode.tree, tree_nodes=args.tree_nodes, tree_top_k=args.tree_top_k)
+    if args.lookup_tokens is not None:
+        decode = decode.replace(lookup_tokens=args.lookup_tokens)
     bench = BenchConfig(
         questions=args.questions or "", limit=args.limit, per_category=args.per_category,
         warmup_prompts=args.warmup, include_hf=not args.no_hf, audit=args.audit,

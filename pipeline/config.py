@@ -206,7 +206,9 @@ class DecodeConfig(Config):
     a chain, verified in one target pass (greedy; sampling keeps chains): `dynamic` (EAGLE-2: the `tree_top_k` best
     nodes expanded per step for draft_length steps, the best `tree_nodes` kept; Medusa: the best paths of its heads'
     top-k) or `static` (the drafter's tree, else a default of rank paths); `tree_nodes` 0 = auto, sized from the
-    measured verify cost on this device. `stop` holds stop strings; EOS tokens always stop.
+    measured verify cost on this device. `lookup_tokens` > 0 adds up to that many prompt-lookup tokens (what
+    followed the latest earlier occurrence of the context's last n-gram) to each greedy tree as one more branch
+    (pipeline/lookup.py); 0 = the drafter's tree alone. `stop` holds stop strings; EOS tokens always stop.
     """
 
     section: ClassVar[str] = "decode"
@@ -219,6 +221,7 @@ class DecodeConfig(Config):
     tree: str = DEFAULT_TREE
     tree_nodes: int = 0
     tree_top_k: int = 4
+    lookup_tokens: int = 0
     stop: tuple[str, ...] = ()
     seed: int | None = None
 
@@ -237,6 +240,8 @@ class DecodeConfig(Config):
             self.fail("tree_nodes", f"must be >= 0 (0 = auto from the measured verify cost), got {self.tree_nodes}")
         if self.tree_top_k < 1:
             self.fail("tree_top_k", f"must be >= 1, got {self.tree_top_k}")
+        if self.lookup_tokens < 0:
+            self.fail("lookup_tokens", f"must be >= 0 (0 = no prompt-lookup branch), got {self.lookup_tokens}")
         if not 0 <= self.draft_threshold < 1:
             self.fail("draft_threshold", f"must be in [0, 1) (0 = always draft draft_length tokens), got {self.draft_threshold}")
         if any(not s for s in self.stop):

@@ -26,6 +26,7 @@ from transformers import DynamicCache, PreTrainedModel
 from pipeline.config import DecodeConfig
 from pipeline.caches import keep_cache_positions, new_cache, rollback_cache, tree_attention, tree_incapability
 from pipeline.heads import DraftHead, Proposal, attention_mask_for, cache_argument, head_input_features
+from pipeline.lookup import PromptLookup, graft_chain
 from pipeline.trees import (
     DEFAULT_STATIC_TREE, TreeShape, accept_greedy, node_depths, verify_inputs,
 )
@@ -63,6 +64,7 @@ class GenerationStats:
     target_time_s: float = 0.0
     draft_time_s: float = 0.0
     tree_nodes: int = 0  # the draft tree's node budget (resolved when `auto`); 0 = chains
+    lookup_accepted: int = 0  # accepted tokens that only the prompt-lookup branch drafted (`lookup_tokens`)
 
     @property
     def acceptance_length(self) -> float:
@@ -439,20 +441,30 @@ def _generate(
     draft_state = drafter.new_state() if drafter else None
     tree_shape = _tree_shape(target, drafter, config, draft_length) if drafter is not None else None
     stats.tree_nodes = tree_shape.nodes if tree_shape is not None else 0
+    lookup = None
+    if config.lookup_tokens and tree_shape is not None:
+        lookup = PromptLookup(prompt_ids[0].tolist())
+        lookup.extend(output_ids)
 
     while finish_reason is None:
         committed = cache.get_seq_length()
         draft_started = time.perf_counter()
         proposal = Proposal(token_ids=[], draft_probs=[])
+        head_nodes = 0  # the drafter's own nodes; a prompt-lookup branch adds nodes after them
         if drafter is not None:
             budget = max(0, min(draft_length, stopper.remaining(output_ids) - 1, context - committed - 2))
             if tree_shape is not None:
                 proposal = drafter.propose_tree(draft_state, new_features, next_tokens, tree_shape, budget)
+                head_nodes = len(proposal.token_ids)
+                if lookup is not None:
+                    room = max(0, min(config.lookup_tokens, stopper.remaining(output_ids) - 1, context - committed - 2))
+                    proposal = graft_chain(proposal, lookup.propose(room))
             else:
                 # The threshold is passed only when set, so a drafter without early stopping fits the protocol.
                 early_stop = {"min_chain_prob": config.draft_threshold} if config.draft_threshold else {}
                 proposal = drafter.propose(draft_state, new_features, next_tokens, budget, pick, **early_stop)
-            stats.draft_tokens += len(proposal.token_ids)
+                head_nodes = len(proposal.token_ids)
+            stats.draft_tokens += head_nodes  # what the drafter drafted (a lookup branch costs no draft steps)
         _synchronize(device)
         target_started = time.perf_counter()
         stats.draft_time_s += target_started - draft_started
@@ -461,6 +473,8 @@ def _generate(
             scored, accepted, pending = _verify_tree(model, cache, pending, proposal, committed=committed,
                                                      want_features=want_features, extra_feature_layers=extra_layers)
             rows = [0] + [1 + node for node in accepted]
+            if lookup is not None:
+                stats.lookup_accepted += sum(node >= head_nodes for node in accepted)
             drafted_depth = max(node_depths(proposal.parents))
             emitted = [proposal.token_ids[node] for node in accepted] + [pending]
         else:
@@ -496,6 +510,8 @@ def _generate(
             if finish_reason:
                 break
         finish_reason = _notify(on_tokens, output_ids, committed_before, finish_reason)
+        if lookup is not None:
+            lookup.extend(output_ids[committed_before:])
         if want_features:
             new_features = scored.features[:, rows]
             next_tokens = torch.tensor([emitted], device=device)

@@ -274,7 +274,8 @@ class KoalaServer:
             decode = parsed.decode_config(default_max_tokens=self.config.default_max_tokens,
                                           max_tokens_limit=self.config.max_tokens_limit,
                                           draft_length=self.config.draft_length, tree=self.config.tree,
-                                          tree_nodes=self.config.tree_nodes)
+                                          tree_nodes=self.config.tree_nodes,
+                                          lookup_tokens=self.config.lookup_tokens)
             engine = await self._wait_for_engine()
             prompt_ids = self._prompt_ids(engine, parsed)
         except ApiError as error:

@@ -24,8 +24,9 @@ class ServeConfig(Config):
     `target_ongoing_requests` per replica. Each replica decodes one request at a time (CPU decoding of one model
     does not get faster by interleaving); `max_ongoing_requests` bounds how many wait inside a replica.
     `api_key_env` names an environment variable holding the API key; when set, the variable must be non-empty
-    on the replicas and requests need `Authorization: Bearer <key>`. `draft_length`, `tree` and `tree_nodes` are
-    DecodeConfig's drafting settings for every request (greedy requests draft trees, sampled ones chains).
+    on the replicas and requests need `Authorization: Bearer <key>`. `draft_length`, `tree`, `tree_nodes` and
+    `lookup_tokens` are DecodeConfig's drafting settings for every request (greedy requests draft trees, sampled
+    ones chains).
     `metrics_port` is the Prometheus port of the Ray cluster that `koala serve` starts when none is running
     (0: Ray picks a free one and `koala serve` prints it); a running cluster keeps the port it was started with.
     """
@@ -38,6 +39,7 @@ class ServeConfig(Config):
     draft_length: int = 0
     tree: str = DEFAULT_TREE
     tree_nodes: int = 0
+    lookup_tokens: int = DecodeConfig.lookup_tokens
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     model_name: str = "koala"
     app_name: str = "koala"
@@ -62,7 +64,8 @@ class ServeConfig(Config):
         if self.draft_length < 0:
             self.fail("draft_length", f"must be >= 0 (0 = the head's default), got {self.draft_length}")
         try:
-            DecodeConfig(draft_length=self.draft_length, tree=self.tree, tree_nodes=self.tree_nodes)
+            DecodeConfig(draft_length=self.draft_length, tree=self.tree, tree_nodes=self.tree_nodes,
+                         lookup_tokens=self.lookup_tokens)
         except ConfigError as error:
             raise ConfigError(f"serve.{str(error).removeprefix('decode.')}") from None
         for field in ("model_name", "app_name", "host"):

@@ -60,7 +60,7 @@ class _Request(BaseModel):
         return tuple(stops)
 
     def decode_config(self, *, default_max_tokens: int, max_tokens_limit: int, draft_length: int,
-                      tree: str = DEFAULT_TREE, tree_nodes: int = 0) -> DecodeConfig:
+                      tree: str = DEFAULT_TREE, tree_nodes: int = 0, lookup_tokens: int = 0) -> DecodeConfig:
         max_tokens = self.max_tokens or self.max_completion_tokens or default_max_tokens
         if max_tokens > max_tokens_limit:
             raise ApiError(400, f"max_tokens: {max_tokens} is above this server's limit of {max_tokens_limit}",
@@ -68,7 +68,7 @@ class _Request(BaseModel):
         try:
             return DecodeConfig(max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                                 draft_length=draft_length, tree=tree, tree_nodes=tree_nodes,
-                                stop=self.stop_strings(), seed=self.seed)
+                                lookup_tokens=lookup_tokens, stop=self.stop_strings(), seed=self.seed)
         except ConfigError as error:  # the pydantic bounds above should make this unreachable
             raise ApiError(400, str(error).removeprefix("decode.")) from error
 

@@ -56,6 +56,20 @@ def test_head_init_then_bench_writes_a_complete_report(model_dir, questions, tmp
     assert "speedup" in printed and "tree nodes none (chains)" in printed
 
 
+def test_bench_with_a_prompt_lookup_branch_reports_its_share(model_dir, questions, tmp_path, capsys):
+    head_dir = tmp_path / "head"
+    assert main(["head", "init", "--type", "eagle", "--target", str(model_dir), "--out", str(head_dir)]) == 0
+    report_path = tmp_path / "bench.json"
+    assert main(["bench", "--target", str(model_dir), "--drafter", str(head_dir), "--questions", str(questions),
+                 "--per-category", "1", "--max-new-tokens", "24", "--tree", "static", "--tree-nodes", "4",
+                 "--lookup-tokens", "4", "--no-hf", "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["exact_match"] == 1.0 and report["settings"]["lookup_tokens"] == 4
+    assert 0 <= report["lookup_share"] <= 1
+    assert all("lookup_accepted" in row for row in report["per_prompt"])
+    assert "lookup branch" in capsys.readouterr().out
+
+
 def test_head_init_with_draft_vocabulary(model_dir, questions, tmp_path):
     head_dir = tmp_path / "head"
     assert main(["head", "init", "--type", "eagle", "--target", str(model_dir), "--draft-vocab-size", "10",
@@ -74,6 +88,8 @@ def test_head_init_with_draft_vocabulary(model_dir, questions, tmp_path):
          "bench.questions: .*none.jsonl does not exist"),
         (["bench", "--target", "{model}", "--drafter", "{head}", "--questions", "{questions}", "--temperature", "-1"],
          "decode.temperature: must be >= 0"),
+        (["bench", "--target", "{model}", "--drafter", "{head}", "--questions", "{questions}", "--lookup-tokens", "-1"],
+         "decode.lookup_tokens: must be >= 0"),
         (["head", "init", "--type", "eagle", "--num-layers", "0", "--target", "{model}", "--out", "{tmp}/h"],
          "head.num_layers: must be >= 1"),
         (["head", "init", "--type", "hydra", "--target", "{model}", "--out", "{tmp}/h"],
