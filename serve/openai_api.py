@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.config import DEFAULT_TREE, ConfigError, DecodeConfig
+from pipeline.config import DEFAULT_LOOKUP_TOKENS, DEFAULT_TREE, ConfigError, DecodeConfig
 from pipeline.decoding import GenerationStats
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
@@ -60,7 +60,8 @@ class _Request(BaseModel):
         return tuple(stops)
 
     def decode_config(self, *, default_max_tokens: int, max_tokens_limit: int, draft_length: int,
-                      tree: str = DEFAULT_TREE, tree_nodes: int = 0, lookup_tokens: int = 0) -> DecodeConfig:
+                      tree: str = DEFAULT_TREE, tree_nodes: int = 0,
+                      lookup_tokens: int = DEFAULT_LOOKUP_TOKENS) -> DecodeConfig:
         max_tokens = self.max_tokens or self.max_completion_tokens or default_max_tokens
         if max_tokens > max_tokens_limit:
             raise ApiError(400, f"max_tokens: {max_tokens} is above this server's limit of {max_tokens_limit}",

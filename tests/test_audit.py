@@ -113,7 +113,7 @@ def test_an_off_by_one_position_is_a_violation(monkeypatch):
     head = _random_eagle(target)
     real_score = decoding.score
 
-    def shifted_score(model, input_ids, cache, *, last_logits_only, want_features):
+    def shifted_score(model, input_ids, cache, *, last_logits_only, want_features, extra_feature_layers=()):
         if input_ids.shape[1] > 1 and cache.get_seq_length() > 0:  # the speculative verify pass, not the prefill
             positions = torch.arange(cache.get_seq_length() + 1, cache.get_seq_length() + 1 + input_ids.shape[1],
                                      device=input_ids.device)
@@ -121,7 +121,8 @@ def test_an_off_by_one_position_is_a_violation(monkeypatch):
                            output_hidden_states=want_features, **{decoding.cache_argument(type(model).forward): cache})
             return decoding._ScoreResult(logits=output.logits[0],
                                          features=output.hidden_states[-1] if want_features else None)
-        return real_score(model, input_ids, cache, last_logits_only=last_logits_only, want_features=want_features)
+        return real_score(model, input_ids, cache, last_logits_only=last_logits_only, want_features=want_features,
+                          extra_feature_layers=extra_feature_layers)
 
     monkeypatch.setattr(decoding, "score", shifted_score)
     audits = _audits(target, head)

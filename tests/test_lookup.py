@@ -49,7 +49,7 @@ def test_decoding_with_a_lookup_branch_is_lossless_and_accepts_copied_tokens(tin
     torch.manual_seed(0)
     head = build_head(HeadConfig(head_type="eagle", num_heads=3), tiny_target.model)
     torch.nn.init.normal_(head.fc.weight, std=0.2)
-    base = DecodeConfig(max_new_tokens=60, tree=tree, tree_nodes=6, draft_length=3)
+    base = DecodeConfig(max_new_tokens=60, tree=tree, tree_nodes=6, draft_length=3, lookup_tokens=0)
     prompt = torch.tensor([[1, 5, 9, 14, 3, 22, 5, 9, 14]], device=tiny_target.device)
     vanilla = generate(tiny_target, prompt, config=base)
     alone = generate(tiny_target, prompt, config=base, drafter=head)
