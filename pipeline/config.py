@@ -211,7 +211,8 @@ class DecodeConfig(Config):
     top-k) or `static` (the drafter's tree, else a default of rank paths); `tree_nodes` 0 = auto, sized from the
     measured verify cost on this device. `lookup_tokens` > 0 adds up to that many prompt-lookup tokens (what
     followed the latest earlier occurrence of the context's last n-gram) to each greedy tree as one more branch
-    (pipeline/lookup.py), on top of its `tree_nodes`; 0 = the drafter's tree alone. `stop` holds stop strings; EOS tokens always stop.
+    (pipeline/lookup.py), on top of its `tree_nodes`; 0 = the drafter's tree alone. `stop` holds stop strings;
+    EOS tokens always stop.
     """
 
     section: ClassVar[str] = "decode"

@@ -443,8 +443,7 @@ def _generate(
     stats.tree_nodes = tree_shape.nodes if tree_shape is not None else 0
     lookup = None
     if config.lookup_tokens and tree_shape is not None:
-        lookup = PromptLookup(prompt_ids[0].tolist())
-        lookup.extend(output_ids)
+        lookup = PromptLookup(prompt_ids[0].tolist() + output_ids)
 
     while finish_reason is None:
         committed = cache.get_seq_length()
@@ -452,13 +451,13 @@ def _generate(
         proposal = Proposal(token_ids=[], draft_probs=[])
         head_nodes = 0  # the drafter's own nodes; a prompt-lookup branch adds nodes after them
         if drafter is not None:
-            budget = max(0, min(draft_length, stopper.remaining(output_ids) - 1, context - committed - 2))
+            room = max(0, min(stopper.remaining(output_ids) - 1, context - committed - 2))  # drafted depth allowed
+            budget = min(draft_length, room)
             if tree_shape is not None:
                 proposal = drafter.propose_tree(draft_state, new_features, next_tokens, tree_shape, budget)
                 head_nodes = len(proposal.token_ids)
                 if lookup is not None:
-                    room = max(0, min(config.lookup_tokens, stopper.remaining(output_ids) - 1, context - committed - 2))
-                    proposal = graft_chain(proposal, lookup.propose(room))
+                    proposal = graft_chain(proposal, lookup.propose(min(config.lookup_tokens, room)))
             else:
                 # The threshold is passed only when set, so a drafter without early stopping fits the protocol.
                 early_stop = {"min_chain_prob": config.draft_threshold} if config.draft_threshold else {}

@@ -349,10 +349,10 @@ class EagleHead(nn.Module):
     """EAGLE draft head with K decoder layers of the target's own architecture.
 
     Input at position t: the target feature f_t concatenated with the embedding of token t+1 (frozen target
-    embedding), projected `2H -> H`; then K decoder layers; with `extra_feature_layers`, the target's f_t is first
-    fused from its last and those layers' states (`fuse`, `(1 + n) H -> H`, starting as "read the last state"); then the target's frozen final norm gives the predicted
-    feature f_{t+1}, and the target's frozen LM head (draft-vocabulary rows) its logits. Drafting feeds predicted
-    features back autoregressively; `forward_unrolled` trains exactly that (training-time test).
+    embedding), projected `2H -> H` (with `extra_feature_layers`, f_t is first fused from the target's last and
+    those layers' states: `fuse`, `(1 + n) H -> H`, starting as "read the last state"); then K decoder layers;
+    then the target's frozen final norm gives the predicted feature f_{t+1}, and the target's frozen LM head
+    (draft-vocabulary rows) its logits. Drafting feeds predicted features back autoregressively; `forward_unrolled` trains exactly that (training-time test).
     """
 
     def __init__(self, config: HeadConfig, *, target: PreTrainedModel, draft_token_ids: torch.Tensor | None = None):

@@ -6,7 +6,7 @@ import dataclasses
 from typing import ClassVar
 
 from pipeline.config import (
-    DEFAULT_MAX_NEW_TOKENS, DEFAULT_TREE, Config, ConfigError, DecodeConfig, TargetConfig, TrackingConfig,
+    DEFAULT_LOOKUP_TOKENS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TREE, Config, ConfigError, DecodeConfig, TargetConfig, TrackingConfig,
 )
 from pipeline.heads import default_drafter_dir
 
@@ -39,7 +39,7 @@ class ServeConfig(Config):
     draft_length: int = 0
     tree: str = DEFAULT_TREE
     tree_nodes: int = 0
-    lookup_tokens: int = DecodeConfig.lookup_tokens
+    lookup_tokens: int = DEFAULT_LOOKUP_TOKENS
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     model_name: str = "koala"
     app_name: str = "koala"

@@ -225,15 +225,18 @@ def _validation(trainer: KoalaTrainer, rows: list[dict[str, Any]], features, con
     return validate
 
 
-def _features(model, rows, config: TrainConfig, *, cache_path: Path | None, progress: bool):
+def _features(model, rows, config: TrainConfig, *, cache: bool, progress: bool, cache_path: Path | None = None):
+    """The rows' target features: computed once and kept (`cache`; also saved to and reloaded from `cache_path`
+    when given), or recomputed per batch."""
     extra_layers = config.head.extra_feature_layers
-    if cache_path is None:
+    if not cache or not rows:
         return LiveFeatures(model, max_seq_len=config.max_seq_len, extra_layers=extra_layers)
-    if cache_path.is_file():
+    if cache_path is not None and cache_path.is_file():
         return FeatureStore.load(cache_path, device=model.device)
     store = FeatureStore.build(model, rows, max_seq_len=config.max_seq_len, progress=progress,
                                extra_layers=extra_layers)
-    store.save(cache_path)
+    if cache_path is not None:
+        store.save(cache_path)
     return store
 
 
@@ -281,10 +284,11 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         trainer.wrap_discriminator(wrap)
 
     cache_dir = Path(payload["cache_dir"]) if payload["use_feature_cache"] else None
-    train_features = _features(target.model, train_rows, config, progress=False,
+    train_features = _features(target.model, train_rows, config, cache=cache_dir is not None, progress=False,
                                cache_path=cache_dir / f"train-rank{rank}-of{world}.safetensors" if cache_dir else None)
-    validation_features = _features(target.model, validation_rows, config, progress=False,
-                                    cache_path=cache_dir / "validation.safetensors" if cache_dir and validation_rows else None)
+    validation_features = _features(target.model, validation_rows, config, cache=cache_dir is not None,
+                                    progress=False,
+                                    cache_path=cache_dir / "validation.safetensors" if cache_dir else None)
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -514,7 +518,6 @@ def run_train_local(config: TrainConfig, *, progress: bool = True) -> dict[str, 
     trained_tokens = sum(sum(r["loss_mask"]) for r in train_rows)
     all_tokens = sum(min(len(r["input_ids"]), config.max_seq_len) for r in train_rows + validation_rows)
     use_cache, cache_reason = choose_feature_cache(config, tokens=all_tokens, hidden_size=identity["hidden_size"])
-    extra_layers = config.head.extra_feature_layers
     eos = sorted(target.eos_token_ids)
     draft_ids = draft_vocabulary(config, eos, paths) if config.head.draft_vocab_size and not config.init_head else None
     print(f"[train] {len(train_rows)} training rows ({trained_tokens} response tokens), {len(validation_rows)} "
@@ -534,13 +537,8 @@ def run_train_local(config: TrainConfig, *, progress: bool = True) -> dict[str, 
     write_json_atomically(config.to_dict(), config_file)
 
     features_started = time.perf_counter()
-    train_features = FeatureStore.build(target.model, train_rows, max_seq_len=config.max_seq_len, progress=progress,
-                                        extra_layers=extra_layers) \
-        if use_cache else LiveFeatures(target.model, max_seq_len=config.max_seq_len, extra_layers=extra_layers)
-    validation_features = FeatureStore.build(target.model, validation_rows, max_seq_len=config.max_seq_len,
-                                             progress=False, extra_layers=extra_layers) \
-        if use_cache and validation_rows else \
-        LiveFeatures(target.model, max_seq_len=config.max_seq_len, extra_layers=extra_layers)
+    train_features = _features(target.model, train_rows, config, cache=use_cache, progress=progress)
+    validation_features = _features(target.model, validation_rows, config, cache=use_cache, progress=False)
     features_seconds = time.perf_counter() - features_started
 
     tracking = _local_tracking(config, {**stats, "train_rows": len(train_rows)}, cache_reason)
