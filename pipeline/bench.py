@@ -119,6 +119,7 @@ def _run_all_methods(
         "vanilla": vanilla.stats,
         "speculative": speculative.stats,
         "exact_match": vanilla.token_ids == speculative.token_ids,
+        "draft_vocab_coverage": drafter.vocabulary.coverage(vanilla.token_ids),
     }
     if audit:
         record["audit"] = losslessness.compare(target, prompt_ids, vanilla, speculative)
@@ -164,6 +165,7 @@ def run_bench(
             "tree_nodes": spec.tree_nodes,
             "lookup_accepted": spec.lookup_accepted,
             "exact_match": record["exact_match"],
+            "draft_vocab_coverage": record["draft_vocab_coverage"],
             **{f"{m}_s": round(record[m].wall_time_s, 4) for m in METHODS if m in record},
         })
         if "audit" in record:
@@ -204,6 +206,9 @@ def build_report(
         # Of the speculative run's tokens, the share only the prompt-lookup branch had drafted (`lookup_tokens`).
         "lookup_share": (sum(s.lookup_accepted for s in speculative) / max(1, metrics.total_tokens(speculative))
                          if decode.lookup_tokens else None),
+        # The share of vanilla's tokens the draft vocabulary holds (None: the full vocabulary), pooled over tokens.
+        "draft_vocab_coverage": _pooled_coverage(per_prompt, [s.new_tokens for s in vanilla]),
+        "by_category": metrics.by_group([p["category"] for p in per_prompt], speculative, vanilla),
         "tokens_per_s": tokens_per_s,
         "vanilla_vs_hf_generate": (
             tokens_per_s["vanilla"] / tokens_per_s["hf_generate"] if tokens_per_s.get("hf_generate") else None
@@ -219,6 +224,13 @@ def build_report(
         "settings": {**settings, **decode.to_dict()},
         "per_prompt": per_prompt,
     }
+
+
+def _pooled_coverage(per_prompt: list[dict[str, Any]], vanilla_tokens: list[int]) -> float | None:
+    shares = [(p["draft_vocab_coverage"], n) for p, n in zip(per_prompt, vanilla_tokens)
+              if p.get("draft_vocab_coverage") is not None]
+    total = sum(n for _, n in shares)
+    return sum(share * n for share, n in shares) / total if total else None
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -245,6 +257,12 @@ def format_table(report: dict[str, Any]) -> str:
         + (f"  lookup branch {report['lookup_share']:.1%} of tokens" if report.get("lookup_share") is not None
            else ""),
     ]
+    categories = report.get("by_category") or {}
+    if len(categories) > 1:
+        lines.append("by category (tau, speedup): " + ", ".join(
+            f"{name} {entry['tau']:.2f} {entry['speedup']:.2f}x" for name, entry in categories.items()))
+    if report.get("draft_vocab_coverage") is not None:
+        lines.append(f"draft vocabulary holds {report['draft_vocab_coverage']:.1%} of the generated tokens")
     if "audit" in report:
         audit = report["audit"]
         exact_prompts = round(audit["exact_match"] * report["n_prompts"])

@@ -66,6 +66,7 @@ class Proposal:
 
 class DraftHead(Protocol):
     config: HeadConfig
+    vocabulary: _DraftVocabulary
 
     @property
     def max_draft_length(self) -> int: ...
@@ -137,6 +138,14 @@ class _DraftVocabulary(nn.Module):
 
     def to_target_id(self, index: int) -> int:
         return index if self.draft_token_ids is None else int(self.draft_token_ids[index])
+
+    def coverage(self, token_ids: Sequence[int]) -> float | None:
+        """The share of `token_ids` (target ids) the draft vocabulary holds, None for the full vocabulary: a token
+        outside it is one no draft can propose, so a low share on a domain says the map came from other text."""
+        if self.draft_token_ids is None or not token_ids:
+            return None
+        ids = torch.as_tensor(list(token_ids), device=self.draft_token_ids.device)
+        return float(torch.isin(ids, self.draft_token_ids).float().mean())
 
 
 class ResBlock(nn.Module):

@@ -57,3 +57,23 @@ def target_ms_per_forward(stats: Sequence[GenerationStats]) -> float | None:
     """Mean time of one target forward pass in the decode loop (prefill excluded from the count and the time)."""
     passes = sum(s.target_forward_passes - 1 for s in stats)
     return 1000 * sum(s.target_time_s for s in stats) / passes if passes else None
+
+
+def by_group(
+    groups: Sequence[str], speculative: Sequence[GenerationStats], vanilla: Sequence[GenerationStats] | None = None
+) -> dict[str, dict[str, float | int]]:
+    """tau (and the speedup, given the vanilla runs of the same prompts) per group of prompts, e.g. MT-bench's
+    categories, in first-seen order: a head's average hides where it fails (knowledge prose vs maths)."""
+    if len(groups) != len(speculative) or (vanilla is not None and len(vanilla) != len(speculative)):
+        raise ValueError("by_group needs one group name per generation (and as many vanilla generations)")
+    members: dict[str, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    summary: dict[str, dict[str, float | int]] = {}
+    for group, indices in members.items():
+        entry: dict[str, float | int] = {
+            "prompts": len(indices), "tau": acceptance_length([speculative[i] for i in indices])}
+        if vanilla is not None:
+            entry["speedup"] = speedup([speculative[i] for i in indices], [vanilla[i] for i in indices])
+        summary[group] = entry
+    return summary

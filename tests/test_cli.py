@@ -52,8 +52,13 @@ def test_head_init_then_bench_writes_a_complete_report(model_dir, questions, tmp
     assert report["settings"]["max_new_tokens"] == 16
     assert report["step_cost"]["draft_ms_per_token"] > 0
     assert report["tree_nodes"] == [0] and {row["tree_nodes"] for row in report["per_prompt"]} == {0}
+    assert list(report["by_category"]) == ["writing", "math"]
+    assert all(entry["prompts"] == 1 and entry["tau"] >= 1.0 and entry["speedup"] > 0
+               for entry in report["by_category"].values())
+    assert report["draft_vocab_coverage"] is None  # the full vocabulary
     printed = capsys.readouterr().out
     assert "speedup" in printed and "tree nodes none (chains)" in printed
+    assert "by category (tau, speedup): writing" in printed and "draft vocabulary holds" not in printed
 
 
 def test_bench_with_a_prompt_lookup_branch_reports_its_share(model_dir, questions, tmp_path, capsys):
@@ -70,11 +75,19 @@ def test_bench_with_a_prompt_lookup_branch_reports_its_share(model_dir, question
     assert "lookup branch" in capsys.readouterr().out
 
 
-def test_head_init_with_draft_vocabulary(model_dir, questions, tmp_path):
+def test_head_init_with_draft_vocabulary(model_dir, questions, tmp_path, capsys):
     head_dir = tmp_path / "head"
     assert main(["head", "init", "--type", "eagle", "--target", str(model_dir), "--draft-vocab-size", "10",
                  "--draft-vocab-corpus", str(questions), "--out", str(head_dir)]) == 0
     assert json.loads((head_dir / "head_config.json").read_text())["head"]["draft_vocab_size"] == 10
+    report_path = tmp_path / "bench.json"
+    assert main(["bench", "--target", str(model_dir), "--drafter", str(head_dir), "--questions", str(questions),
+                 "--max-new-tokens", "16", "--no-hf", "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    shares = [row["draft_vocab_coverage"] for row in report["per_prompt"]]
+    assert all(0 <= share <= 1 for share in shares)
+    assert min(shares) <= report["draft_vocab_coverage"] <= max(shares)
+    assert "draft vocabulary holds" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -150,6 +150,14 @@ def test_draft_vocabulary_subset_is_lossless_and_smaller(tiny_target, tmp_path, 
         if decode.greedy:
             assert speculative.token_ids == vanilla.token_ids
         assert speculative.stats.draft_tokens > 0
+    held = token_ids.tolist()
+    outside = next(t for t in range(100) if t not in held)
+    assert loaded.vocabulary.coverage([held[0], held[1], outside, held[0]]) == pytest.approx(0.75)
+    assert loaded.vocabulary.coverage([]) is None
+
+
+def test_full_vocabulary_has_no_coverage_to_report(tiny_target):
+    assert build_head(HeadConfig(head_type="eagle"), tiny_target.model).vocabulary.coverage([1, 2]) is None
 
 
 def test_draft_vocabulary_requires_a_map(tiny_target):
