@@ -1,5 +1,6 @@
 """Several draft heads on the same prompts, in one process: our vanilla decoder, HF prompt lookup, and speculative
-decoding with each head, alternating per prompt (so every method sees the same machine state), greedy.
+decoding with each head, alternating per prompt (so every method sees the same machine state), greedy or, with
+`--temperature`, sampled (every method samples; exact_match is then not reported: the outputs differ by design).
 
     python benchmarks/compare_heads.py --target smollm2 --dtype float32 --per-category 4 --max-new-tokens 128 \
         --head eagle-k1=runs/train/eagle-k1/head --head medusa-k1=runs/train/medusa-k1/head --json runs/compare.json
@@ -7,7 +8,8 @@ decoding with each head, alternating per prompt (so every method sees the same m
 `--no-vanilla` skips the timed baselines (acceptance only: tau and n-alpha do not depend on timing, so several of
 these can share a machine); `--deadline S` stops starting new prompts after S seconds (the JSON, rewritten after
 every prompt, then covers the prompts done). Reports per head: speedup over vanilla, tau, n-alpha (n = 1..draft
-length), exact_match against vanilla, tokens/s; and HF prompt lookup's tokens/s and speedup.
+length), exact_match against vanilla, tokens/s, tau and speedup by category, the draft vocabulary's share of
+vanilla's tokens; and HF prompt lookup's tokens/s and speedup.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--draft-length", type=int, default=0, help="0 = each head's default")
     parser.add_argument("--draft-threshold", type=float, default=None, help="default: DecodeConfig's")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; else every method samples")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed of every generation")
     parser.add_argument("--no-vanilla", action="store_true", help="acceptance only: no timed baselines")
     parser.add_argument("--no-prompt-lookup", action="store_true")
     parser.add_argument("--prompt-lookup-num-tokens", type=int, default=10)
@@ -68,7 +73,11 @@ def decode_settings(decode: DecodeConfig, settings: str) -> DecodeConfig:
     return DecodeConfig.from_dict(values)
 
 
-def summarize(per_method: dict[str, list], exact: dict[str, list[bool]], settings: dict) -> dict:
+def summarize(per_method: dict[str, list], exact: dict[str, list[bool]], settings: dict,
+              categories: list[str] | None = None, coverage: dict[str, float | None] | None = None) -> dict:
+    """The report: per method its throughput, and per head tau, n-alpha, step costs, exact match, tau (and the
+    speedup) by category of `categories` (one per prompt) and its draft vocabulary's `coverage` of vanilla's
+    tokens."""
     vanilla = per_method.get("vanilla")
     report = {"settings": settings, "n_prompts": len(next(iter(per_method.values()))) if per_method else 0,
               "methods": {}}
@@ -82,9 +91,14 @@ def summarize(per_method: dict[str, list], exact: dict[str, list[bool]], setting
             entry.update(tau=metrics.acceptance_length(stats), alpha=metrics.n_alpha(stats, max_n=longest),
                          draft_ms_per_token=metrics.draft_ms_per_token(stats),
                          verify_ms=metrics.target_ms_per_forward(stats),
-                         lookup_accepted=sum(s.lookup_accepted for s in stats))
+                         lookup_accepted=sum(s.lookup_accepted for s in stats),
+                         tree_nodes=sorted({s.tree_nodes for s in stats}))
             if exact[name]:
                 entry["exact_match"] = sum(exact[name]) / len(exact[name])
+            if categories:
+                entry["by_category"] = metrics.by_group(categories, stats, vanilla)
+            if coverage and coverage.get(name) is not None:
+                entry["draft_vocab_coverage"] = coverage[name]
         report["methods"][name] = entry
     return report
 
@@ -94,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     target = load_target(args.target, dtype=args.dtype, device=args.device)
-    decode = DecodeConfig(max_new_tokens=args.max_new_tokens, draft_length=args.draft_length)
+    decode = DecodeConfig(max_new_tokens=args.max_new_tokens, draft_length=args.draft_length,
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.draft_threshold is not None:
         decode = decode.replace(draft_threshold=args.draft_threshold)
     heads, head_decode = {}, {}
@@ -128,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     per_method: dict[str, list] = defaultdict(list)
     exact: dict[str, list[bool]] = {name: [] for name in heads}
+    categories: list[str] = []
+    vanilla_tokens: list[int] = []
+    report = summarize(per_method, exact, settings)
     for index, question in enumerate(questions):
         if args.deadline and time.perf_counter() - started > args.deadline:
             print(f"[compare] deadline reached after {index} prompts", flush=True)
@@ -135,16 +153,19 @@ def main(argv: list[str] | None = None) -> int:
         stats, outputs = run_prompt(target.encode_prompt(question.prompt), decode)
         for name, value in stats.items():
             per_method[name].append(value)
+        categories.append(question.category)
         for name in heads:
-            if "vanilla" in outputs:
+            if "vanilla" in outputs and decode.greedy:
                 exact[name].append(outputs[name] == outputs["vanilla"])
-        report = summarize(per_method, exact, settings)
+        vanilla_tokens += outputs.get("vanilla", [])
+        coverage = {name: head.vocabulary.coverage(vanilla_tokens) for name, head in heads.items()}
+        report = summarize(per_method, exact, settings, categories, coverage)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
         line = "  ".join(f"{name} tau {entry['tau']:.2f}" + (f" x{entry['speedup']:.2f}" if "speedup" in entry else "")
                          for name, entry in report["methods"].items() if "tau" in entry)
         print(f"[compare] {index + 1}/{len(questions)} {time.perf_counter() - started:.0f}s  {line}", flush=True)
-    print(json.dumps(summarize(per_method, exact, settings)["methods"], indent=1, default=str))
+    print(json.dumps(report["methods"], indent=1, default=str))
     return 0
 
 

@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tree-nodes", type=int, default=0, help="tree size; 0 = auto from the measured verify cost")
     bench.add_argument("--tree-top-k", type=int, default=4, help="dynamic trees: nodes expanded per step")
     bench.add_argument("--lookup-tokens", type=int, default=None,
-                       help="prompt-lookup tokens added to each greedy tree as a branch; 0 = none (default: the decoder's)")
+                       help="prompt-lookup tokens added to each draft tree as a branch; 0 = none (default: the decoder's)")
+    bench.add_argument("--tree-max-temperature", type=float, default=None,
+                       help="sampling up to this temperature drafts trees, hotter chains (default: the decoder's)")
     bench.add_argument("--draft-threshold", type=float, default=None,
                        help="end a chain once its draft probability falls below this (default: the decoder's)")
     bench.add_argument("--seed", type=int, default=0)
@@ -143,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="HTTP port (default 8000)")
     serve.add_argument("--model-name", help="the model id clients send (default koala)")
     serve.add_argument("--tree", help="chain, static or dynamic drafts for greedy requests (default static)")
-    serve.add_argument("--lookup-tokens", type=int, help="prompt-lookup tokens added to each greedy tree; 0 = none")
+    serve.add_argument("--lookup-tokens", type=int, help="prompt-lookup tokens added to each draft tree; 0 = none")
+    serve.add_argument("--tree-max-temperature", type=float,
+                       help="sampled requests up to this temperature draft trees, hotter ones chains")
     serve.add_argument("--num-replicas", type=int)
     serve.add_argument("--max-replicas", type=int, help="> 0 enables autoscaling between min and max replicas")
     serve.add_argument("--api-key-env", help="environment variable holding the API key (requests then need it)")
@@ -232,7 +236,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serve.config import REGISTRY_PREFIX, ServeConfig
 
     flags = {"target": "target.spec", "drafter": "drafter", "use_drafter": "use_drafter", "tree": "tree",
-             "lookup_tokens": "lookup_tokens",
+             "lookup_tokens": "lookup_tokens", "tree_max_temperature": "tree_max_temperature",
              "tracking_uri": "tracking.uri", "host": "host", "port": "port", "model_name": "model_name",
              "num_replicas": "num_replicas", "max_replicas": "max_replicas", "api_key_env": "api_key_env"}
     config = ServeConfig.from_dict(_stage_values(args, flags))
@@ -309,6 +313,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     decode = decode.replace(tree=args.tree or decode.tree, tree_nodes=args.tree_nodes, tree_top_k=args.tree_top_k)
     if args.lookup_tokens is not None:
         decode = decode.replace(lookup_tokens=args.lookup_tokens)
+    if args.tree_max_temperature is not None:
+        decode = decode.replace(tree_max_temperature=args.tree_max_temperature)
     bench = BenchConfig(
         questions=args.questions or "", limit=args.limit, per_category=args.per_category,
         warmup_prompts=args.warmup, include_hf=not args.no_hf, audit=args.audit,

@@ -23,11 +23,15 @@ DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_DRAFT_THRESHOLD = 0.0
 TREE_MODES = ("chain", "dynamic", "static")
 # Greedy decoding drafts a static tree sized from the measured verify cost: the fastest shape measured on the CPU
-# reference (README "Tree drafts"); sampling always drafts chains.
+# reference (README "Tree drafts").
 DEFAULT_TREE = "static"
-# Greedy trees also get a branch of up to this many prompt-lookup tokens (pipeline/lookup.py): on the CPU reference
-# it lifted the shipped head from tau 2.27 and 1.45x to 2.60 and 1.67x (README "Tree drafts").
+# Trees also get a branch of up to this many prompt-lookup tokens (pipeline/lookup.py): on the CPU reference it
+# lifted the shipped head from tau 2.27 and 1.45x to 2.60 and 1.67x (README "Tree drafts").
 DEFAULT_LOOKUP_TOKENS = 8
+# Sampling drafts trees up to this temperature and chains above it: with the shipped head on the CPU reference, tree
+# + lookup beat chains at temperature 0.3 and 0.5 (1.61x vs 1.53x, 1.65x vs 1.44x) and lost at 0.7 (1.30x vs 1.42x)
+# (README "Tree drafts").
+DEFAULT_TREE_MAX_TEMPERATURE = 0.5
 # With log_every_steps 0, training logs about this many points per run: a loss curve at every scale.
 LOSS_CURVE_POINTS = 50
 
@@ -206,13 +210,15 @@ class DecodeConfig(Config):
     `temperature` = 0 is greedy. `draft_length` = 0 means the head's default (`num_heads`); it is the longest
     chain drafted per round, and `draft_threshold` > 0 ends a chain earlier, after the first token at which the
     product of its tokens' draft probabilities falls below it (lossless either way). `tree` drafts a tree instead of
-    a chain, verified in one target pass (greedy; sampling keeps chains): `dynamic` (EAGLE-2: the `tree_top_k` best
-    nodes expanded per step for draft_length steps, the best `tree_nodes` kept; Medusa: the best paths of its heads'
-    top-k) or `static` (the drafter's tree, else a default of rank paths); `tree_nodes` 0 = auto, sized from the
-    measured verify cost on this device. `lookup_tokens` > 0 adds up to that many prompt-lookup tokens (what
-    followed the latest earlier occurrence of the context's last n-gram) to each greedy tree as one more branch
-    (pipeline/lookup.py), on top of its `tree_nodes`; 0 = the drafter's tree alone. `stop` holds stop strings;
-    EOS tokens always stop.
+    a chain, verified in one target pass: `dynamic` (EAGLE-2: the `tree_top_k` best nodes expanded per step for
+    draft_length steps, the best `tree_nodes` kept; Medusa: the best paths of its heads' top-k) or `static` (the
+    drafter's tree, else a default of rank paths). Sampling up to `tree_max_temperature` verifies the tree's
+    deterministic drafts by `decoding.accept_sampling`; hotter sampling drafts chains (speculative sampling from the
+    head's distribution), which accept more there (both lossless; measured in the README's "Tree drafts").
+    `tree_nodes` 0 = auto, sized from the measured verify cost on this device. `lookup_tokens` > 0 adds up to that
+    many prompt-lookup tokens (what followed the latest earlier occurrence of the context's last n-gram) to each
+    tree as one more branch (pipeline/lookup.py), on top of its `tree_nodes`; 0 = the drafter's tree alone. `stop`
+    holds stop strings; EOS tokens always stop.
     """
 
     section: ClassVar[str] = "decode"
@@ -226,6 +232,7 @@ class DecodeConfig(Config):
     tree_nodes: int = 0
     tree_top_k: int = 4
     lookup_tokens: int = DEFAULT_LOOKUP_TOKENS
+    tree_max_temperature: float = DEFAULT_TREE_MAX_TEMPERATURE
     stop: tuple[str, ...] = ()
     seed: int | None = None
 
@@ -244,6 +251,8 @@ class DecodeConfig(Config):
             self.fail("tree_nodes", f"must be >= 0 (0 = auto from the measured verify cost), got {self.tree_nodes}")
         if self.tree_top_k < 1:
             self.fail("tree_top_k", f"must be >= 1, got {self.tree_top_k}")
+        if self.tree_max_temperature < 0:
+            self.fail("tree_max_temperature", f"must be >= 0 (0 = sampling always drafts chains), got {self.tree_max_temperature}")
         if self.lookup_tokens < 0:
             self.fail("lookup_tokens", f"must be >= 0 (0 = no prompt-lookup branch), got {self.lookup_tokens}")
         if not 0 <= self.draft_threshold < 1:

@@ -148,6 +148,43 @@ def _sample(probs: torch.Tensor, generator: torch.Generator) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def accept_sampling(
+    row_probs: Callable[[int], torch.Tensor], tokens: Sequence[int], parents: Sequence[int],
+    generator: torch.Generator,
+) -> tuple[list[int], int]:
+    """Lossless verification of a tree of deterministic drafts (a head's top-k, a prompt-lookup branch) under
+    sampling. `row_probs(0)` is the target's sampling distribution after the pending token, `row_probs(i + 1)`
+    after node i.
+
+    At each node its children are tried in order: child c is accepted with probability r(c), where r is the target
+    distribution with the siblings already rejected removed and renormalised (a deterministic draft is a point mass,
+    so speculative sampling's min(1, p/q) is p); when every child is rejected the next token is drawn from r. Each
+    token is therefore emitted with exactly the target's probability: P(c_1) = p(c_1), P(c_2) = (1 - p(c_1)) *
+    p(c_2) / (1 - p(c_1)), and the residual covers the rest. Returns (accepted node indices, the token after them).
+    """
+    children: dict[int, list[int]] = {}
+    for index, parent in enumerate(parents):
+        children.setdefault(parent, []).append(index)
+    path: list[int] = []
+    current = -1
+    while True:
+        residual = row_probs(current + 1).float().clone()
+        follow = None
+        for child in children.get(current, ()):
+            mass = float(residual.sum())
+            chance = float(residual[tokens[child]]) / mass if mass > 0 else 0.0
+            if float(torch.rand((), generator=generator, device=generator.device)) < chance:
+                follow = child
+                break
+            residual[tokens[child]] = 0.0
+        if follow is None:
+            if float(residual.sum()) <= 0:  # rounding left no mass: only rejected tokens had any
+                residual = row_probs(current + 1).float()
+            return path, _sample(residual / residual.sum(), generator)
+        path.append(follow)
+        current = follow
+
+
 class StopChecker:
     """Decides after each new token whether generation ends: EOS, a stop string, max_new_tokens or the context."""
 
@@ -260,15 +297,23 @@ def _notify(on_tokens: TokenCallback | None, output_ids: list[int], start: int, 
 
 def _verify_tree(
     model: PreTrainedModel, cache: DynamicCache, pending: int, proposal: Proposal, *, committed: int,
-    want_features: bool, extra_feature_layers: Sequence[int],
+    want_features: bool, extra_feature_layers: Sequence[int], config: DecodeConfig,
+    generator: torch.Generator | None,
 ) -> tuple[_ScoreResult, list[int], int]:
-    """Scores the pending token and every tree node in one pass, accepts greedily along the tree and keeps only
-    the accepted path in the cache. Returns (scores, accepted node indices, the target's next token)."""
+    """Scores the pending token and every tree node in one pass, accepts along the tree (greedily, or by
+    `accept_sampling`) and keeps only the accepted path in the cache. Returns (scores, accepted node indices, the
+    target's next token)."""
     ids, positions, allowed = verify_inputs(pending, proposal.token_ids, proposal.parents, cached=committed,
                                             device=cache_device(model))
     scored = score(model, ids, cache, last_logits_only=False, want_features=want_features, position_ids=positions,
                    allowed=allowed, extra_feature_layers=extra_feature_layers)
-    accepted, bonus = accept_greedy(scored.logits.argmax(-1).tolist(), proposal.token_ids, proposal.parents)
+    if config.greedy:
+        accepted, bonus = accept_greedy(scored.logits.argmax(-1).tolist(), proposal.token_ids, proposal.parents)
+    else:  # only the rows along the accepted path need a sampling distribution (top-p sorts the vocabulary)
+        def row_probs(row: int) -> torch.Tensor:
+            return sampling_probs(scored.logits[row], temperature=config.temperature, top_p=config.top_p)
+
+        accepted, bonus = accept_sampling(row_probs, proposal.token_ids, proposal.parents, generator)
     keep_cache_positions(cache, committed + 1, accepted)
     return scored, accepted, bonus
 
@@ -332,11 +377,12 @@ def tree_capable(model: PreTrainedModel) -> bool:
 
 
 def _tree_shape(target: Target, drafter: DraftHead, config: DecodeConfig, draft_length: int) -> TreeShape | None:
-    """The tree to draft this generation, or None for chains (also when sampling: trees are greedy-only here)."""
+    """The tree to draft this generation, or None for chains (also when sampling above `tree_max_temperature`)."""
     if config.tree == "chain" or not hasattr(drafter, "propose_tree"):
         return None
-    if not config.greedy:
-        _log.info("tree drafts are greedy-only; sampling drafts chains (lossless speculative sampling)")
+    if config.temperature > config.tree_max_temperature:
+        _log.info("sampling at temperature %s drafts chains (trees up to decode.tree_max_temperature %s)",
+                  config.temperature, config.tree_max_temperature)
         return None
     reason = tree_incapability(target.model)
     if reason is not None:
@@ -470,7 +516,8 @@ def _generate(
 
         if proposal.parents is not None and proposal.token_ids:
             scored, accepted, pending = _verify_tree(model, cache, pending, proposal, committed=committed,
-                                                     want_features=want_features, extra_feature_layers=extra_layers)
+                                                     want_features=want_features, extra_feature_layers=extra_layers,
+                                                     config=config, generator=generator)
             rows = [0] + [1 + node for node in accepted]
             if lookup is not None:
                 stats.lookup_accepted += sum(node >= head_nodes for node in accepted)

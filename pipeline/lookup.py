@@ -3,7 +3,7 @@ context's last n-gram (prompt lookup decoding, Saxena 2023; HF `prompt_lookup_nu
 
 A draft head guesses from the target's features; prompt lookup copies from the context, which the head does badly
 (a name, a code line or a sentence the answer repeats). `DecodeConfig.lookup_tokens` grafts the copied tokens onto
-each greedy round's tree: where they agree with the head's nodes they share them, the rest is a chain of new nodes.
+each round's tree: where they agree with the head's nodes they share them, the rest is a chain of new nodes.
 Verification keeps decoding lossless whatever the branch holds.
 """
 

@@ -275,7 +275,8 @@ class KoalaServer:
                                           max_tokens_limit=self.config.max_tokens_limit,
                                           draft_length=self.config.draft_length, tree=self.config.tree,
                                           tree_nodes=self.config.tree_nodes,
-                                          lookup_tokens=self.config.lookup_tokens)
+                                          lookup_tokens=self.config.lookup_tokens,
+                                          tree_max_temperature=self.config.tree_max_temperature)
             engine = await self._wait_for_engine()
             prompt_ids = self._prompt_ids(engine, parsed)
         except ApiError as error:

@@ -6,7 +6,8 @@ import dataclasses
 from typing import ClassVar
 
 from pipeline.config import (
-    DEFAULT_LOOKUP_TOKENS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TREE, Config, ConfigError, DecodeConfig, TargetConfig, TrackingConfig,
+    DEFAULT_LOOKUP_TOKENS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TREE, DEFAULT_TREE_MAX_TEMPERATURE, Config, ConfigError,
+    DecodeConfig, TargetConfig, TrackingConfig,
 )
 from pipeline.heads import default_drafter_dir
 
@@ -25,8 +26,8 @@ class ServeConfig(Config):
     does not get faster by interleaving); `max_ongoing_requests` bounds how many wait inside a replica.
     `api_key_env` names an environment variable holding the API key; when set, the variable must be non-empty
     on the replicas and requests need `Authorization: Bearer <key>`. `draft_length`, `tree`, `tree_nodes` and
-    `lookup_tokens` are DecodeConfig's drafting settings for every request (greedy requests draft trees, sampled
-    ones chains).
+    `lookup_tokens` and `tree_max_temperature` are DecodeConfig's drafting settings for every request (greedy
+    requests and those sampled up to `tree_max_temperature` draft trees, hotter ones chains).
     `metrics_port` is the Prometheus port of the Ray cluster that `koala serve` starts when none is running
     (0: Ray picks a free one and `koala serve` prints it); a running cluster keeps the port it was started with.
     """
@@ -40,6 +41,7 @@ class ServeConfig(Config):
     tree: str = DEFAULT_TREE
     tree_nodes: int = 0
     lookup_tokens: int = DEFAULT_LOOKUP_TOKENS
+    tree_max_temperature: float = DEFAULT_TREE_MAX_TEMPERATURE
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     model_name: str = "koala"
     app_name: str = "koala"
@@ -65,7 +67,7 @@ class ServeConfig(Config):
             self.fail("draft_length", f"must be >= 0 (0 = the head's default), got {self.draft_length}")
         try:
             DecodeConfig(draft_length=self.draft_length, tree=self.tree, tree_nodes=self.tree_nodes,
-                         lookup_tokens=self.lookup_tokens)
+                         lookup_tokens=self.lookup_tokens, tree_max_temperature=self.tree_max_temperature)
         except ConfigError as error:
             raise ConfigError(f"serve.{str(error).removeprefix('decode.')}") from None
         for field in ("model_name", "app_name", "host"):

@@ -103,6 +103,8 @@ def test_head_init_with_draft_vocabulary(model_dir, questions, tmp_path, capsys)
          "decode.temperature: must be >= 0"),
         (["bench", "--target", "{model}", "--drafter", "{head}", "--questions", "{questions}", "--lookup-tokens", "-1"],
          "decode.lookup_tokens: must be >= 0"),
+        (["bench", "--target", "{model}", "--drafter", "{head}", "--questions", "{questions}", "--temperature", "0.5",
+          "--tree-max-temperature", "-1"], "decode.tree_max_temperature: must be >= 0"),
         (["head", "init", "--type", "eagle", "--num-layers", "0", "--target", "{model}", "--out", "{tmp}/h"],
          "head.num_layers: must be >= 1"),
         (["head", "init", "--type", "hydra", "--target", "{model}", "--out", "{tmp}/h"],

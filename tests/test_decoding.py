@@ -10,13 +10,14 @@ from pipeline.config import ConfigError, DecodeConfig, HeadConfig
 from pipeline.decoding import (
     GenerationStats,
     PromptTooLongError,
+    accept_sampling,
     generate,
     sampling_probs,
     verify_greedy,
     verify_sampling,
 )
 from pipeline.heads import Proposal, build_head
-from pipeline.metrics import acceptance_length, n_alpha
+from pipeline.metrics import acceptance_length, by_group, n_alpha
 
 PROMPTS = ["hello world", "The quick brown fox jumps"]
 
@@ -162,6 +163,38 @@ def test_verify_sampling_single_position_matches_target_exactly():
     assert counts[4] == 0, "a token with target probability 0 must never be emitted"
 
 
+def test_accept_sampling_emits_the_target_distribution_through_a_tree():
+    """A root with children [0, 2] (node 0 has child [1]): the first emitted token is distributed as p0 whichever
+    child takes it, the second (after token 0) as p1, and a token of probability 0 is never emitted."""
+    generator = torch.Generator().manual_seed(0)
+    p0 = torch.tensor([0.4, 0.1, 0.3, 0.2, 0.0])
+    p1 = torch.tensor([0.1, 0.6, 0.1, 0.2, 0.0])
+    rows = {0: p0, 1: p1, 2: torch.full((5,), 0.2), 3: torch.full((5,), 0.2)}
+    tokens, parents = [0, 2, 1], [-1, -1, 0]
+    draws = 20000
+    first, second_after_0 = torch.zeros(5), torch.zeros(5)
+    for _ in range(draws):
+        path, bonus = accept_sampling(rows.__getitem__, tokens, parents, generator)
+        emitted = [tokens[node] for node in path] + [bonus]
+        first[emitted[0]] += 1
+        if emitted[0] == 0:
+            second_after_0[emitted[1]] += 1
+        assert path in ([], [0], [1], [0, 2]), path
+    torch.testing.assert_close(first / draws, p0, atol=0.015, rtol=0)
+    torch.testing.assert_close(second_after_0 / second_after_0.sum(), p1, atol=0.02, rtol=0)
+    assert first[4] == 0 and second_after_0[4] == 0
+
+
+def test_accept_sampling_takes_a_certain_child_and_never_a_rejected_one():
+    generator = torch.Generator().manual_seed(1)
+    certain = torch.tensor([0.0, 1.0, 0.0])
+    assert accept_sampling(lambda row: certain, [1], [-1], generator)[0] == [0]
+    never = torch.tensor([0.0, 0.5, 0.5])
+    for _ in range(200):  # token 0 has no mass: rejected, and the bonus is drawn from the rest
+        path, bonus = accept_sampling(lambda row: never, [0], [-1], generator)
+        assert path == [] and bonus in (1, 2)
+
+
 def test_sampling_probs_matches_reference_top_p():
     logits = torch.tensor([2.0, 1.0, 0.5, -1.0])
     probs = torch.softmax(logits / 0.7, dim=-1)
@@ -219,10 +252,14 @@ def test_draft_threshold_shortens_chains_and_stays_lossless(tiny_target, head_ty
     assert 0 < drafted[0.5] < drafted[0.0], drafted
 
 
-@pytest.mark.parametrize("head_type,draft_threshold", [("eagle", 0.0), ("medusa", 0.0), ("eagle", 0.3)])
-def test_speculative_sampling_keeps_target_distribution(head_type, draft_threshold):
+@pytest.mark.parametrize("head_type,draft_threshold,tree", [
+    ("eagle", 0.0, "chain"), ("medusa", 0.0, "chain"), ("eagle", 0.3, "chain"),
+    ("eagle", 0.0, "static"), ("eagle", 0.0, "dynamic"), ("medusa", 0.0, "static"),
+])
+def test_speculative_sampling_keeps_target_distribution(head_type, draft_threshold, tree):
     """Marginals of generated tokens 2 and 3 (both produced by draft-and-verify rounds) match the exact target
-    marginals: chi-square with 7 degrees of freedom below 24.3 (p = 0.001), fixed seeds, 3000 generations."""
+    marginals: chi-square with 7 degrees of freedom below 24.3 (p = 0.001), fixed seeds, 3000 generations. Trees
+    (with the prompt-lookup branch, which the 8-token vocabulary makes match often) go through `accept_sampling`."""
     vocab = 8
     target = make_tiny_target(vocab_size=vocab, hidden_size=32, num_layers=1, seed=3)
     with torch.no_grad():
@@ -240,9 +277,11 @@ def test_speculative_sampling_keeps_target_distribution(head_type, draft_thresho
     drafted = accepted = 0
     for seed in range(3000):
         config = DecodeConfig(max_new_tokens=3, temperature=1.0, draft_length=2, seed=seed,
-                              draft_threshold=draft_threshold)
+                              draft_threshold=draft_threshold, tree=tree, tree_nodes=4, lookup_tokens=2,
+                              tree_max_temperature=1.0)
         result = generate(target, prompt[None], config=config, drafter=head)
         assert len(result.token_ids) == 3
+        assert result.stats.tree_nodes == (0 if tree == "chain" else 4)
         counts2[result.token_ids[1]] += 1
         counts3[result.token_ids[2]] += 1
         drafted += result.stats.evaluated[0] if result.stats.evaluated else 0
@@ -312,6 +351,20 @@ def test_metrics_pool_over_generations():
     a = GenerationStats(new_tokens=10, target_forward_passes=5, wall_time_s=1.0)
     b = GenerationStats(new_tokens=30, target_forward_passes=10, wall_time_s=1.0)
     assert acceptance_length([a, b]) == pytest.approx(40 / 15)
+
+
+def test_metrics_by_group_pool_within_each_group():
+    spec = [GenerationStats(new_tokens=10, target_forward_passes=5, wall_time_s=1.0),
+            GenerationStats(new_tokens=30, target_forward_passes=10, wall_time_s=1.0),
+            GenerationStats(new_tokens=12, target_forward_passes=12, wall_time_s=2.0)]
+    vanilla = [GenerationStats(new_tokens=n, target_forward_passes=n, wall_time_s=n / 10) for n in (10, 30, 12)]
+    groups = by_group(["prose", "maths", "prose"], spec, vanilla)
+    assert list(groups) == ["prose", "maths"]  # first-seen order
+    assert groups["prose"] == {"prompts": 2, "tau": pytest.approx(22 / 17), "speedup": pytest.approx((22 / 3) / 10)}
+    assert groups["maths"] == {"prompts": 1, "tau": pytest.approx(3.0), "speedup": pytest.approx(3.0)}
+    assert by_group(["a"], spec[:1]) == {"a": {"prompts": 1, "tau": 2.0}}
+    with pytest.raises(ValueError, match="one group name per generation"):
+        by_group(["a"], spec)
 
 
 @pytest.mark.parametrize("with_drafter", [False, True])

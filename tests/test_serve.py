@@ -60,6 +60,8 @@ def test_serve_config_validates_fields_and_loads_the_repo_serve_config():
         ServeConfig.from_dict({"port": 0})
     with pytest.raises(ConfigError, match="target.dtype"):
         ServeConfig.from_dict({"target": {"dtype": "int3"}})
+    with pytest.raises(ConfigError, match="serve.tree_max_temperature"):
+        ServeConfig(tree_max_temperature=-1)
     assert ServeConfig().host == "127.0.0.1"
     deployed = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     app = deployed["applications"][0]
@@ -96,6 +98,8 @@ def test_chat_request_parsing_and_limits():
     assert parsed.conversation() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     config = parsed.decode_config(default_max_tokens=16, max_tokens_limit=32, draft_length=0)
     assert config == DecodeConfig(max_new_tokens=16, temperature=1.0, stop=("x",), seed=3)
+    assert parsed.decode_config(default_max_tokens=16, max_tokens_limit=32, draft_length=0,
+                                tree_max_temperature=1.0).tree_max_temperature == 1.0
     for bad, param in [({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role")]:
         with pytest.raises(ApiError) as raised:
             parse_request(json.dumps({"model": "m", **bad}).encode(), ChatRequest)
