@@ -28,7 +28,7 @@ from pipeline.caches import keep_cache_positions, new_cache, rollback_cache, tre
 from pipeline.heads import DraftHead, Proposal, attention_mask_for, cache_argument, head_input_features
 from pipeline.lookup import PromptLookup, graft_chain
 from pipeline.trees import (
-    DEFAULT_STATIC_TREE, TreeShape, accept_greedy, node_depths, verify_inputs,
+    DEFAULT_STATIC_TREE, TreeShape, accept_greedy, children_of, node_depths, verify_inputs,
 )
 from pipeline.target import Target
 
@@ -162,9 +162,7 @@ def accept_sampling(
     token is therefore emitted with exactly the target's probability: P(c_1) = p(c_1), P(c_2) = (1 - p(c_1)) *
     p(c_2) / (1 - p(c_1)), and the residual covers the rest. Returns (accepted node indices, the token after them).
     """
-    children: dict[int, list[int]] = {}
-    for index, parent in enumerate(parents):
-        children.setdefault(parent, []).append(index)
+    children = children_of(parents)
     path: list[int] = []
     current = -1
     while True:

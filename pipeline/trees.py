@@ -124,12 +124,18 @@ def verify_inputs(
     return ids, positions, allowed[None, None]
 
 
-def accept_greedy(choices: Sequence[int], tokens: Sequence[int], parents: Sequence[int]) -> tuple[list[int], int]:
-    """choices[0] is the target's token after pending, choices[i+1] after node i. Returns (accepted node indices
-    along the longest path whose tokens equal the target's choices, the target's token after the path)."""
+def children_of(parents: Sequence[int]) -> dict[int, list[int]]:
+    """Node index -> its children's indices in order (-1: the pending token's children)."""
     children: dict[int, list[int]] = {}
     for index, parent in enumerate(parents):
         children.setdefault(parent, []).append(index)
+    return children
+
+
+def accept_greedy(choices: Sequence[int], tokens: Sequence[int], parents: Sequence[int]) -> tuple[list[int], int]:
+    """choices[0] is the target's token after pending, choices[i+1] after node i. Returns (accepted node indices
+    along the longest path whose tokens equal the target's choices, the target's token after the path)."""
+    children = children_of(parents)
     path: list[int] = []
     current = -1
     while True:
