@@ -35,7 +35,7 @@ from pipeline.heads import _DraftVocabulary, _frozen_lm_head_rows, default_draft
 from pipeline.lookup import PromptLookup, graft_chain  # noqa: E402
 from pipeline.target import load_target  # noqa: E402
 
-TOKEN_BITS = 16  # SmolLM2's 49,152 token ids fit; n-gram keys pack n of them into one int64
+TOKEN_BITS = np.uint64(16)  # SmolLM2's 49,152 token ids fit; n-gram keys pack up to 4 of them into one uint64
 
 
 def full_vocabulary_copy(head, target):
@@ -55,11 +55,11 @@ class AnswerDatastore:
         self.index = {}
         for size in ngram_sizes:
             count = len(tokens) - size
-            keys, valid = np.zeros(count, dtype=np.int64), np.ones(count, dtype=bool)
+            keys, valid = np.zeros(count, dtype=np.uint64), np.ones(count, dtype=bool)
             for offset in range(size):
                 column = tokens[offset : offset + count]
                 valid &= column >= 0
-                keys = (keys << TOKEN_BITS) + np.where(column >= 0, column, 0)
+                keys = (keys << TOKEN_BITS) + np.where(column >= 0, column, 0).astype(np.uint64)
             starts = np.nonzero(valid)[0] + size
             order = np.argsort(keys[valid], kind="stable")
             self.index[size] = (keys[valid][order], starts[order])
@@ -68,9 +68,9 @@ class AnswerDatastore:
         for size in self.ngram_sizes:
             if len(context) < size:
                 continue
-            key = 0
+            key = np.uint64(0)
             for token in context[-size:]:
-                key = (key << TOKEN_BITS) + token
+                key = (key << TOKEN_BITS) + np.uint64(token)
             keys, starts = self.index[size]
             low, high = np.searchsorted(keys, key, "left"), np.searchsorted(keys, key, "right")
             if high - low < self.min_support:
@@ -114,7 +114,8 @@ def run_vocab(target, head, questions, max_new_tokens: int) -> None:
             row["tokens"] += len(subset.token_ids)
             row["passes"] += subset.stats.target_forward_passes
             row["full_passes"] += whole.stats.target_forward_passes
-            row["held"] += round(head.vocabulary.coverage(subset.token_ids) * len(subset.token_ids))
+            share = head.vocabulary.coverage(subset.token_ids)  # None: the full vocabulary holds everything
+            row["held"] += round((1.0 if share is None else share) * len(subset.token_ids))
     print("category     chain tau (8k)  chain tau (full)  draft vocabulary holds")
     for name, row in sorted(rows.items(), key=lambda item: item[0] == "all"):  # the total last
         print(f"{name:12} {row['tokens'] / row['passes']:14.3f}  {row['tokens'] / row['full_passes']:16.3f}  "

@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="HTTP port (default 8000)")
     serve.add_argument("--model-name", help="the model id clients send (default koala)")
-    serve.add_argument("--tree", help="chain, static or dynamic drafts for greedy requests (default static)")
+    serve.add_argument("--tree", help="chain, static or dynamic drafts (default static; sampled requests above --tree-max-temperature draft chains)")
     serve.add_argument("--lookup-tokens", type=int, help="prompt-lookup tokens added to each draft tree; 0 = none")
     serve.add_argument("--tree-max-temperature", type=float,
                        help="sampled requests up to this temperature draft trees, hotter ones chains")

@@ -166,19 +166,22 @@ def accept_sampling(
     path: list[int] = []
     current = -1
     while True:
-        residual = row_probs(current + 1).float().clone()
+        candidates = children.get(current, [])
+        # One transfer and one draw per depth: the loop below runs on the host, not a device sync per child.
+        residual = row_probs(current + 1).float().cpu().clone()
+        uniforms = torch.rand(len(candidates), generator=generator, device=generator.device).tolist()
         follow = None
-        for child in children.get(current, ()):
+        for child, uniform in zip(candidates, uniforms):
             mass = float(residual.sum())
             chance = float(residual[tokens[child]]) / mass if mass > 0 else 0.0
-            if float(torch.rand((), generator=generator, device=generator.device)) < chance:
+            if uniform < chance:
                 follow = child
                 break
             residual[tokens[child]] = 0.0
         if follow is None:
             if float(residual.sum()) <= 0:  # rounding left no mass: only rejected tokens had any
-                residual = row_probs(current + 1).float()
-            return path, _sample(residual / residual.sum(), generator)
+                residual = row_probs(current + 1).float().cpu()
+            return path, _sample((residual / residual.sum()).to(generator.device), generator)
         path.append(follow)
         current = follow
 

@@ -231,7 +231,8 @@ class MedusaHeads(nn.Module):
     def propose_tree(
         self, state: None, features: torch.Tensor, next_token_ids: torch.Tensor, shape: TreeShape, max_depth: int
     ) -> Proposal:
-        """A tree over the heads' top-k tokens (greedy only). Medusa heads do not read each other's tokens, so a
+        """A tree over the heads' top-k tokens (deterministic drafts, for greedy and sampled verification alike;
+        see `decoding.accept_sampling`). Medusa heads do not read each other's tokens, so a
         rank path is the same tokens under any parent: a static shape is used as it is, a dynamic one takes the
         `nodes` paths whose product of head probabilities is highest this round."""
         last_feature = features[:, -1].to(self.heads[0][-1].weight.dtype)  # (1, H)
@@ -490,9 +491,9 @@ class EagleHead(nn.Module):
         self, state: EagleState, features: torch.Tensor, next_token_ids: torch.Tensor, shape: TreeShape,
         max_depth: int,
     ) -> Proposal:
-        """Appends the verified (feature, token) pairs like `propose`, then drafts a tree (greedy only): dynamic
-        (EAGLE-2: the best `shape.nodes` of the expanded candidates) or static (EAGLE-1), at most `max_depth`
-        deep."""
+        """Appends the verified (feature, token) pairs like `propose`, then drafts a tree of deterministic drafts
+        (the head's top-k; greedy and sampled verification alike): dynamic (EAGLE-2: the best `shape.nodes` of the
+        expanded candidates) or static (EAGLE-1), at most `max_depth` deep."""
         predicted = self._append_verified(state, features, next_token_ids, draft=max_depth > 0)
         if predicted is None:
             return Proposal(token_ids=[], draft_probs=[])

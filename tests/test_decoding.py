@@ -211,18 +211,25 @@ def test_sampling_probs_matches_reference_top_p():
     torch.testing.assert_close(sampling_probs(logits, temperature=1.0, top_p=1.0), torch.softmax(logits, -1))
 
 
-def _exact_marginals(target, prompt, vocab):
-    """Exact target distribution of generated tokens 2 and 3 by enumerating all (t1, t2) prefixes."""
+def _exact_marginals(target, prompt, vocab, last=3):
+    """Exact target distributions of generated tokens 2..last, by enumerating every prefix of last - 1 tokens."""
     model = target.model
     with torch.no_grad():
         p1 = torch.softmax(model(prompt[None]).logits[0, -1].double(), -1)  # (V,)
-        pairs = torch.cartesian_prod(*[torch.arange(vocab, device=prompt.device)] * 2)  # (V*V, 2)
-        sequences = torch.cat([prompt.expand(len(pairs), -1), pairs], dim=1)
+        prefixes = torch.cartesian_prod(*[torch.arange(vocab, device=prompt.device)] * (last - 1))  # (V^(n-1), n-1)
+        sequences = torch.cat([prompt.expand(len(prefixes), -1), prefixes], dim=1)
         logits = model(sequences).logits.double()
-    p2_given_1 = torch.softmax(logits[:, -2], -1).view(vocab, vocab, vocab)[:, 0]  # (t1, t2)
-    p3_given_12 = torch.softmax(logits[:, -1], -1).view(vocab, vocab, vocab)  # (t1, t2, t3)
-    joint12 = p1[:, None] * p2_given_1
-    return joint12.sum(0), (joint12[:, :, None] * p3_given_12).sum((0, 1))
+    conditionals = torch.softmax(logits[:, -(last - 1):], -1)  # [:, j]: token j+2 given tokens 1..j+1
+    joint = p1[prefixes[:, 0]]  # probability of each prefix's first j+1 tokens, grown step by step
+    marginals = []
+    for step in range(last - 1):
+        next_given = conditionals[:, step]  # (prefixes, V)
+        # A prefix's row stands for all its extensions; count each (t1..t_{step+1}) once via the first extension.
+        first = (prefixes[:, step + 1:] == 0).all(dim=1)
+        marginals.append((joint[first, None] * next_given[first]).sum(0))
+        if step + 1 < last - 1:
+            joint = joint * next_given.gather(1, prefixes[:, step + 1 : step + 2])[:, 0]
+    return marginals
 
 
 def _chi_square(counts, expected_probs):
@@ -264,7 +271,7 @@ def test_speculative_sampling_keeps_target_distribution(head_type, draft_thresho
     target = make_tiny_target(vocab_size=vocab, hidden_size=32, num_layers=1, seed=3)
     with torch.no_grad():
         target.model.lm_head.weight.mul_(0.1)  # softer than the greedy fixture: every token has real mass
-    target.model.generation_config.eos_token_id = 99  # no EOS inside the 8-token vocabulary: all runs give 3 tokens
+    target.model.generation_config.eos_token_id = 99  # no EOS inside the 8-token vocabulary: runs give every token
     torch.manual_seed(1)
     head = build_head(HeadConfig(head_type=head_type, num_layers=1, num_heads=2), target.model)
     if head_type == "medusa":
@@ -272,23 +279,28 @@ def test_speculative_sampling_keeps_target_distribution(head_type, draft_thresho
     else:
         torch.nn.init.normal_(head.fc.weight, std=1.0)
     prompt = torch.tensor([1, 5, 3], device=target.device)
-    marginal2, marginal3 = (m.cpu() for m in _exact_marginals(target, prompt, vocab))
-    counts2, counts3 = torch.zeros(vocab), torch.zeros(vocab)
-    drafted = accepted = 0
+    # Trees: 5 tokens, so the first round may accept a 2-deep path (tokens 2-3) and a later round reads the caches
+    # that acceptance left (token 4); chains: tokens 2 and 3.
+    last = 3 if tree == "chain" else 4
+    marginals = [m.cpu().float() for m in _exact_marginals(target, prompt, vocab, last=last)]
+    counts = torch.zeros(len(marginals), vocab)
+    drafted = accepted = deep = 0
     for seed in range(3000):
-        config = DecodeConfig(max_new_tokens=3, temperature=1.0, draft_length=2, seed=seed,
-                              draft_threshold=draft_threshold, tree=tree, tree_nodes=4, lookup_tokens=2,
+        config = DecodeConfig(max_new_tokens=3 if tree == "chain" else 5, temperature=1.0, draft_length=2,
+                              seed=seed, draft_threshold=draft_threshold, tree=tree, tree_nodes=6, lookup_tokens=2,
                               tree_max_temperature=1.0)
         result = generate(target, prompt[None], config=config, drafter=head)
-        assert len(result.token_ids) == 3
-        assert result.stats.tree_nodes == (0 if tree == "chain" else 4)
-        counts2[result.token_ids[1]] += 1
-        counts3[result.token_ids[2]] += 1
+        assert len(result.token_ids) == config.max_new_tokens
+        assert result.stats.tree_nodes == (0 if tree == "chain" else 6)  # the default static tree's 6: 2 deep
+        for index, token in enumerate(result.token_ids[1:last]):
+            counts[index, token] += 1
         drafted += result.stats.evaluated[0] if result.stats.evaluated else 0
         accepted += result.stats.accepted[0] if result.stats.accepted else 0
+        deep += result.stats.accepted[1] if len(result.stats.accepted) > 1 else 0
     assert 0 < accepted < drafted, "the test needs both accepted and rejected drafts"
-    assert _chi_square(counts2, marginal2.float()) < 24.3
-    assert _chi_square(counts3, marginal3.float()) < 24.3
+    assert tree == "chain" or deep > 0, "the test needs 2-deep accepted paths"
+    for token_counts, marginal in zip(counts, marginals):
+        assert _chi_square(token_counts, marginal) < 24.3
 
 
 def test_stop_string_and_max_new_tokens(tiny_target):

@@ -159,20 +159,28 @@ def test_greedy_tree_decoding_equals_vanilla(tiny_target, head_type, num_layers,
         assert accepted_full > 0, "a trained head should get whole 3-deep paths accepted"
 
 
-def test_sampling_drafts_trees_up_to_tree_max_temperature(tiny_target, caplog):
-    """Sampling hotter than `tree_max_temperature` drafts chains; up to it, trees (`accept_sampling`, whose
-    distribution tests are in test_decoding.py), reproducibly for a seed."""
+def test_sampling_drafts_trees_up_to_tree_max_temperature(tiny_target, caplog, monkeypatch):
+    """Sampling hotter than `tree_max_temperature` drafts chains; up to it, trees verified by `accept_sampling`
+    (whose distribution tests are in test_decoding.py), reproducibly for a seed."""
+    calls, original = [], decoding.accept_sampling
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(decoding, "accept_sampling", counted)
     head = build_head(HeadConfig(head_type="eagle", num_heads=3), tiny_target.model)
     prompt_ids = tiny_target.encode_prompt(PROMPTS[0])
     config = DecodeConfig(max_new_tokens=12, temperature=1.0, seed=0, tree="dynamic", tree_nodes=8,
                           tree_max_temperature=0.5)
     with caplog.at_level("INFO", logger="pipeline.decoding"):
         chains = generate(tiny_target, prompt_ids, config=config, drafter=head)
-    assert chains.stats.tree_nodes == 0 and "drafts chains" in caplog.text
+    assert chains.stats.tree_nodes == 0 and "drafts chains" in caplog.text and not calls
     runs = [generate(tiny_target, prompt_ids, drafter=head, config=config.replace(seed=seed, temperature=0.5))
             for seed in (0, 0, 1)]
     assert all(len(run.token_ids) == 12 and run.stats.tree_nodes == 8 for run in runs)
     assert runs[0].token_ids == runs[1].token_ids
+    assert len(calls) >= len(runs)  # each run verified its trees by accept_sampling
 
 
 def test_auto_node_budget_comes_from_measured_verify_costs(tiny_target, monkeypatch):
