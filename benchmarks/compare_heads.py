@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--head", action="append", required=True, metavar="NAME=DIR[@N[,T][,FIELD=VALUE...]]",
                         help="a head directory, named; @N drafts up to N tokens per round with it (else "
                              "--draft-length), ,T sets its draft threshold, ,FIELD=VALUE any decode field "
-                             "(e.g. tree=dynamic,tree_nodes=8)")
+                             "(e.g. tree=dynamic,tree_nodes=8), ,draft_dtype=D the dtype it drafts in (default auto)")
     parser.add_argument("--questions", default="")
     parser.add_argument("--per-category", type=int, default=4)
     parser.add_argument("--limit", type=int, default=0)
@@ -61,16 +61,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def decode_settings(decode: DecodeConfig, settings: str) -> DecodeConfig:
-    """`4`, `4,0.2` or `4,tree=dynamic,tree_nodes=8`: draft length, threshold, then any DecodeConfig field."""
-    values = decode.to_dict()
+def head_settings(decode: DecodeConfig, settings: str) -> tuple[DecodeConfig, str]:
+    """`4`, `4,0.2` or `4,tree=dynamic,tree_nodes=8,draft_dtype=float32`: draft length, threshold, then any
+    DecodeConfig field, and the dtype the head drafts in (`load_head`'s, default auto)."""
+    values, draft_dtype = decode.to_dict(), "auto"
     for position, item in enumerate(filter(None, settings.split(","))):
         field, equals, value = item.partition("=")
-        if equals:
+        if field == "draft_dtype":
+            draft_dtype = value
+        elif equals:
             values[field] = yaml.safe_load(value)
         else:
             values["draft_length" if position == 0 else "draft_threshold"] = yaml.safe_load(field)
-    return DecodeConfig.from_dict(values)
+    return DecodeConfig.from_dict(values), draft_dtype
 
 
 def summarize(per_method: dict[str, list], exact: dict[str, list[bool]], settings: dict,
@@ -116,12 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.head:
         name, _, spec = item.partition("=")
         directory, _, settings = spec.partition("@")
-        heads[name] = load_head(directory, target.model, target_name=target.name)
-        head_decode[name] = decode_settings(decode, settings)
+        head_decode[name], draft_dtype = head_settings(decode, settings)
+        heads[name] = load_head(directory, target.model, target_name=target.name, dtype=draft_dtype)
     questions = load_questions(args.questions or None, limit=args.limit, per_category=args.per_category)
     settings = {**vars(args), "json": str(args.json), "device": str(target.device),
                 "dtype": str(target.model.dtype), "torch_threads": torch.get_num_threads(),
-                "heads": {name: {**head.config.to_dict(), "decode": head_decode[name].to_dict()}
+                "heads": {name: {**head.config.to_dict(), "decode": head_decode[name].to_dict(),
+                                 "draft_dtype": str(next(head.parameters()).dtype)}
                           for name, head in heads.items()}}
 
     def run_prompt(prompt_ids: torch.Tensor, config: DecodeConfig) -> tuple[dict, dict]:
@@ -144,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     per_method: dict[str, list] = defaultdict(list)
     exact: dict[str, list[bool]] = {name: [] for name in heads}
     categories: list[str] = []
-    vanilla_tokens: list[int] = []
+    held = {name: 0.0 for name in heads}  # vanilla tokens so far that each head's draft vocabulary holds
+    vanilla_count = 0
     report = summarize(per_method, exact, settings)
     for index, question in enumerate(questions):
         if args.deadline and time.perf_counter() - started > args.deadline:
@@ -157,8 +162,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in heads:
             if "vanilla" in outputs and decode.greedy:
                 exact[name].append(outputs[name] == outputs["vanilla"])
-        vanilla_tokens += outputs.get("vanilla", [])
-        coverage = {name: head.vocabulary.coverage(vanilla_tokens) for name, head in heads.items()}
+        new_tokens = outputs.get("vanilla", [])
+        vanilla_count += len(new_tokens)
+        coverage = {}
+        for name, head in heads.items():
+            share = head.vocabulary.coverage(new_tokens)  # None for a full vocabulary or no tokens
+            held[name] += (share or 0.0) * len(new_tokens)
+            full = head.vocabulary.draft_token_ids is None
+            coverage[name] = None if full or not vanilla_count else held[name] / vanilla_count
         report = summarize(per_method, exact, settings, categories, coverage)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from pipeline.config import (
-    BenchConfig, ConfigError, DecodeConfig, DistillConfig, HeadConfig, SelfPromptConfig, SweepConfig, TargetConfig,
-    TrainConfig,
+    DTYPES, BenchConfig, ConfigError, DecodeConfig, DistillConfig, HeadConfig, SelfPromptConfig, SweepConfig,
+    TargetConfig, TrainConfig,
     apply_overrides, assign_dotted,
 )
 
@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sampling up to this temperature drafts trees, hotter chains (default: the decoder's)")
     bench.add_argument("--draft-threshold", type=float, default=None,
                        help="end a chain once its draft probability falls below this (default: the decoder's)")
+    bench.add_argument("--draft-dtype", default="auto", choices=DTYPES,
+                       help="dtype the head drafts in: auto (the target's; bf16 for an fp32 target on a CPU with bf16 "
+                            "units), float32, bfloat16 or float16")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--warmup", type=int, default=1, help="prompts run once before timing")
     bench.add_argument("--no-hf", action="store_true", help="skip the HF generate and prompt-lookup baselines")
@@ -148,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--lookup-tokens", type=int, help="prompt-lookup tokens added to each draft tree; 0 = none")
     serve.add_argument("--tree-max-temperature", type=float,
                        help="sampled requests up to this temperature draft trees, hotter ones chains")
+    serve.add_argument("--draft-dtype", help="dtype the head drafts in (default auto: the target's, bf16 for an fp32 "
+                                             "target on a CPU with bf16 units)")
     serve.add_argument("--num-replicas", type=int)
     serve.add_argument("--max-replicas", type=int, help="> 0 enables autoscaling between min and max replicas")
     serve.add_argument("--api-key-env", help="environment variable holding the API key (requests then need it)")
@@ -237,7 +242,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     flags = {"target": "target.spec", "drafter": "drafter", "use_drafter": "use_drafter", "tree": "tree",
              "lookup_tokens": "lookup_tokens", "tree_max_temperature": "tree_max_temperature",
-             "tracking_uri": "tracking.uri", "host": "host", "port": "port", "model_name": "model_name",
+             "draft_dtype": "draft_dtype", "tracking_uri": "tracking.uri", "host": "host", "port": "port", "model_name": "model_name",
              "num_replicas": "num_replicas", "max_replicas": "max_replicas", "api_key_env": "api_key_env"}
     config = ServeConfig.from_dict(_stage_values(args, flags))
     if config.drafter_enabled and not config.drafter_source.startswith(REGISTRY_PREFIX):
@@ -327,10 +332,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                               "(koala train writes one)")
     read_head_metadata(args.drafter)  # fail on a bad drafter dir before the slow target load
     target = load_target_from_config(_target_config(args))
-    drafter = load_head(args.drafter, target.model, target_name=target.name)
+    drafter = load_head(args.drafter, target.model, target_name=target.name, dtype=args.draft_dtype)
     settings = {
         "target": target.name,
         "drafter": str(args.drafter),
+        "draft_dtype": str(next(drafter.parameters()).dtype).removeprefix("torch."),
         "head": drafter.config.to_dict(),
         "questions": bench.questions or "default",
         "device": str(target.device),

@@ -298,23 +298,23 @@ def _notify(on_tokens: TokenCallback | None, output_ids: list[int], start: int, 
 
 def _verify_tree(
     model: PreTrainedModel, cache: DynamicCache, pending: int, proposal: Proposal, *, committed: int,
-    want_features: bool, extra_feature_layers: Sequence[int], config: DecodeConfig,
-    generator: torch.Generator | None,
+    want_features: bool, extra_feature_layers: Sequence[int], pick: _Picker,
 ) -> tuple[_ScoreResult, list[int], int]:
     """Scores the pending token and every tree node in one pass, accepts along the tree (greedily, or by
-    `accept_sampling`) and keeps only the accepted path in the cache. Returns (scores, accepted node indices, the
-    target's next token)."""
+    `accept_sampling` with `pick`'s sampling settings and generator) and keeps only the accepted path in the cache.
+    Returns (scores, accepted node indices, the target's next token)."""
     ids, positions, allowed = verify_inputs(pending, proposal.token_ids, proposal.parents, cached=committed,
                                             device=cache_device(model))
     scored = score(model, ids, cache, last_logits_only=False, want_features=want_features, position_ids=positions,
                    allowed=allowed, extra_feature_layers=extra_feature_layers)
+    config = pick.config
     if config.greedy:
         accepted, bonus = accept_greedy(scored.logits.argmax(-1).tolist(), proposal.token_ids, proposal.parents)
     else:  # only the rows along the accepted path need a sampling distribution (top-p sorts the vocabulary)
         def row_probs(row: int) -> torch.Tensor:
             return sampling_probs(scored.logits[row], temperature=config.temperature, top_p=config.top_p)
 
-        accepted, bonus = accept_sampling(row_probs, proposal.token_ids, proposal.parents, generator)
+        accepted, bonus = accept_sampling(row_probs, proposal.token_ids, proposal.parents, pick.generator)
     keep_cache_positions(cache, committed + 1, accepted)
     return scored, accepted, bonus
 
@@ -518,7 +518,7 @@ def _generate(
         if proposal.parents is not None and proposal.token_ids:
             scored, accepted, pending = _verify_tree(model, cache, pending, proposal, committed=committed,
                                                      want_features=want_features, extra_feature_layers=extra_layers,
-                                                     config=config, generator=generator)
+                                                     pick=pick)
             rows = [0] + [1 + node for node in accepted]
             if lookup is not None:
                 stats.lookup_accepted += sum(node >= head_nodes for node in accepted)

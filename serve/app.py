@@ -156,6 +156,7 @@ class KoalaServer:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = ServeConfig.from_dict(config)
+        self.request_defaults = self.config.request_defaults()
         self.api_key = read_api_key(self.config.api_key_env)
         self.metrics = ServeMetrics()
         self.engine: Engine | None = None
@@ -271,12 +272,7 @@ class KoalaServer:
             if parsed.model != self.config.model_name:
                 raise ApiError(404, f"model: {parsed.model!r} is not served here; use {self.config.model_name!r} "
                                "(see GET /v1/models)", param="model", code="model_not_found")
-            decode = parsed.decode_config(default_max_tokens=self.config.default_max_tokens,
-                                          max_tokens_limit=self.config.max_tokens_limit,
-                                          draft_length=self.config.draft_length, tree=self.config.tree,
-                                          tree_nodes=self.config.tree_nodes,
-                                          lookup_tokens=self.config.lookup_tokens,
-                                          tree_max_temperature=self.config.tree_max_temperature)
+            decode = parsed.decode_config(self.request_defaults, max_tokens_limit=self.config.max_tokens_limit)
             engine = await self._wait_for_engine()
             prompt_ids = self._prompt_ids(engine, parsed)
         except ApiError as error:

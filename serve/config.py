@@ -6,8 +6,8 @@ import dataclasses
 from typing import ClassVar
 
 from pipeline.config import (
-    DEFAULT_LOOKUP_TOKENS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TREE, DEFAULT_TREE_MAX_TEMPERATURE, Config, ConfigError,
-    DecodeConfig, TargetConfig, TrackingConfig,
+    DEFAULT_LOOKUP_TOKENS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TREE, DEFAULT_TREE_MAX_TEMPERATURE, DTYPES, Config,
+    ConfigError, DecodeConfig, TargetConfig, TrackingConfig,
 )
 from pipeline.heads import default_drafter_dir
 
@@ -25,9 +25,11 @@ class ServeConfig(Config):
     `target_ongoing_requests` per replica. Each replica decodes one request at a time (CPU decoding of one model
     does not get faster by interleaving); `max_ongoing_requests` bounds how many wait inside a replica.
     `api_key_env` names an environment variable holding the API key; when set, the variable must be non-empty
-    on the replicas and requests need `Authorization: Bearer <key>`. `draft_length`, `tree`, `tree_nodes` and
+    on the replicas and requests need `Authorization: Bearer <key>`. `draft_length`, `tree`, `tree_nodes`,
     `lookup_tokens` and `tree_max_temperature` are DecodeConfig's drafting settings for every request (greedy
-    requests and those sampled up to `tree_max_temperature` draft trees, hotter ones chains).
+    requests and those sampled up to `tree_max_temperature` draft trees, hotter ones chains; `request_defaults`);
+    `draft_dtype` is the dtype the head drafts in (`heads.inference_dtype`; auto: bf16 for an fp32 target on a CPU
+    with bf16 units, else the target's).
     `metrics_port` is the Prometheus port of the Ray cluster that `koala serve` starts when none is running
     (0: Ray picks a free one and `koala serve` prints it); a running cluster keeps the port it was started with.
     """
@@ -42,6 +44,7 @@ class ServeConfig(Config):
     tree_nodes: int = 0
     lookup_tokens: int = DEFAULT_LOOKUP_TOKENS
     tree_max_temperature: float = DEFAULT_TREE_MAX_TEMPERATURE
+    draft_dtype: str = "auto"
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     model_name: str = "koala"
     app_name: str = "koala"
@@ -66,10 +69,11 @@ class ServeConfig(Config):
         if self.draft_length < 0:
             self.fail("draft_length", f"must be >= 0 (0 = the head's default), got {self.draft_length}")
         try:
-            DecodeConfig(draft_length=self.draft_length, tree=self.tree, tree_nodes=self.tree_nodes,
-                         lookup_tokens=self.lookup_tokens, tree_max_temperature=self.tree_max_temperature)
+            self.request_defaults()
         except ConfigError as error:
             raise ConfigError(f"serve.{str(error).removeprefix('decode.')}") from None
+        if self.draft_dtype not in DTYPES:
+            self.fail("draft_dtype", f"unknown dtype {self.draft_dtype!r}; choose one of {list(DTYPES)}")
         for field in ("model_name", "app_name", "host"):
             if not getattr(self, field):
                 self.fail(field, "must not be empty")
@@ -92,6 +96,13 @@ class ServeConfig(Config):
             self.fail("use_gpu", f"must be 'auto', 'yes' or 'no', got {self.use_gpu!r}")
         if self.default_max_tokens > self.max_tokens_limit:
             self.fail("default_max_tokens", f"must be <= max_tokens_limit ({self.max_tokens_limit}), got {self.default_max_tokens}")
+
+    def request_defaults(self) -> DecodeConfig:
+        """The DecodeConfig every request starts from: this deployment's drafting settings and default length (a
+        request sets its own length, sampling, stops and seed on top, `_Request.decode_config`)."""
+        return DecodeConfig(max_new_tokens=self.default_max_tokens, draft_length=self.draft_length, tree=self.tree,
+                            tree_nodes=self.tree_nodes, lookup_tokens=self.lookup_tokens,
+                            tree_max_temperature=self.tree_max_temperature)
 
     @property
     def drafter_source(self) -> str:

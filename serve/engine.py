@@ -137,7 +137,7 @@ def load_engine(config: ServeConfig) -> Engine:
     drafter = None
     if head_dir is not None:
         try:
-            drafter = load_head(head_dir, target.model, target_name=target.name)
+            drafter = load_head(head_dir, target.model, target_name=target.name, dtype=config.draft_dtype)
         except HeadLoadError:
             raise
         except Exception as error:

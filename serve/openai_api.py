@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.config import DEFAULT_LOOKUP_TOKENS, DEFAULT_TREE, DEFAULT_TREE_MAX_TEMPERATURE, ConfigError, DecodeConfig
+from pipeline.config import ConfigError, DecodeConfig
 from pipeline.decoding import GenerationStats
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
@@ -59,19 +59,16 @@ class _Request(BaseModel):
             raise ApiError(400, "stop: stop strings must be non-empty", param="stop")
         return tuple(stops)
 
-    def decode_config(self, *, default_max_tokens: int, max_tokens_limit: int, draft_length: int,
-                      tree: str = DEFAULT_TREE, tree_nodes: int = 0,
-                      lookup_tokens: int = DEFAULT_LOOKUP_TOKENS,
-                      tree_max_temperature: float = DEFAULT_TREE_MAX_TEMPERATURE) -> DecodeConfig:
-        max_tokens = self.max_tokens or self.max_completion_tokens or default_max_tokens
+    def decode_config(self, defaults: DecodeConfig, *, max_tokens_limit: int) -> DecodeConfig:
+        """`defaults` (the server's drafting settings and default length, `ServeConfig.request_defaults`) with this
+        request's length, sampling, stop strings and seed."""
+        max_tokens = self.max_tokens or self.max_completion_tokens or defaults.max_new_tokens
         if max_tokens > max_tokens_limit:
             raise ApiError(400, f"max_tokens: {max_tokens} is above this server's limit of {max_tokens_limit}",
                            param="max_tokens")
         try:
-            return DecodeConfig(max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                                draft_length=draft_length, tree=tree, tree_nodes=tree_nodes,
-                                lookup_tokens=lookup_tokens, tree_max_temperature=tree_max_temperature,
-                                stop=self.stop_strings(), seed=self.seed)
+            return defaults.replace(max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                                    stop=self.stop_strings(), seed=self.seed)
         except ConfigError as error:  # the pydantic bounds above should make this unreachable
             raise ApiError(400, str(error).removeprefix("decode.")) from error
 

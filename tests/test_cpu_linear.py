@@ -74,14 +74,34 @@ def test_training_keeps_nn_linear_and_its_gradients(kernel_calls):
     assert kernel_calls == [(4, 48)]
 
 
-def test_other_dtypes_and_autocast_keep_nn_linear(kernel_calls):
+def test_fp16_and_autocast_keep_nn_linear(kernel_calls):
     _, fast = _pair(True)
     with torch.inference_mode():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert fast(torch.randn(3, 48)).dtype == torch.bfloat16
-        half = _pair(True)[1].to(torch.bfloat16)
-        assert half(torch.randn(3, 48, dtype=torch.bfloat16)).dtype == torch.bfloat16
+        half = _pair(True)[1].to(torch.float16)
+        assert half(torch.randn(3, 48, dtype=torch.float16)).dtype == torch.float16
     assert kernel_calls == []
+
+
+def test_bf16_keeps_nn_linear_without_bf16_units(kernel_calls, monkeypatch):
+    monkeypatch.setattr(cpu_linear, "onednn_bf16_available", lambda: False)
+    plain, fast = (module.to(torch.bfloat16) for module in _pair(True))
+    inputs = torch.randn(3, 48, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(fast(inputs), plain(inputs))
+    assert kernel_calls == []
+
+
+@pytest.mark.skipif(not cpu_linear.onednn_bf16_available(), reason="this CPU has no bf16 units for oneDNN")
+def test_bf16_takes_the_kernel_with_bf16_units(kernel_calls):
+    plain, fast = (module.to(torch.bfloat16) for module in _pair(True))
+    inputs = torch.randn(2, 5, 48, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        expected, actual = plain(inputs), fast(inputs)
+    assert actual.dtype == torch.bfloat16
+    torch.testing.assert_close(actual.float(), expected.float(), atol=0.05, rtol=0.02)  # bf16 rounding
+    assert kernel_calls == [(2, 5, 48)]
 
 
 def test_swapping_keeps_parameters_tied_weights_and_subclasses():

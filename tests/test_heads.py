@@ -7,14 +7,17 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_target
+from conftest import make_tiny_target, tiny_llama
+from pipeline import heads as heads_module
 from pipeline.config import ConfigError, HeadConfig
+from pipeline.cpu_linear import use_onednn_linears
 from pipeline.decoding import DecodeConfig, generate
 from pipeline.heads import (
     HEAD_CONFIG_FILE,
     HeadLoadError,
     ResBlock,
     build_head,
+    inference_dtype,
     load_head,
     save_head,
     target_identity_dict,
@@ -219,7 +222,47 @@ def test_saved_head_casts_to_the_requested_dtype_and_loads_in_the_target_dtype(t
 
     assert {t.dtype for t in load_file(tmp_path / "head.safetensors").values()} == {torch.float16}
     loaded = load_head(tmp_path, tiny_target.model, target_name=tiny_target.name)
-    assert {p.dtype for p in loaded.parameters()} == {tiny_target.model.dtype}
+    assert {p.dtype for p in loaded.parameters()} == {inference_dtype(tiny_target.model)}
+    loaded = load_head(tmp_path, tiny_target.model, target_name=tiny_target.name, dtype="bfloat16")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+
+
+def test_heads_of_fp32_targets_draft_in_bf16_where_the_cpu_has_bf16_units(monkeypatch):
+    model = tiny_llama()
+    assert inference_dtype(model) == torch.float32  # nn.Linear's kernels: the head follows the target
+    use_onednn_linears(model)
+    monkeypatch.setattr(heads_module, "onednn_bf16_available", lambda: True)
+    assert inference_dtype(model) == torch.bfloat16
+    assert inference_dtype(model, "float32") == torch.float32
+    assert inference_dtype(model.to(torch.float16)) == torch.float16  # low-precision targets keep their dtype
+    monkeypatch.setattr(heads_module, "onednn_bf16_available", lambda: False)
+    assert inference_dtype(model.float()) == torch.float32
+    with pytest.raises(ConfigError, match="draft_dtype: unknown dtype 'fp8'"):
+        inference_dtype(model, "fp8")
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("kind", ["eagle", "fused", "medusa"])
+def test_bf16_drafts_on_an_fp32_target_are_lossless(kind, attention, tmp_path):
+    """The head drafts in bf16 while the target verifies in fp32: mixed dtypes meet in the head's inputs (target
+    features, the target's embedding and final norm) and must change nothing but the drafts."""
+    target = make_tiny_target()
+    target.model.config._attn_implementation = attention
+    use_onednn_linears(target.model)  # on a CPU with bf16 units the head's products then take the bf16 kernel
+    config = HeadConfig(head_type="medusa" if kind == "medusa" else "eagle", num_heads=3,
+                        extra_feature_layers=(0,) if kind == "fused" else ())
+    head = build_head(config, target.model)
+    save_head(head, tmp_path, target_identity=target_identity_dict(target.model, target.name))
+    head = load_head(tmp_path, target.model, target_name=target.name, dtype="bfloat16")
+    assert {p.dtype for p in head.parameters()} == {torch.bfloat16}
+    prompt = target.encode_prompt("Hello there, how are you")
+    vanilla = generate(target, prompt, config=DecodeConfig(max_new_tokens=24))
+    for tree in ("chain", "static", "dynamic"):
+        drafted = generate(target, prompt, config=DecodeConfig(max_new_tokens=24, tree=tree), drafter=head)
+        assert drafted.token_ids == vanilla.token_ids, tree
+        assert drafted.stats.draft_tokens > 0
+    sampled = generate(target, prompt, config=DecodeConfig(max_new_tokens=24, temperature=0.8, seed=0), drafter=head)
+    assert len(sampled.token_ids) == 24
 
 
 def test_fused_layers_are_checked_against_the_head_type_and_the_target(tiny_target):

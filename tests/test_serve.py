@@ -27,7 +27,7 @@ from pipeline.heads import HEAD_WEIGHTS_FILE, HeadLoadError, build_head, load_he
 from pipeline.target import load_target
 from serve.client import post_json, smoke_request
 from serve.config import ServeConfig
-from serve.engine import Engine
+from serve.engine import Engine, load_engine
 from serve.openai_api import ApiError, ChatRequest, CompletionRequest, StreamText, parse_request
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +62,8 @@ def test_serve_config_validates_fields_and_loads_the_repo_serve_config():
         ServeConfig.from_dict({"target": {"dtype": "int3"}})
     with pytest.raises(ConfigError, match="serve.tree_max_temperature"):
         ServeConfig(tree_max_temperature=-1)
+    with pytest.raises(ConfigError, match="serve.draft_dtype: unknown dtype 'fp8'"):
+        ServeConfig.from_dict({"draft_dtype": "fp8"})
     assert ServeConfig().host == "127.0.0.1"
     deployed = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     app = deployed["applications"][0]
@@ -96,17 +98,21 @@ def test_chat_request_parsing_and_limits():
         {"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]},
     ], "stop": "x", "seed": 3}).encode(), ChatRequest)
     assert parsed.conversation() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
-    config = parsed.decode_config(default_max_tokens=16, max_tokens_limit=32, draft_length=0)
+    config = parsed.decode_config(DecodeConfig(max_new_tokens=16), max_tokens_limit=32)
     assert config == DecodeConfig(max_new_tokens=16, temperature=1.0, stop=("x",), seed=3)
-    assert parsed.decode_config(default_max_tokens=16, max_tokens_limit=32, draft_length=0,
-                                tree_max_temperature=1.0).tree_max_temperature == 1.0
+    # The server's drafting settings carry over; the request sets length, sampling, stops and seed.
+    server = ServeConfig(default_max_tokens=16, draft_length=3, tree="dynamic", tree_nodes=5, lookup_tokens=2,
+                         tree_max_temperature=1.0).request_defaults()
+    assert parsed.decode_config(server, max_tokens_limit=32) == DecodeConfig(
+        max_new_tokens=16, temperature=1.0, stop=("x",), seed=3, draft_length=3, tree="dynamic", tree_nodes=5,
+        lookup_tokens=2, tree_max_temperature=1.0)
     for bad, param in [({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role")]:
         with pytest.raises(ApiError) as raised:
             parse_request(json.dumps({"model": "m", **bad}).encode(), ChatRequest)
         assert raised.value.param == param
     too_many = parse_request(b'{"model": "m", "prompt": "p", "max_tokens": 33}', CompletionRequest)
     with pytest.raises(ApiError, match="above this server's limit of 32"):
-        too_many.decode_config(default_max_tokens=16, max_tokens_limit=32, draft_length=0)
+        too_many.decode_config(DecodeConfig(max_new_tokens=16), max_tokens_limit=32)
 
 
 def test_stream_text_never_sends_what_a_stop_string_may_cut():
@@ -204,6 +210,14 @@ def endpoint(served_model):
     yield urls
     serve.shutdown()
     ray.shutdown()
+
+
+def test_engine_loads_the_drafter_in_the_configured_dtype(served_model):
+    model_dir, head_dir = served_model
+    for dtype, expected in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        config = ServeConfig.from_dict({"target": {"spec": str(model_dir)}, "drafter": str(head_dir),
+                                        "draft_dtype": dtype})
+        assert {p.dtype for p in load_engine(config).drafter.parameters()} == {expected}
 
 
 @pytest.fixture(scope="module")
