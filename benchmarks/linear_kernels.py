@@ -43,13 +43,17 @@ def _cycling(function, weights, inputs):
     return product
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=200)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if not onednn_linear_available():
-        parser.error("this PyTorch has no usable oneDNN linear kernel")
+        raise SystemExit("this PyTorch has no usable oneDNN linear kernel")
     kernels = {
         "fp32 F.linear (MKL)": (torch.float32, F.linear),
         "fp32 oneDNN packed": (torch.float32, lambda x, w: _onednn(x, w, None, pack=True)),

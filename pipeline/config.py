@@ -28,10 +28,10 @@ DEFAULT_TREE = "static"
 # Trees also get a branch of up to this many prompt-lookup tokens (pipeline/lookup.py): on the CPU reference it
 # lifted the shipped head from tau 2.27 and 1.45x to 2.60 and 1.67x (README "Tree drafts").
 DEFAULT_LOOKUP_TOKENS = 8
-# Sampling drafts trees up to this temperature and chains above it: with the shipped head on the CPU reference, tree
-# + lookup beat chains at temperature 0.3 and 0.5 (1.61x vs 1.53x, 1.65x vs 1.44x) and lost at 0.7 (1.30x vs 1.42x)
-# (README "Tree drafts").
-DEFAULT_TREE_MAX_TEMPERATURE = 0.5
+# Sampling drafts trees up to this temperature and chains above it: with the shipped head on the CPU reference, a
+# static tree of drawn tokens + lookup beat chains at temperature 0.7 (1.654x vs 1.578x) and lost at 1.0 (1.19x vs
+# 1.31x) (README "Tree drafts"; top-k trees, before drawn ones, lost at 0.7 already).
+DEFAULT_TREE_MAX_TEMPERATURE = 0.7
 # With log_every_steps 0, training logs about this many points per run: a loss curve at every scale.
 LOSS_CURVE_POINTS = 50
 
@@ -212,9 +212,10 @@ class DecodeConfig(Config):
     product of its tokens' draft probabilities falls below it (lossless either way). `tree` drafts a tree instead of
     a chain, verified in one target pass: `dynamic` (EAGLE-2: the `tree_top_k` best nodes expanded per step for
     draft_length steps, the best `tree_nodes` kept; Medusa: the best paths of its heads' top-k) or `static` (the
-    drafter's tree, else a default of rank paths). Sampling up to `tree_max_temperature` verifies the tree's
-    deterministic drafts by `decoding.accept_sampling`; hotter sampling drafts chains (speculative sampling from the
-    head's distribution), which accept more there (both lossless; measured in the README's "Tree drafts").
+    drafter's tree, else a default of rank paths). Sampling up to `tree_max_temperature` drafts trees too (a static
+    EAGLE tree's tokens drawn from the head's distribution without replacement, other trees' the top-k) and verifies
+    them by `decoding.accept_sampling`; hotter sampling drafts chains (speculative sampling from the head's
+    distribution), which pay more there (both lossless; measured in the README's "Tree drafts").
     `tree_nodes` 0 = auto, sized from the measured verify cost on this device. `lookup_tokens` > 0 adds up to that
     many prompt-lookup tokens (what followed the latest earlier occurrence of the context's last n-gram) to each
     tree as one more branch (pipeline/lookup.py), on top of its `tree_nodes`; 0 = the drafter's tree alone. `stop`

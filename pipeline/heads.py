@@ -48,6 +48,9 @@ FORMAT_VERSION = 1
 
 # pick(draft_logits (V_draft,)) -> (draft vocabulary index, draft probabilities (V_draft,) or None when greedy)
 Picker = Callable[[torch.Tensor], tuple[int, torch.Tensor | None]]
+# draw(draft_logits (V_draft,), count) -> up to `count` (draft vocabulary index, the distribution (V_draft,) it was
+# drawn from) pairs, drawn one after another without replacement (decoding's `_Picker.draw`)
+Drawer = Callable[[torch.Tensor, int], list[tuple[int, torch.Tensor]]]
 
 
 class HeadLoadError(RuntimeError):
@@ -59,7 +62,8 @@ class Proposal:
     """Draft tokens (target ids) and, when sampling, each one's draft distribution over the draft vocabulary.
 
     `parents` makes it a tree (pipeline/trees.py): node i's parent index, -1 for a child of the pending token,
-    parents before children; None is a chain."""
+    parents before children; None is a chain. A tree node's distribution is the one it was drawn from (its
+    siblings drawn before it removed); None marks a deterministic draft (a top-k token, a prompt-lookup token)."""
 
     token_ids: list[int]
     draft_probs: list[torch.Tensor | None]
@@ -81,7 +85,8 @@ class DraftHead(Protocol):
     ) -> Proposal: ...
 
     def propose_tree(
-        self, state: Any, features: torch.Tensor, next_token_ids: torch.Tensor, shape: TreeShape, max_depth: int
+        self, state: Any, features: torch.Tensor, next_token_ids: torch.Tensor, shape: TreeShape, max_depth: int,
+        draw: Drawer | None = None,
     ) -> Proposal: ...
 
 
@@ -231,10 +236,11 @@ class MedusaHeads(nn.Module):
         return proposal
 
     def propose_tree(
-        self, state: None, features: torch.Tensor, next_token_ids: torch.Tensor, shape: TreeShape, max_depth: int
+        self, state: None, features: torch.Tensor, next_token_ids: torch.Tensor, shape: TreeShape, max_depth: int,
+        draw: Drawer | None = None,
     ) -> Proposal:
-        """A tree over the heads' top-k tokens (deterministic drafts, for greedy and sampled verification alike;
-        see `decoding.accept_sampling`). Medusa heads do not read each other's tokens, so a
+        """A tree over the heads' top-k tokens (deterministic drafts, for greedy and sampled verification alike, so
+        `draw` is unused: see `decoding.accept_sampling`). Medusa heads do not read each other's tokens, so a
         rank path is the same tokens under any parent: a static shape is used as it is, a dynamic one takes the
         `nodes` paths whose product of head probabilities is highest this round."""
         last_feature = features[:, -1].to(self.heads[0][-1].weight.dtype)  # (1, H)
@@ -494,22 +500,26 @@ class EagleHead(nn.Module):
 
     def propose_tree(
         self, state: EagleState, features: torch.Tensor, next_token_ids: torch.Tensor, shape: TreeShape,
-        max_depth: int,
+        max_depth: int, draw: Drawer | None = None,
     ) -> Proposal:
-        """Appends the verified (feature, token) pairs like `propose`, then drafts a tree of deterministic drafts
-        (the head's top-k; greedy and sampled verification alike): dynamic (EAGLE-2: the best `shape.nodes` of the
-        expanded candidates) or static (EAGLE-1), at most `max_depth` deep."""
+        """Appends the verified (feature, token) pairs like `propose`, then drafts a tree at most `max_depth` deep:
+        dynamic (EAGLE-2: the best `shape.nodes` of the expanded candidates) or static (EAGLE-1). A node's children
+        are the head's top-k tokens, or, with `draw` and a static shape, tokens drawn from the head's sampling
+        distribution without replacement (child rank r is the (r+1)-th draw), which `decoding.accept_sampling`
+        verifies by recursive rejection sampling. A dynamic shape keeps top-k children: choosing which sampled
+        nodes to keep by their values would bias them."""
         predicted = self._append_verified(state, features, next_token_ids, draft=max_depth > 0)
         if predicted is None:
             return Proposal(token_ids=[], draft_probs=[])
-        nodes = _expand_eagle_tree(self, state, predicted, shape, min(max_depth, shape.depth))
+        draw = draw if shape.static is not None else None
+        nodes = _expand_eagle_tree(self, state, predicted, shape, min(max_depth, shape.depth), draw)
         parents = [n.parent for n in nodes]
         if shape.static is None:
             kept = best_nodes([n.score for n in nodes], parents, shape.nodes)
         else:
             kept = sorted(range(len(nodes)), key=lambda i: (len(nodes[i].path), nodes[i].path))
         position = {old: new for new, old in enumerate(kept)}
-        return Proposal(token_ids=[nodes[i].token_id for i in kept], draft_probs=[None] * len(kept),
+        return Proposal(token_ids=[nodes[i].token_id for i in kept], draft_probs=[nodes[i].drawn_from for i in kept],
                         parents=[position[nodes[i].parent] if nodes[i].parent >= 0 else -1 for i in kept])
 
     def new_state(self) -> EagleState:
@@ -568,14 +578,17 @@ class _TreeNode:
     feature_in: torch.Tensor  # (H,) the predicted feature this node's head input reads
     path: tuple[int, ...]  # ranks from the root
     cache_index: int | None = None  # where the head cached this node once it was expanded
+    drawn_from: torch.Tensor | None = None  # (V_draft,) a sampled node's distribution; None for a top-k node
 
 
 def _expand_eagle_tree(
-    head: EagleHead, state: EagleState, predicted: torch.Tensor, shape: TreeShape, max_depth: int
+    head: EagleHead, state: EagleState, predicted: torch.Tensor, shape: TreeShape, max_depth: int,
+    draw: Drawer | None = None,
 ) -> list[_TreeNode]:
     """EAGLE drafting as a tree: each step runs the head once on the nodes chosen for expansion (a dynamic
     shape: the `top_k` best by cumulative log-probability among the newest nodes; a static one: those with
-    children in it), each attending to the verified cache, its ancestors' cached entries and itself."""
+    children in it), each attending to the verified cache, its ancestors' cached entries and itself. Children are
+    the top-k tokens, or with `draw` the draws without replacement (a static shape's ranks are draw numbers)."""
     def child_ranks(path: tuple[int, ...]) -> list[int]:
         if shape.static is None:
             return list(range(shape.top_k))
@@ -589,8 +602,16 @@ def _expand_eagle_tree(
         ranks = child_ranks(path)
         if not ranks:
             return
-        values, indices = log_softmax_top(logits, max(ranks) + 1)
         score = nodes[parent].score if parent >= 0 else 0.0
+        if draw is not None:
+            draws = draw(logits, max(ranks) + 1)  # fewer when fewer tokens have mass (top-p)
+            for rank in ranks:
+                if rank < len(draws):
+                    index, drawn_from = draws[rank]
+                    nodes.append(_TreeNode(head.vocabulary.to_target_id(index), parent, score, feature,
+                                           path + (rank,), drawn_from=drawn_from))
+            return
+        values, indices = log_softmax_top(logits, max(ranks) + 1)
         for rank in ranks:
             nodes.append(_TreeNode(head.vocabulary.to_target_id(indices[rank]), parent, score + values[rank],
                                    feature, path + (rank,)))

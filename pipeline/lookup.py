@@ -64,4 +64,6 @@ def graft_chain(proposal: Proposal, chain: Sequence[int]) -> Proposal:
             existing = len(token_ids) - 1
             children.setdefault(current, {})[token] = existing
         current = existing
-    return Proposal(token_ids=token_ids, draft_probs=[None] * len(token_ids), parents=parents)
+    # The branch's own nodes are deterministic drafts (None); the tree's keep their draft distributions.
+    draft_probs = list(proposal.draft_probs) + [None] * (len(token_ids) - len(proposal.token_ids))
+    return Proposal(token_ids=token_ids, draft_probs=draft_probs, parents=parents)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import TEST_DEVICE, make_tiny_target
+from pipeline import decoding
 from pipeline.config import ConfigError, DecodeConfig, HeadConfig
 from pipeline.decoding import (
     GenerationStats,
@@ -185,6 +186,57 @@ def test_accept_sampling_emits_the_target_distribution_through_a_tree():
     assert first[4] == 0 and second_after_0[4] == 0
 
 
+def test_sample_draws_the_given_distribution_and_never_a_token_without_mass():
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.tensor([0.0, 2.0, 0.0, 1.0, 0.5, 0.5, 0.0])  # unnormalised, zeros first, inside and last
+    trials = 40000
+    counts = torch.bincount(torch.tensor([decoding._sample(weights, generator) for _ in range(trials)]), minlength=7)
+    torch.testing.assert_close(counts.float() / trials, weights / weights.sum(), atol=0.01, rtol=0)
+    assert counts[[0, 2, 6]].sum() == 0
+    assert decoding._sample(torch.tensor([0.0, 0.0, 1e-30]), generator) == 2
+
+
+def test_accept_sampling_with_sampled_children_emits_the_target_distribution():
+    """The root's first two children are drawn from q without replacement (each verified against the distribution
+    it was drawn from), the third is a deterministic (prompt-lookup) draft; node 0 has one sampled child. The first
+    emitted token is distributed as p0, the second after token-of-node-0 as p1, whatever q is."""
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.Generator().manual_seed(1)
+    p0 = torch.tensor([0.4, 0.1, 0.3, 0.2, 0.0])
+    p1 = torch.tensor([0.1, 0.6, 0.1, 0.2, 0.0])
+    q0 = torch.tensor([0.1, 0.5, 0.1, 0.1, 0.2])  # unlike p0, with mass on a token p0 never emits
+    q1 = torch.tensor([0.3, 0.3, 0.2, 0.1, 0.1])
+    uniform = torch.full((5,), 0.2)
+    trials = 20000
+    first, second = torch.zeros(5), torch.zeros(5)
+    kinds = set()
+    for _ in range(trials):
+        a = int(torch.multinomial(q0, 1, generator=draws))
+        q0_without_a = q0.clone()
+        q0_without_a[a] = 0
+        q0_without_a /= q0_without_a.sum()
+        b = int(torch.multinomial(q0_without_a, 1, generator=draws))
+        c = int(torch.multinomial(q1, 1, generator=draws))
+        tokens, parents = [a, b, 3, c], [-1, -1, -1, 0]
+        drawn_from = [q0, q0_without_a, None, q1]
+        rows = {0: p0, 1: p1, 2: uniform, 3: uniform, 4: uniform}
+        path, bonus = accept_sampling(rows.__getitem__, tokens, parents, generator, drawn_from.__getitem__)
+        emitted = [tokens[node] for node in path] + [bonus]
+        first[emitted[0]] += 1
+        if path[:1] == [0]:
+            second[emitted[1]] += 1
+        kinds.add(tuple(path[:1]))
+    torch.testing.assert_close(first / trials, p0, atol=0.015, rtol=0)
+    torch.testing.assert_close(second / second.sum(), p1, atol=0.02, rtol=0)
+    assert first[4] == 0 and second[4] == 0, "a token of target probability 0 was emitted"
+    assert kinds == {(), (0,), (1,), (2,)}, "every child (and none) must be taken sometimes"
+    # A draw from the target's own distribution is always accepted (min(1, p/q) = 1; as a point mass it would be
+    # accepted with probability p(c) only): what sampled trees gain over top-k ones.
+    for _ in range(200):
+        drawn = int(torch.multinomial(p0, 1, generator=draws))
+        assert accept_sampling(rows.__getitem__, [drawn], [-1], generator, [p0].__getitem__)[0] == [0]
+
+
 def test_accept_sampling_takes_a_certain_child_and_never_a_rejected_one():
     generator = torch.Generator().manual_seed(1)
     certain = torch.tensor([0.0, 1.0, 0.0])
@@ -261,19 +313,24 @@ def test_draft_threshold_shortens_chains_and_stays_lossless(tiny_target, head_ty
 
 @pytest.mark.parametrize("head_type,draft_threshold,tree", [
     ("eagle", 0.0, "chain"), ("medusa", 0.0, "chain"), ("eagle", 0.3, "chain"),
-    ("eagle", 0.0, "static"), ("eagle", 0.0, "dynamic"), ("medusa", 0.0, "static"),
+    ("eagle", 0.0, "static"), ("eagle-v6", 0.0, "static"), ("eagle", 0.0, "dynamic"), ("medusa", 0.0, "static"),
 ])
 def test_speculative_sampling_keeps_target_distribution(head_type, draft_threshold, tree):
     """Marginals of generated tokens 2 and 3 (both produced by draft-and-verify rounds) match the exact target
     marginals: chi-square with 7 degrees of freedom below 24.3 (p = 0.001), fixed seeds, 3000 generations. Trees
-    (with the prompt-lookup branch, which the 8-token vocabulary makes match often) go through `accept_sampling`."""
+    (with the prompt-lookup branch, which the 8-token vocabulary makes match often) go through `accept_sampling`:
+    EAGLE's static trees with tokens drawn from the head (`eagle-v6`: from a 6-token draft vocabulary), dynamic and
+    Medusa trees with top-k tokens."""
     vocab = 8
     target = make_tiny_target(vocab_size=vocab, hidden_size=32, num_layers=1, seed=3)
     with torch.no_grad():
         target.model.lm_head.weight.mul_(0.1)  # softer than the greedy fixture: every token has real mass
     target.model.generation_config.eos_token_id = 99  # no EOS inside the 8-token vocabulary: runs give every token
     torch.manual_seed(1)
-    head = build_head(HeadConfig(head_type=head_type, num_layers=1, num_heads=2), target.model)
+    draft_vocab = torch.tensor([0, 2, 3, 4, 6, 7], device=target.device) if head_type == "eagle-v6" else None
+    head_config = HeadConfig(head_type=head_type.removesuffix("-v6"), num_layers=1, num_heads=2,
+                             draft_vocab_size=0 if draft_vocab is None else len(draft_vocab))
+    head = build_head(head_config, target.model, draft_token_ids=draft_vocab)
     if head_type == "medusa":
         torch.nn.init.normal_(head.heads[1][0].linear.weight, std=1.0)
     else:

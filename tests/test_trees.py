@@ -13,7 +13,7 @@ from pipeline.config import ConfigError, DecodeConfig, HeadConfig, TrainConfig
 from pipeline.decoding import auto_tree_nodes, generate, score
 from pipeline.heads import Proposal, build_head
 from pipeline.trees import (
-    DEFAULT_STATIC_TREE, accept_greedy, ancestor_mask, best_nodes, build_static_tree, check_static_tree,
+    DEFAULT_STATIC_TREE, TreeShape, accept_greedy, ancestor_mask, best_nodes, build_static_tree, check_static_tree,
     node_depths, static_tree_parents, verify_inputs,
 )
 from pipeline.training import KoalaTrainer, TrainBatch, pad_rows, target_features
@@ -157,6 +157,33 @@ def test_greedy_tree_decoding_equals_vanilla(tiny_target, head_type, num_layers,
     assert rejected > 0, "the test must exercise rejected branches"
     if trained:
         assert accepted_full > 0, "a trained head should get whole 3-deep paths accepted"
+
+
+def test_sampled_static_trees_draw_their_tokens_and_dynamic_ones_keep_top_k(tiny_target):
+    """With a drawer, a static EAGLE tree's children are draws without replacement from the head's distribution
+    (distinct among siblings, each carrying the distribution it was drawn from), so the tree changes from draw to
+    draw; a dynamic tree keeps its top-k tokens (no distributions)."""
+    head = build_head(HeadConfig(head_type="eagle", num_heads=3), tiny_target.model)
+    torch.nn.init.normal_(head.fc.weight, std=0.2)
+    prompt_ids = tiny_target.encode_prompt(PROMPTS[0])
+    with torch.no_grad():
+        features = tiny_target.model(prompt_ids, output_hidden_states=True).hidden_states[-1]
+    next_tokens = torch.cat([prompt_ids[:, 1:], prompt_ids[:, :1]], dim=1)
+    picker = decoding._Picker(DecodeConfig(temperature=1.0), torch.Generator().manual_seed(0))
+    static = TreeShape(nodes=6, depth=2, static=((0,), (1,), (2,), (0, 0), (0, 1), (1, 0)))
+    trees = []
+    for _ in range(20):
+        proposal = head.propose_tree(head.new_state(), features, next_tokens, static, 2, draw=picker.draw)
+        assert len(proposal.token_ids) == 6 and all(q is not None for q in proposal.draft_probs)
+        root_children = [t for t, parent in zip(proposal.token_ids, proposal.parents) if parent == -1]
+        assert len(set(root_children)) == 3  # without replacement
+        second = proposal.draft_probs[1]
+        assert float(second[proposal.token_ids[0]]) == 0.0  # the first draw removed (a full-vocabulary head)
+        trees.append(tuple(proposal.token_ids))
+    assert len(set(trees)) > 1
+    dynamic = TreeShape(nodes=6, depth=2, top_k=3)
+    proposal = head.propose_tree(head.new_state(), features, next_tokens, dynamic, 2, draw=picker.draw)
+    assert proposal.draft_probs == [None] * len(proposal.token_ids)
 
 
 def test_sampling_drafts_trees_up_to_tree_max_temperature(tiny_target, caplog, monkeypatch):
