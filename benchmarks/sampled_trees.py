@@ -4,7 +4,8 @@ tokens drawn from the head (the decoder's way), both trees with the prompt-looku
 
     python benchmarks/sampled_trees.py --temperature 0.7 --per-category 4 --json runs/cpu/sampled-trees-T0.7-32.json
 
-Prints running speedups over vanilla and tau (tokens per verification round) and writes the totals as JSON.
+Prints running speedups over vanilla and tau (tokens per verification round) and writes the totals (tokens, seconds,
+rounds, the tree sizes the auto budget chose) as JSON.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = target.encode_prompt(questions[0].prompt)
     for drafter, config in methods.values():
         generate(target, warmup, config=config.replace(max_new_tokens=16, seed=0), drafter=drafter)
-    totals = {name: {"new": 0, "wall": 0.0, "rounds": 0} for name in methods}
+    totals = {name: {"new": 0, "wall": 0.0, "rounds": 0, "tree_nodes": []} for name in methods}
     for index, question in enumerate(questions):
         prompt_ids = target.encode_prompt(question.prompt)
         for name, (drafter, config) in methods.items():
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             total["new"] += stats.new_tokens
             total["wall"] += stats.wall_time_s
             total["rounds"] += stats.target_forward_passes - 1  # the prefill's token is not drafted
+            total["tree_nodes"] = sorted({*total["tree_nodes"], stats.tree_nodes})  # the auto budget, per run
         vanilla = totals["vanilla"]["new"] / totals["vanilla"]["wall"]
         line = "  ".join(f"{name} x{total['new'] / total['wall'] / vanilla:.3f} tau "
                          f"{total['new'] / max(total['rounds'], 1):.2f}"

@@ -228,14 +228,17 @@ def test_tree_pass_past_the_window_equals_running_the_accepted_path(family):
         torch.testing.assert_close(ours.values, theirs.values, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("tree", ["chain", "static"])
 @pytest.mark.parametrize("family", ["mistral", "gemma2"])
-def test_speculative_sampling_runs_past_the_window(family):
-    """Sampling drafts chains; their rollbacks on sliding-window layers must hold past the window too."""
+def test_speculative_sampling_runs_past_the_window(family, tree):
+    """Sampled chains and (drawn) trees: their rollbacks on sliding-window layers must hold past the window too."""
     target = tiny_target(family)
+    target.model.generation_config.eos_token_id = target.model.config.vocab_size  # no token ends a sampled run early
     head = build_head(HeadConfig(head_type="eagle", num_heads=3), target.model)
-    config = DecodeConfig(max_new_tokens=NEW_TOKENS, temperature=1.0, seed=0)
+    config = DecodeConfig(max_new_tokens=NEW_TOKENS, temperature=1.0, seed=0, tree=tree)
     result = generate(target, target.encode_prompt(PROMPTS[0]), config=config, drafter=head)
     assert len(result.token_ids) == NEW_TOKENS and result.stats.draft_tokens > 0
+    assert (result.stats.tree_nodes > 0) == (tree == "static")
 
 
 def test_sliding_window_targets_are_refused_where_transformers_cannot_roll_them_back(monkeypatch):
