@@ -68,10 +68,6 @@ class ServeConfig(Config):
             self.fail("drafter", "a registry URI needs a model name, e.g. models:/koala-drafter@champion")
         if self.draft_length < 0:
             self.fail("draft_length", f"must be >= 0 (0 = the head's default), got {self.draft_length}")
-        try:
-            self.request_defaults()
-        except ConfigError as error:
-            raise ConfigError(f"serve.{str(error).removeprefix('decode.')}") from None
         if self.draft_dtype not in DTYPES:
             self.fail("draft_dtype", f"unknown dtype {self.draft_dtype!r}; choose one of {list(DTYPES)}")
         for field in ("model_name", "app_name", "host"):
@@ -86,6 +82,10 @@ class ServeConfig(Config):
         for field in ("num_replicas", "min_replicas", "max_ongoing_requests", "default_max_tokens", "max_tokens_limit"):
             if getattr(self, field) < 1:
                 self.fail(field, f"must be >= 1, got {getattr(self, field)}")
+        try:  # the drafting settings, after default_max_tokens (which becomes the defaults' max_new_tokens)
+            self.request_defaults()
+        except ConfigError as error:
+            raise ConfigError(f"serve.{str(error).removeprefix('decode.')}") from None
         if self.max_replicas and self.max_replicas < self.min_replicas:
             self.fail("max_replicas", f"must be 0 (no autoscaling) or >= min_replicas ({self.min_replicas}), got {self.max_replicas}")
         if self.target_ongoing_requests <= 0:

@@ -62,6 +62,8 @@ def test_serve_config_validates_fields_and_loads_the_repo_serve_config():
         ServeConfig.from_dict({"target": {"dtype": "int3"}})
     with pytest.raises(ConfigError, match="serve.tree_max_temperature"):
         ServeConfig(tree_max_temperature=-1)
+    with pytest.raises(ConfigError, match="serve.default_max_tokens: must be >= 1"):
+        ServeConfig(default_max_tokens=0)
     with pytest.raises(ConfigError, match="serve.draft_dtype: unknown dtype 'fp8'"):
         ServeConfig.from_dict({"draft_dtype": "fp8"})
     assert ServeConfig().host == "127.0.0.1"

@@ -165,6 +165,7 @@ def test_sampled_static_trees_draw_their_tokens_and_dynamic_ones_keep_top_k(tiny
     draw; a dynamic tree keeps its top-k tokens (no distributions)."""
     head = build_head(HeadConfig(head_type="eagle", num_heads=3), tiny_target.model)
     torch.nn.init.normal_(head.fc.weight, std=0.2)
+    head.eval().requires_grad_(False)  # as decoding holds it
     prompt_ids = tiny_target.encode_prompt(PROMPTS[0])
     with torch.no_grad():
         features = tiny_target.model(prompt_ids, output_hidden_states=True).hidden_states[-1]
