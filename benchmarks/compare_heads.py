@@ -30,7 +30,7 @@ from pipeline import metrics  # noqa: E402
 from pipeline.bench import WARMUP_TOKENS, _hf_generate, load_questions  # noqa: E402
 from pipeline.config import DecodeConfig  # noqa: E402
 from pipeline.decoding import generate  # noqa: E402
-from pipeline.heads import load_head  # noqa: E402
+from pipeline.heads import drafting_dtype, load_head  # noqa: E402
 from pipeline.target import load_target  # noqa: E402
 
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {**vars(args), "json": str(args.json), "device": str(target.device),
                 "dtype": str(target.model.dtype), "torch_threads": torch.get_num_threads(),
                 "heads": {name: {**head.config.to_dict(), "decode": head_decode[name].to_dict(),
-                                 "draft_dtype": str(next(head.parameters()).dtype)}
+                                 "draft_dtype": drafting_dtype(head)}
                           for name, head in heads.items()}}
 
     def run_prompt(prompt_ids: torch.Tensor, config: DecodeConfig) -> tuple[dict, dict]:

@@ -306,7 +306,7 @@ def cmd_head_init(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.bench import format_table, load_questions, run_bench, write_report
-    from pipeline.heads import default_drafter_dir, load_head, read_head_metadata
+    from pipeline.heads import default_drafter_dir, drafting_dtype, load_head, read_head_metadata
     from pipeline.target import load_target_from_config
 
     decode = DecodeConfig(
@@ -336,7 +336,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     settings = {
         "target": target.name,
         "drafter": str(args.drafter),
-        "draft_dtype": str(next(drafter.parameters()).dtype).removeprefix("torch."),
+        "draft_dtype": drafting_dtype(drafter),
         "head": drafter.config.to_dict(),
         "questions": bench.questions or "default",
         "device": str(target.device),

@@ -41,6 +41,13 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
+def check_dtype(value: str, *, field: str) -> None:
+    """Raises `ConfigError` naming `field` unless `value` is one of `DTYPES`."""
+    if value not in DTYPES:
+        raise ConfigError(f"{field}: unknown dtype {value!r}; choose one of {list(DTYPES)}")
+
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     """Base class: typed construction from plain dicts with field-level errors."""
@@ -288,8 +295,7 @@ class TargetConfig(Config):
     def validate(self) -> None:
         if not self.spec:
             self.fail("spec", "must name a target: 'smollm2', a hub id, a model directory or a .gguf file")
-        if self.dtype not in DTYPES:
-            self.fail("dtype", f"unknown dtype {self.dtype!r}; choose one of {list(DTYPES)}")
+        check_dtype(self.dtype, field=f"{self.section}.dtype")
         if self.prompt_format not in PROMPT_FORMATS:
             self.fail("prompt_format", f"unknown prompt format {self.prompt_format!r}; choose one of {list(PROMPT_FORMATS)}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):

@@ -33,7 +33,7 @@ from pipeline.caches import rollback_cache
 from pipeline.cpu_linear import (
     OneDnnLinear, linear, onednn_bf16_available, packs_weights, use_onednn_linears, uses_onednn_linears,
 )
-from pipeline.config import DTYPES, ConfigError, HeadConfig
+from pipeline.config import ConfigError, HeadConfig, check_dtype
 from pipeline.trees import TreeShape, best_nodes, build_static_tree, log_softmax_top, static_tree_parents
 
 log = logging.getLogger(__name__)
@@ -753,14 +753,18 @@ def inference_dtype(target: PreTrainedModel, requested: str = "auto") -> torch.d
     changes the output, only (slightly) which drafts are made; a draft step that reads half the bytes is about twice
     as fast there (see pipeline/cpu_linear.py; the shipped head's drafting round on the reference CPU went from 10.6
     to 7.5 ms at the same acceptance)."""
-    if requested not in DTYPES:
-        raise ConfigError(f"draft_dtype: unknown dtype {requested!r}; choose one of {list(DTYPES)}")
+    check_dtype(requested, field="draft_dtype")
     if requested != "auto":
         return getattr(torch, requested)
     dtype = target.get_output_embeddings().weight.dtype
     if dtype == torch.float32 and uses_onednn_linears(target) and onednn_bf16_available():
         return torch.bfloat16
     return dtype
+
+
+def drafting_dtype(head: nn.Module) -> str:
+    """The dtype a loaded head drafts in, as a config value (`bfloat16`): what `load_head`'s `auto` chose."""
+    return str(next(head.parameters()).dtype).removeprefix("torch.")
 
 
 def load_head(

@@ -6,8 +6,8 @@ import dataclasses
 from typing import ClassVar
 
 from pipeline.config import (
-    DEFAULT_LOOKUP_TOKENS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TREE, DEFAULT_TREE_MAX_TEMPERATURE, DTYPES, Config,
-    ConfigError, DecodeConfig, TargetConfig, TrackingConfig,
+    DEFAULT_LOOKUP_TOKENS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TREE, DEFAULT_TREE_MAX_TEMPERATURE, Config,
+    ConfigError, DecodeConfig, TargetConfig, TrackingConfig, check_dtype,
 )
 from pipeline.heads import default_drafter_dir
 
@@ -68,8 +68,7 @@ class ServeConfig(Config):
             self.fail("drafter", "a registry URI needs a model name, e.g. models:/koala-drafter@champion")
         if self.draft_length < 0:
             self.fail("draft_length", f"must be >= 0 (0 = the head's default), got {self.draft_length}")
-        if self.draft_dtype not in DTYPES:
-            self.fail("draft_dtype", f"unknown dtype {self.draft_dtype!r}; choose one of {list(DTYPES)}")
+        check_dtype(self.draft_dtype, field=f"{self.section}.draft_dtype")
         for field in ("model_name", "app_name", "host"):
             if not getattr(self, field):
                 self.fail(field, "must not be empty")
