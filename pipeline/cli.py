@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--top-p", type=float, default=1.0)
     bench.add_argument("--draft-length", type=int, default=0, help="longest draft chain; 0 = the head's num_heads")
     bench.add_argument("--tree", default=None, help="chain, static or dynamic (default: the decoder's, static)")
-    bench.add_argument("--tree-nodes", type=int, default=0, help="tree size; 0 = auto from the measured verify cost")
+    bench.add_argument("--tree-nodes", type=int, default=0, help="tree size; 0 = auto (learnt from the rounds decoded)")
     bench.add_argument("--tree-top-k", type=int, default=4, help="dynamic trees: nodes expanded per step")
     bench.add_argument("--lookup-tokens", type=int, default=None,
                        help="prompt-lookup tokens added to each draft tree as a branch; 0 = none (default: the decoder's)")

@@ -47,7 +47,6 @@ def check_dtype(value: str, *, field: str) -> None:
         raise ConfigError(f"{field}: unknown dtype {value!r}; choose one of {list(DTYPES)}")
 
 
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     """Base class: typed construction from plain dicts with field-level errors."""
@@ -224,8 +223,10 @@ class DecodeConfig(Config):
     EAGLE tree's tokens drawn from the head's distribution without replacement, other trees' the top-k) and verifies
     them by `decoding.accept_sampling`; hotter sampling drafts chains (speculative sampling from the head's
     distribution), which pay more there (both lossless; measured in the README's "Tree drafts").
-    `tree_nodes` 0 = auto, sized from the measured verify cost on this device. `lookup_tokens` > 0 adds up to that
-    many prompt-lookup tokens (what followed the latest earlier occurrence of the context's last n-gram) to each
+    `tree_nodes` 0 = auto: a static tree's paths are learnt from the rounds decoded (`trees.TreeBudget`: the
+    prefix, in order of measured acceptance, with the most expected tokens per second on this device's measured
+    draft and verify costs); a dynamic tree's size is the largest whose verify pass costs at most 1.2x the chain's.
+    `lookup_tokens` > 0 adds up to that many prompt-lookup tokens (what followed the latest earlier occurrence of the context's last n-gram) to each
     tree as one more branch (pipeline/lookup.py), on top of its `tree_nodes`; 0 = the drafter's tree alone. `stop`
     holds stop strings; EOS tokens always stop.
     """
@@ -257,7 +258,7 @@ class DecodeConfig(Config):
         if self.tree not in TREE_MODES:
             self.fail("tree", f"unknown tree mode {self.tree!r}; choose one of {list(TREE_MODES)}")
         if self.tree_nodes < 0:
-            self.fail("tree_nodes", f"must be >= 0 (0 = auto from the measured verify cost), got {self.tree_nodes}")
+            self.fail("tree_nodes", f"must be >= 0 (0 = auto: learnt from the rounds decoded), got {self.tree_nodes}")
         if self.tree_top_k < 1:
             self.fail("tree_top_k", f"must be >= 1, got {self.tree_top_k}")
         if self.tree_max_temperature < 0:

@@ -16,9 +16,12 @@ import functools
 import inspect
 import logging
 import time
+import weakref
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache, PreTrainedModel
@@ -28,7 +31,7 @@ from pipeline.caches import keep_cache_positions, new_cache, rollback_cache, tre
 from pipeline.heads import DraftHead, Proposal, attention_mask_for, cache_argument, head_input_features
 from pipeline.lookup import PromptLookup, graft_chain
 from pipeline.trees import (
-    DEFAULT_STATIC_TREE, TreeShape, accept_greedy, children_of, node_depths, verify_inputs,
+    DEFAULT_STATIC_TREE, RankPath, TreeBudget, TreeShape, accept_greedy, children_of, node_depths, verify_inputs,
 )
 from pipeline.target import Target
 
@@ -418,28 +421,154 @@ def auto_tree_nodes(model: PreTrainedModel, draft_length: int) -> int:
     return max([draft_length] + [k - 1 for k in fitting])
 
 
+class _LearntTree:
+    """A static tree's `auto` budget (`TreeBudget`) and the round costs it weighs: the target's verify costs and the
+    drafter's drafting costs, both measured on this device, shifted by the rounds' observed times (which also pay
+    for the acceptance walk, the cache updates and prompt lookup's extra verified tokens). The paths are reordered
+    by measured acceptance when the rounds seen reach 64, 256, 1024, ... (each new order's trees are timed once)."""
+
+    def __init__(self, budget: TreeBudget, depth: int, verify_sizes: tuple[int, ...]) -> None:
+        self.budget = budget
+        self.depth = depth
+        self.verify_sizes = verify_sizes  # verify costs measured at these sizes, interpolated between
+        # Per tree (its set of paths: the order they were chosen in does not change what is drafted)
+        self.draft_costs: dict[frozenset[RankPath], float] = {}  # seconds of a drafting round
+        self.seconds: Counter[frozenset[RankPath]] = Counter()  # observed round seconds
+        self.rounds: Counter[frozenset[RankPath]] = Counter()
+        self.next_reorder = budget.min_rounds
+        self._shapes: dict[tuple[RankPath, ...], TreeShape] = {}
+
+    def shape(self, nodes: int) -> TreeShape:
+        """The tree of the budget's first `nodes` paths."""
+        paths = self.budget.paths[:nodes]
+        if paths not in self._shapes:
+            self._shapes[paths] = TreeShape(nodes=nodes, depth=self.depth, static=paths)
+        return self._shapes[paths]
+
+    def record(self, proposal: Proposal, head_nodes: int, accepted: Sequence[int], *, shape: TreeShape,
+               seconds: float) -> None:
+        """A verified round drafted with `shape`, which took `seconds`."""
+        offered = proposal.paths[:head_nodes]
+        self.budget.record(offered, [offered[node] for node in accepted if node < head_nodes],
+                           other_tokens=sum(node >= head_nodes for node in accepted))
+        self.seconds[frozenset(shape.static)] += seconds
+        self.rounds[frozenset(shape.static)] += 1
+
+    def round_seconds(self, model: PreTrainedModel, nodes: int) -> float:
+        """Modelled seconds of a round with the first `nodes` paths: drafting + verifying them, plus what the most
+        observed timed tree's rounds took beyond its model."""
+        verify = _interpolated(verify_costs(model, self.verify_sizes))
+        timed = [tree for tree in self.rounds if tree in self.draft_costs]
+        offset = 0.0
+        if timed:
+            observed = max(timed, key=self.rounds.__getitem__)
+            offset = (self.seconds[observed] / self.rounds[observed] - self.draft_costs[observed]
+                      - verify(len(observed) + 1))
+        return max(self.draft_costs[frozenset(self.budget.paths[:nodes])] + verify(nodes + 1) + offset, 1e-6)
+
+
+# Learnt budgets live as long as their drafter (a serving replica's learn from all its requests), one per target,
+# draft length and temperature (acceptance falls as sampling gets hotter).
+_learnt_trees: weakref.WeakKeyDictionary[Any, dict[tuple, _LearntTree]] = weakref.WeakKeyDictionary()
+
+
+def _learnt_tree(target: Target, drafter: DraftHead, config: DecodeConfig, draft_length: int,
+                 static: tuple[tuple[int, ...], ...]) -> _LearntTree:
+    ceiling = auto_tree_nodes(target.model, draft_length)
+    key = (id(target.model), draft_length, round(config.temperature, 1), static, ceiling)
+    learnt = _learnt_trees.setdefault(drafter, {})
+    if key not in learnt:
+        verify_sizes = (2, 4, draft_length + 1, *AUTO_TREE_SIZES)
+        learnt[key] = _LearntTree(TreeBudget(static, ceiling), draft_length, verify_sizes)
+    return learnt[key]
+
+
+def _interpolated(costs: dict[int, float]) -> Callable[[int], float]:
+    """A cost per size from costs measured at some sizes: linear between them, the nearest end's beyond them."""
+    sizes = sorted(costs)
+    values = [costs[size] for size in sizes]
+    return lambda size: float(np.interp(size, sizes, values))
+
+
+@torch.inference_mode()
+def draft_costs(drafter: DraftHead, shapes: dict[int, TreeShape], features: torch.Tensor, tokens: torch.Tensor,
+                draw: Callable | None, *, repeats: int = 3) -> dict[int, float]:
+    """Seconds one drafting round takes per tree (the best of `repeats`), after the prompt's `features` and
+    `tokens` (drafted once per tree, untimed)."""
+    sampled = {"draw": draw} if draw is not None else {}
+    device = features.device
+    states = {}
+    for nodes, shape in shapes.items():
+        states[nodes] = drafter.new_state()
+        drafter.propose_tree(states[nodes], features, tokens, shape, shape.depth, **sampled)
+    timings: dict[int, list[float]] = {nodes: [] for nodes in shapes}
+    # Trees take turns, as in `verify_costs`, so a drift in the machine's speed reaches all of them alike.
+    for _ in range(repeats):
+        for nodes, shape in shapes.items():
+            _synchronize(device)
+            started = time.perf_counter()
+            drafter.propose_tree(states[nodes], features[:, -1:], tokens[:, -1:], shape, shape.depth, **sampled)
+            _synchronize(device)
+            timings[nodes].append(time.perf_counter() - started)
+    return {nodes: min(times) for nodes, times in timings.items()}
+
+
+def _choose_learnt_nodes(learnt: _LearntTree, target: Target, drafter: DraftHead, config: DecodeConfig,
+                         features: torch.Tensor, tokens: torch.Tensor) -> int:
+    """The learnt budget's node count for the next generation (reordering its paths when due, and timing the
+    drafting of trees not timed yet on the prompt's `features` and `tokens`)."""
+    budget = learnt.budget
+    if not budget.ready:
+        return budget.nodes
+    if budget.rounds >= learnt.next_reorder:
+        budget.reorder()
+        learnt.next_reorder = 4 * budget.rounds
+    untimed = {n: learnt.shape(n) for n in budget.candidates
+               if frozenset(budget.paths[:n]) not in learnt.draft_costs}
+    if untimed:
+        # Its own seeded picker: timing must not consume the generation's random numbers.
+        picker = None if config.greedy else _Picker(config, torch.Generator(device=features.device).manual_seed(0))
+        timed = draft_costs(drafter, untimed, features, tokens, picker.draw if picker else None)
+        learnt.draft_costs.update({frozenset(untimed[n].static): seconds for n, seconds in timed.items()})
+    before = budget.paths[:budget.nodes]
+    budget.choose(functools.partial(learnt.round_seconds, target.model))
+    if budget.paths[:budget.nodes] != before:
+        _log.info("auto tree: %d nodes %s (%d rounds seen; expected tokens per round %.2f)", budget.nodes,
+                  budget.paths[:budget.nodes], budget.rounds, budget.expected_tokens(budget.nodes))
+    return budget.nodes
+
+
 def tree_capable(model: PreTrainedModel) -> bool:
     """Whether the target can verify a tree in one pass (see `pipeline.caches.tree_incapability`)."""
     return tree_incapability(model) is None
 
 
-def _tree_shape(target: Target, drafter: DraftHead, config: DecodeConfig, draft_length: int) -> TreeShape | None:
-    """The tree to draft this generation, or None for chains (also when sampling above `tree_max_temperature`)."""
+def _tree_shape(
+    target: Target, drafter: DraftHead, config: DecodeConfig, draft_length: int, features: torch.Tensor,
+    tokens: torch.Tensor,
+) -> tuple[TreeShape | None, _LearntTree | None]:
+    """The tree to draft this generation, or None for chains (also when sampling above `tree_max_temperature`),
+    and the learnt budget that sized it (an `auto` static tree's). `features` and `tokens` are the prompt's, for
+    measuring drafting costs once."""
     if config.tree == "chain" or not hasattr(drafter, "propose_tree"):
-        return None
+        return None, None
     if config.temperature > config.tree_max_temperature:
         _log.info("sampling at temperature %s drafts chains (trees up to decode.tree_max_temperature %s)",
                   config.temperature, config.tree_max_temperature)
-        return None
+        return None, None
     reason = tree_incapability(target.model)
     if reason is not None:
         _log.warning("target %s cannot verify trees (%s); drafting chains", target.name, reason)
-        return None
-    nodes = config.tree_nodes or auto_tree_nodes(target.model, draft_length)
+        return None, None
     if config.tree == "dynamic":
-        return TreeShape(nodes=nodes, depth=draft_length, top_k=config.tree_top_k)
-    static = getattr(drafter, "static_tree", None) or DEFAULT_STATIC_TREE
-    return TreeShape(nodes=nodes, depth=draft_length, static=tuple(static[:nodes]))
+        nodes = config.tree_nodes or auto_tree_nodes(target.model, draft_length)
+        return TreeShape(nodes=nodes, depth=draft_length, top_k=config.tree_top_k), None
+    static = tuple(map(tuple, getattr(drafter, "static_tree", None) or DEFAULT_STATIC_TREE))
+    if config.tree_nodes:
+        return TreeShape(nodes=config.tree_nodes, depth=draft_length, static=static[:config.tree_nodes]), None
+    learnt = _learnt_tree(target, drafter, config, draft_length, static)
+    nodes = _choose_learnt_nodes(learnt, target, drafter, config, features, tokens)
+    return learnt.shape(nodes), learnt
 
 
 # On a CPU, PyTorch's MKL linear layers (TargetConfig.cpu_linear "torch") run 2 or 3 rows as that many
@@ -534,7 +663,9 @@ def _generate(
     new_features = prefill.features
     next_tokens = torch.cat([prompt_ids[:, 1:].to(device), torch.tensor([[pending]], device=device)], dim=1)
     draft_state = drafter.new_state() if drafter else None
-    tree_shape = _tree_shape(target, drafter, config, draft_length) if drafter is not None else None
+    tree_shape, learnt_tree = None, None
+    if drafter is not None:
+        tree_shape, learnt_tree = _tree_shape(target, drafter, config, draft_length, new_features, next_tokens)
     stats.tree_nodes = tree_shape.nodes if tree_shape is not None else 0
     lookup = None
     if config.lookup_tokens and tree_shape is not None:
@@ -552,7 +683,8 @@ def _generate(
                 # Sampling draws a static tree's tokens from the head's distribution (see propose_tree); passed
                 # only then, so a drafter without sampled trees fits the protocol for greedy decoding.
                 sampled = {} if config.greedy else {"draw": pick.draw}
-                proposal = drafter.propose_tree(draft_state, new_features, next_tokens, tree_shape, budget, **sampled)
+                round_shape = tree_shape if learnt_tree is None else learnt_tree.shape(learnt_tree.budget.round_nodes())
+                proposal = drafter.propose_tree(draft_state, new_features, next_tokens, round_shape, budget, **sampled)
                 head_nodes = len(proposal.token_ids)
                 if lookup is not None:
                     proposal = graft_chain(proposal, lookup.propose(min(config.lookup_tokens, room)))
@@ -599,6 +731,9 @@ def _generate(
         _synchronize(device)
         stats.target_time_s += time.perf_counter() - target_started
         stats.record_round(drafted_depth, len(emitted) - 1)
+        if learnt_tree is not None and proposal.parents is not None and proposal.token_ids:
+            learnt_tree.record(proposal, head_nodes, accepted, shape=round_shape,
+                               seconds=time.perf_counter() - draft_started)
 
         if chosen_rows is not None:  # these rows of the verify pass chose the emitted tokens
             chosen_rows.append(scored.logits[rows].detach().clone())

@@ -34,7 +34,9 @@ from pipeline.cpu_linear import (
     OneDnnLinear, linear, onednn_bf16_available, packs_weights, use_onednn_linears, uses_onednn_linears,
 )
 from pipeline.config import ConfigError, HeadConfig, check_dtype
-from pipeline.trees import TreeShape, best_nodes, build_static_tree, log_softmax_top, static_tree_parents
+from pipeline.trees import (
+    RankPath, TreeShape, best_nodes, build_static_tree, log_softmax_top, static_tree_parents,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +65,14 @@ class Proposal:
 
     `parents` makes it a tree (pipeline/trees.py): node i's parent index, -1 for a child of the pending token,
     parents before children; None is a chain. A tree node's distribution is the one it was drawn from (its
-    siblings drawn before it removed); None marks a deterministic draft (a top-k token, a prompt-lookup token)."""
+    siblings drawn before it removed); None marks a deterministic draft (a top-k token, a prompt-lookup token).
+    `paths` are a tree's nodes' rank paths (None for a node outside the drafter's tree, e.g. prompt lookup's): the
+    decoder's `auto` node budget learns from them which of a static tree's nodes are accepted."""
 
     token_ids: list[int]
     draft_probs: list[torch.Tensor | None]
     parents: list[int] | None = None
+    paths: list[RankPath | None] | None = None
 
 
 class DraftHead(Protocol):
@@ -255,7 +260,7 @@ class MedusaHeads(nn.Module):
             paths = build_static_tree([[math.exp(v) for v in values] for values, _ in top], shape.nodes)
         ordered, parents = static_tree_parents(paths)
         tokens = [self.vocabulary.to_target_id(top[len(p) - 1][1][p[-1]]) for p in ordered]
-        return Proposal(token_ids=tokens, draft_probs=[None] * len(tokens), parents=parents)
+        return Proposal(token_ids=tokens, draft_probs=[None] * len(tokens), parents=parents, paths=list(ordered))
 
 
 @dataclasses.dataclass
@@ -520,7 +525,8 @@ class EagleHead(nn.Module):
             kept = sorted(range(len(nodes)), key=lambda i: (len(nodes[i].path), nodes[i].path))
         position = {old: new for new, old in enumerate(kept)}
         return Proposal(token_ids=[nodes[i].token_id for i in kept], draft_probs=[nodes[i].drawn_from for i in kept],
-                        parents=[position[nodes[i].parent] if nodes[i].parent >= 0 else -1 for i in kept])
+                        parents=[position[nodes[i].parent] if nodes[i].parent >= 0 else -1 for i in kept],
+                        paths=[nodes[i].path for i in kept])
 
     def new_state(self) -> EagleState:
         return EagleState(cache=DynamicCache(config=self.layer_config))

@@ -65,5 +65,7 @@ def graft_chain(proposal: Proposal, chain: Sequence[int]) -> Proposal:
             children.setdefault(current, {})[token] = existing
         current = existing
     # The branch's own nodes are deterministic drafts (None); the tree's keep their draft distributions.
-    draft_probs = list(proposal.draft_probs) + [None] * (len(token_ids) - len(proposal.token_ids))
-    return Proposal(token_ids=token_ids, draft_probs=draft_probs, parents=parents)
+    added = len(token_ids) - len(proposal.token_ids)
+    draft_probs = list(proposal.draft_probs) + [None] * added
+    paths = list(proposal.paths) + [None] * added if proposal.paths is not None else None
+    return Proposal(token_ids=token_ids, draft_probs=draft_probs, parents=parents, paths=paths)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -13,8 +15,8 @@ from pipeline.config import ConfigError, DecodeConfig, HeadConfig, TrainConfig
 from pipeline.decoding import auto_tree_nodes, generate, score
 from pipeline.heads import Proposal, build_head
 from pipeline.trees import (
-    DEFAULT_STATIC_TREE, TreeShape, accept_greedy, ancestor_mask, best_nodes, build_static_tree, check_static_tree,
-    node_depths, static_tree_parents, verify_inputs,
+    DEFAULT_STATIC_TREE, TreeBudget, TreeShape, accept_greedy, ancestor_mask, best_nodes, build_static_tree,
+    check_static_tree, node_depths, static_tree_parents, verify_inputs,
 )
 from pipeline.training import KoalaTrainer, TrainBatch, pad_rows, target_features
 
@@ -225,6 +227,86 @@ def test_auto_node_budget_comes_from_measured_verify_costs(tiny_target, monkeypa
     assert auto_tree_nodes(tiny_target.model, 4) == 4  # no tree fits: the chain
     with pytest.raises(ConfigError, match="decode.tree"):
         DecodeConfig(tree="bushy")
+
+
+def test_tree_budget_learns_acceptance_per_path_and_keeps_the_best_prefix():
+    static = [(0,), (0, 0), (1,), (0, 0, 0), (2,)]
+    budget = TreeBudget(static, 4, min_rounds=4, explore_every=3)
+    assert budget.paths == tuple(static[:4]) and budget.candidates == [1, 2, 3, 4] and budget.nodes == 4
+    costs = {1: 1.2, 2: 1.4, 3: 1.6, 4: 1.8}
+    assert budget.choose(costs.__getitem__) == 4 and budget.round_nodes() == 4  # learning: the ceiling
+    for accepted in ([(0,), (0, 0)], [(0,)], [(0,), (0, 0)], [(1,)]):
+        budget.record(static[:4], accepted, other_tokens=1)
+    # per round: (0,) 3/4, (0, 0) 2/4, (1,) 1/4, (0, 0, 0) never; other branches 1 token
+    assert budget.acceptance((0,)) == 0.75 and budget.acceptance((0, 0, 0)) == 0.0
+    assert budget.expected_tokens(2) == pytest.approx(1 + 1 + 0.75 + 0.5)
+    # tokens per second 2.75/1.2, 3.25/1.4, 3.5/1.6, 3.5/1.8: two nodes
+    assert budget.choose(costs.__getitem__) == 2 and budget.nodes == 2
+    assert budget.round_nodes() == 2  # round 5 drafts the choice
+    budget.record(static[:2], [])
+    budget.record(static[:2], [(0,)])
+    assert budget.round_nodes() == 4  # every explore_every-th round drafts the ceiling again
+    # a path the choice left out keeps the estimate of the rounds that offered it
+    assert budget.acceptance((1,)) == 0.25 and budget.acceptance((0,)) == 4 / 6
+    assert budget.choose(lambda nodes: 1.0) == 3  # equal costs: every node that is ever accepted pays
+    # only prefixes that are trees are candidates
+    assert TreeBudget([(0,), (1, 0), (1,)], 3).candidates == [1, 3]
+    assert TreeBudget([(0,), (1, 0), (1,)], 2).paths == ((0,),)  # the largest prefix that is a tree
+
+
+def test_tree_budget_reorders_paths_by_measured_acceptance_keeping_every_prefix_a_tree():
+    static = [(0,), (0, 0), (0, 0, 0), (1,), (0, 1), (2,)]
+    budget = TreeBudget(static, 6, min_rounds=4)
+    for accepted in ([(0,), (0, 0)], [(2,)], [(2,)], [(1,)]):
+        budget.record(static, accepted)
+    budget.reorder()
+    # (2,) is accepted most but follows its better sibling (1,); (0, 0) ties (1,) and was listed first; the
+    # never-accepted paths keep their order, (0, 1) after (0, 0)
+    assert budget.paths == ((0,), (0, 0), (1,), (2,), (0, 0, 0), (0, 1))
+    assert budget.candidates == [1, 2, 3, 4, 5, 6] and budget.ceiling == 6
+    for nodes in budget.candidates:
+        check_static_tree(budget.paths[:nodes])
+    assert budget.expected_tokens(4) == pytest.approx(1 + 0.25 + 0.25 + 0.25 + 0.5)
+
+
+def test_auto_static_tree_learns_its_node_budget_and_stays_lossless(tiny_target, monkeypatch):
+    monkeypatch.setattr(decoding, "_learnt_trees", weakref.WeakKeyDictionary())
+    torch.manual_seed(3)
+    head = build_head(HeadConfig(head_type="eagle", num_heads=3), tiny_target.model)
+    torch.nn.init.normal_(head.fc.weight, std=0.2)
+    drafted_sizes = []
+    propose_tree = head.propose_tree
+
+    def recording(state, features, tokens, shape, max_depth, **kwargs):
+        drafted_sizes.append(shape.nodes)
+        return propose_tree(state, features, tokens, shape, max_depth, **kwargs)
+
+    monkeypatch.setattr(head, "propose_tree", recording)
+    config = DecodeConfig(max_new_tokens=40, draft_length=3)  # a static tree of `auto` nodes
+    results = []
+    for text in PROMPTS * 2:
+        prompt_ids = tiny_target.encode_prompt(text)
+        drafted_sizes.clear()
+        results.append(generate(tiny_target, prompt_ids, config=config, drafter=head))
+        assert results[-1].token_ids == generate(tiny_target, prompt_ids, config=config).token_ids
+    (learnt,) = decoding._learnt_trees[head].values()
+    budget = learnt.budget
+    assert budget.ceiling == min(auto_tree_nodes(tiny_target.model, 3), len(DEFAULT_STATIC_TREE))
+    assert results[0].stats.tree_nodes == budget.ceiling and budget.ready
+    # every candidate tree was timed (once: when the budget first chose or reordered)
+    assert all(frozenset(budget.paths[:nodes]) in learnt.draft_costs for nodes in budget.candidates)
+    assert results[-1].stats.tree_nodes == budget.nodes
+    rounds = results[-1].stats.target_forward_passes - 1
+    assert drafted_sizes.count(budget.ceiling) >= rounds // budget.explore_every
+    if budget.nodes != budget.ceiling:
+        assert budget.nodes in drafted_sizes
+    # verify costs between the measured sizes are interpolated, beyond them the nearest end's
+    interpolated = decoding._interpolated({2: 0.010, 4: 0.030, 8: 0.032})
+    assert [round(interpolated(size), 4) for size in (1, 3, 6, 12)] == [0.010, 0.020, 0.031, 0.032]
+    # sampling learns its own budget: acceptance depends on the temperature
+    generate(tiny_target, tiny_target.encode_prompt(PROMPTS[0]), drafter=head,
+             config=config.replace(temperature=0.7, seed=0))
+    assert len(decoding._learnt_trees[head]) == 2
 
 
 def test_tree_shape_on_a_tiny_target_with_eager_attention():
