@@ -66,7 +66,7 @@ class GenerationStats:
     wall_time_s: float = 0.0
     target_time_s: float = 0.0
     draft_time_s: float = 0.0
-    tree_nodes: int = 0  # the draft tree's node budget (resolved when `auto`); 0 = chains
+    tree_nodes: int = 0  # the generation's tree size, 0 = chains (auto: learning, exploring rounds draft more)
     lookup_accepted: int = 0  # accepted tokens that only the prompt-lookup branch drafted (`lookup_tokens`)
 
     @property
@@ -423,15 +423,15 @@ def auto_tree_nodes(model: PreTrainedModel, draft_length: int) -> int:
 
 class _LearntTree:
     """A static tree's `auto` budget (`TreeBudget`) and the round costs it weighs: the target's verify costs and the
-    drafter's drafting costs, both measured on this device, shifted by the rounds' observed times (which also pay
-    for the acceptance walk, the cache updates and prompt lookup's extra verified tokens). The paths are reordered
-    by measured acceptance when the rounds seen reach 64, 256, 1024, ... (each new order's trees are timed once)."""
+    drafter's drafting costs, both measured on this device, shifted by what the observed rounds took beyond them
+    (the acceptance walk, the cache updates, prompt lookup's extra verified tokens). The paths are reordered by
+    measured acceptance when the rounds seen reach 64, 256, 1024, ...; every prefix tree is then timed anew."""
 
     def __init__(self, budget: TreeBudget, depth: int, verify_sizes: tuple[int, ...]) -> None:
         self.budget = budget
         self.depth = depth
         self.verify_sizes = verify_sizes  # verify costs measured at these sizes, interpolated between
-        # Per tree (its set of paths: the order they were chosen in does not change what is drafted)
+        # Per tree, as its set of paths (the order they were chosen in does not change what is drafted)
         self.draft_costs: dict[frozenset[RankPath], float] = {}  # seconds of a drafting round
         self.seconds: Counter[frozenset[RankPath]] = Counter()  # observed round seconds
         self.rounds: Counter[frozenset[RankPath]] = Counter()
@@ -447,7 +447,8 @@ class _LearntTree:
 
     def record(self, proposal: Proposal, head_nodes: int, accepted: Sequence[int], *, shape: TreeShape,
                seconds: float) -> None:
-        """A verified round drafted with `shape`, which took `seconds`."""
+        """A verified round drafted with `shape`, which took `seconds`; `accepted` indexes `proposal`, whose first
+        `head_nodes` nodes are the drafter's (with their `paths`), the rest prompt lookup's."""
         offered = proposal.paths[:head_nodes]
         self.budget.record(offered, [offered[node] for node in accepted if node < head_nodes],
                            other_tokens=sum(node >= head_nodes for node in accepted))
@@ -456,29 +457,32 @@ class _LearntTree:
 
     def round_seconds(self, model: PreTrainedModel, nodes: int) -> float:
         """Modelled seconds of a round with the first `nodes` paths: drafting + verifying them, plus what the most
-        observed timed tree's rounds took beyond its model."""
+        observed timed tree's rounds took beyond its model (never less than nothing)."""
         verify = _interpolated(verify_costs(model, self.verify_sizes))
         timed = [tree for tree in self.rounds if tree in self.draft_costs]
         offset = 0.0
         if timed:
             observed = max(timed, key=self.rounds.__getitem__)
-            offset = (self.seconds[observed] / self.rounds[observed] - self.draft_costs[observed]
-                      - verify(len(observed) + 1))
-        return max(self.draft_costs[frozenset(self.budget.paths[:nodes])] + verify(nodes + 1) + offset, 1e-6)
+            modelled = self.draft_costs[observed] + verify(len(observed) + 1)
+            offset = max(self.seconds[observed] / self.rounds[observed] - modelled, 0.0)
+        return self.draft_costs[frozenset(self.budget.paths[:nodes])] + verify(nodes + 1) + offset
 
 
 # Learnt budgets live as long as their drafter (a serving replica's learn from all its requests), one per target,
-# draft length and temperature (acceptance falls as sampling gets hotter).
+# draft length, sampling settings (acceptance falls as sampling gets hotter) and lookup branch.
 _learnt_trees: weakref.WeakKeyDictionary[Any, dict[tuple, _LearntTree]] = weakref.WeakKeyDictionary()
 
 
 def _learnt_tree(target: Target, drafter: DraftHead, config: DecodeConfig, draft_length: int,
-                 static: tuple[tuple[int, ...], ...]) -> _LearntTree:
+                 static: tuple[RankPath, ...]) -> _LearntTree:
     ceiling = auto_tree_nodes(target.model, draft_length)
-    key = (id(target.model), draft_length, round(config.temperature, 1), static, ceiling)
+    # Sampling at any temperature draws its trees (greedy picks top-k): a separate budget even at 0.01.
+    temperature = 0.0 if config.greedy else max(round(config.temperature, 1), 0.1)
+    key = (id(target.model), draft_length, temperature, config.top_p, config.lookup_tokens, static, ceiling)
     learnt = _learnt_trees.setdefault(drafter, {})
     if key not in learnt:
         verify_sizes = (2, 4, draft_length + 1, *AUTO_TREE_SIZES)
+        verify_costs(target.model, verify_sizes)  # all sizes measured together, taking turns
         learnt[key] = _LearntTree(TreeBudget(static, ceiling), draft_length, verify_sizes)
     return learnt[key]
 
@@ -494,20 +498,19 @@ def _interpolated(costs: dict[int, float]) -> Callable[[int], float]:
 def draft_costs(drafter: DraftHead, shapes: dict[int, TreeShape], features: torch.Tensor, tokens: torch.Tensor,
                 draw: Callable | None, *, repeats: int = 3) -> dict[int, float]:
     """Seconds one drafting round takes per tree (the best of `repeats`), after the prompt's `features` and
-    `tokens` (drafted once per tree, untimed)."""
+    `tokens` (read once, untimed); each timed round appends the prompt's last position again."""
     sampled = {"draw": draw} if draw is not None else {}
     device = features.device
-    states = {}
-    for nodes, shape in shapes.items():
-        states[nodes] = drafter.new_state()
-        drafter.propose_tree(states[nodes], features, tokens, shape, shape.depth, **sampled)
+    state = drafter.new_state()
+    first = next(iter(shapes.values()))
+    drafter.propose_tree(state, features, tokens, first, first.depth, **sampled)
     timings: dict[int, list[float]] = {nodes: [] for nodes in shapes}
     # Trees take turns, as in `verify_costs`, so a drift in the machine's speed reaches all of them alike.
     for _ in range(repeats):
         for nodes, shape in shapes.items():
             _synchronize(device)
             started = time.perf_counter()
-            drafter.propose_tree(states[nodes], features[:, -1:], tokens[:, -1:], shape, shape.depth, **sampled)
+            drafter.propose_tree(state, features[:, -1:], tokens[:, -1:], shape, shape.depth, **sampled)
             _synchronize(device)
             timings[nodes].append(time.perf_counter() - started)
     return {nodes: min(times) for nodes, times in timings.items()}
@@ -515,21 +518,19 @@ def draft_costs(drafter: DraftHead, shapes: dict[int, TreeShape], features: torc
 
 def _choose_learnt_nodes(learnt: _LearntTree, target: Target, drafter: DraftHead, config: DecodeConfig,
                          features: torch.Tensor, tokens: torch.Tensor) -> int:
-    """The learnt budget's node count for the next generation (reordering its paths when due, and timing the
-    drafting of trees not timed yet on the prompt's `features` and `tokens`)."""
+    """The learnt budget's node count for the next generation (when due, reordering its paths and timing every
+    prefix tree on the prompt's `features` and `tokens`)."""
     budget = learnt.budget
     if not budget.ready:
         return budget.nodes
     if budget.rounds >= learnt.next_reorder:
         budget.reorder()
         learnt.next_reorder = 4 * budget.rounds
-    untimed = {n: learnt.shape(n) for n in budget.candidates
-               if frozenset(budget.paths[:n]) not in learnt.draft_costs}
-    if untimed:
         # Its own seeded picker: timing must not consume the generation's random numbers.
         picker = None if config.greedy else _Picker(config, torch.Generator(device=features.device).manual_seed(0))
-        timed = draft_costs(drafter, untimed, features, tokens, picker.draw if picker else None)
-        learnt.draft_costs.update({frozenset(untimed[n].static): seconds for n, seconds in timed.items()})
+        shapes = {n: learnt.shape(n) for n in range(1, budget.ceiling + 1)}
+        timed = draft_costs(drafter, shapes, features, tokens, picker.draw if picker else None)
+        learnt.draft_costs = {frozenset(shapes[n].static): seconds for n, seconds in timed.items()}
     before = budget.paths[:budget.nodes]
     budget.choose(functools.partial(learnt.round_seconds, target.model))
     if budget.paths[:budget.nodes] != before:
@@ -566,7 +567,8 @@ def _tree_shape(
     static = tuple(map(tuple, getattr(drafter, "static_tree", None) or DEFAULT_STATIC_TREE))
     if config.tree_nodes:
         return TreeShape(nodes=config.tree_nodes, depth=draft_length, static=static[:config.tree_nodes]), None
-    learnt = _learnt_tree(target, drafter, config, draft_length, static)
+    # Paths deeper than the draft length are never drafted: they would only inflate the counts.
+    learnt = _learnt_tree(target, drafter, config, draft_length, tuple(p for p in static if len(p) <= draft_length))
     nodes = _choose_learnt_nodes(learnt, target, drafter, config, features, tokens)
     return learnt.shape(nodes), learnt
 
@@ -664,7 +666,7 @@ def _generate(
     next_tokens = torch.cat([prompt_ids[:, 1:].to(device), torch.tensor([[pending]], device=device)], dim=1)
     draft_state = drafter.new_state() if drafter else None
     tree_shape, learnt_tree = None, None
-    if drafter is not None:
+    if drafter is not None and finish_reason is None:
         tree_shape, learnt_tree = _tree_shape(target, drafter, config, draft_length, new_features, next_tokens)
     stats.tree_nodes = tree_shape.nodes if tree_shape is not None else 0
     lookup = None
@@ -731,7 +733,7 @@ def _generate(
         _synchronize(device)
         stats.target_time_s += time.perf_counter() - target_started
         stats.record_round(drafted_depth, len(emitted) - 1)
-        if learnt_tree is not None and proposal.parents is not None and proposal.token_ids:
+        if learnt_tree is not None and proposal.parents is not None and proposal.paths is not None and head_nodes:
             learnt_tree.record(proposal, head_nodes, accepted, shape=round_shape,
                                seconds=time.perf_counter() - draft_started)
 

@@ -67,7 +67,8 @@ class Proposal:
     parents before children; None is a chain. A tree node's distribution is the one it was drawn from (its
     siblings drawn before it removed); None marks a deterministic draft (a top-k token, a prompt-lookup token).
     `paths` are a tree's nodes' rank paths (None for a node outside the drafter's tree, e.g. prompt lookup's): the
-    decoder's `auto` node budget learns from them which of a static tree's nodes are accepted."""
+    decoder's `auto` budget learns from them which of a static tree's paths are accepted. A drafter that leaves them
+    None drafts its trees at the ceiling size and nothing is learnt."""
 
     token_ids: list[int]
     draft_probs: list[torch.Tensor | None]

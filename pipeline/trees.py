@@ -21,6 +21,7 @@ import dataclasses
 import heapq
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -94,10 +95,10 @@ class TreeBudget:
 
     A node costs a draft step's share and a verified token, and pays only when the target accepts it: how often
     depends on the head, the prompts and the temperature, so a size chosen from costs alone misjudges it (the
-    shipped SmolLM2 head on the 2-core CPU: 15 nodes, the verify-cost rule's choice, 1.62x; 7 nodes 1.80x), and so
-    does an order measured on training data (on MT-bench that head's 3rd and 4th chained guesses are accepted in
-    8 % and 3 % of rounds, its 2nd-ranked first token in 14 %). A budget drafts its `ceiling` paths until it has seen
-    `min_rounds` rounds; `reorder` then orders the paths by their measured acceptance (each after its parent and its
+    shipped SmolLM2 head on the 2-core CPU: its first 15 paths 1.59x, its first 7 1.74x), and so does an order
+    measured on training data (on MT-bench that head's 3rd and 4th chained guesses are accepted in 8 % and 3 % of
+    rounds, its 2nd-ranked first token in 14 %). A budget drafts its `ceiling` paths until it has seen `min_rounds`
+    rounds; `reorder` then orders the paths by their measured acceptance (each after its parent and its
     next-better sibling, so every prefix is a tree), and `choose` keeps the prefix that promises the most tokens
     per second: 1 + its nodes' acceptance rates + the tokens other branches (prompt lookup) add per round, over a
     round's cost. Acceptance is counted per path over the rounds that offered it, and every `explore_every`-th round
@@ -105,11 +106,12 @@ class TreeBudget:
 
     def __init__(self, static: Sequence[RankPath], ceiling: int, *, min_rounds: int = 64,
                  explore_every: int = 32) -> None:
-        paths = tuple(map(tuple, static[:ceiling]))
-        # Only prefixes that are trees are candidates (a hand-written static tree need not list parents first).
-        self.candidates = [n for n in range(1, len(paths) + 1) if _is_tree(paths[:n])] or [len(paths)]
-        self.ceiling = self.candidates[-1]
-        self.paths = paths[:self.ceiling]  # in the order prefixes are taken
+        paths = [tuple(path) for path in static]
+        position = {path: i for i, path in enumerate(paths)}
+        # Parents first, else in the given order (a hand-written tree need not list parents first), so that every
+        # prefix is a tree.
+        self.paths = _ordered(paths, lambda path: -position[path], siblings_in_rank_order=False)[:ceiling]
+        self.ceiling = len(self.paths)
         self.nodes = self.ceiling
         self.min_rounds = min_rounds
         self.explore_every = explore_every
@@ -136,7 +138,9 @@ class TreeBudget:
         return self.accepted[path] / offered if offered else 0.0
 
     def expected_tokens(self, nodes: int) -> float:
-        """Tokens a round emits on average with the first `nodes` paths (the target's own token included)."""
+        """Tokens a round emits on average with the first `nodes` paths (the target's own token included). Prompt
+        lookup's share is averaged over all rounds: a lookup token that a larger tree also drafted counts for that
+        tree's path there, so larger trees are, if anything, slightly favoured."""
         return 1.0 + self.other_tokens / max(self.rounds, 1) + sum(map(self.acceptance, self.paths[:nodes]))
 
     @property
@@ -146,32 +150,35 @@ class TreeBudget:
     def reorder(self) -> None:
         """Orders the paths by measured acceptance (ties: the current order), each after its parent and its sibling
         one rank better (where the tree has it): drawn children are verified in draw order."""
-        present, position = set(self.paths), {path: i for i, path in enumerate(self.paths)}
-        ordered: list[RankPath] = []
-        while len(ordered) < len(self.paths):
-            taken = set(ordered)
-            eligible = [path for path in self.paths if path not in taken and _after_its_elders(path, taken, present)]
-            ordered.append(max(eligible, key=lambda path: (self.acceptance(path), -position[path])))
-        self.paths = tuple(ordered)
-        self.candidates = list(range(1, len(ordered) + 1))
+        position = {path: i for i, path in enumerate(self.paths)}
+        self.paths = _ordered(self.paths, lambda path: (self.acceptance(path), -position[path]))
 
     def choose(self, round_seconds: Callable[[int], float]) -> int:
-        """Sets `nodes` to the candidate with the most expected tokens per second of `round_seconds(nodes)` (the
+        """Sets `nodes` to the prefix size with the most expected tokens per second of `round_seconds(nodes)` (the
         smallest of equals) once `ready`, and returns it."""
         if self.ready:
-            self.nodes = max(self.candidates, key=lambda n: self.expected_tokens(n) / round_seconds(n))
+            sizes = range(1, self.ceiling + 1)
+            self.nodes = max(sizes, key=lambda n: self.expected_tokens(n) / round_seconds(n))
         return self.nodes
 
 
-def _after_its_elders(path: RankPath, taken: set[RankPath], present: set[RankPath]) -> bool:
-    """Whether `path`'s parent and its sibling one rank better (when the tree has them) are `taken`."""
-    parent, better = path[:-1], path[:-1] + (path[-1] - 1,)
-    return (not parent or parent in taken) and (path[-1] == 0 or better not in present or better in taken)
-
-
-def _is_tree(paths: Sequence[RankPath]) -> bool:
+def _ordered(paths: Sequence[RankPath], key: Callable[[RankPath], Any], *,
+             siblings_in_rank_order: bool = True) -> tuple[RankPath, ...]:
+    """`paths` (a tree) ordered by descending `key`, each after its parent and, with `siblings_in_rank_order`, after
+    its sibling one rank better where the tree has it; paths whose parent is missing are dropped."""
     present = set(paths)
-    return all(len(path) == 1 or path[:-1] in present for path in paths)
+    ordered: list[RankPath] = []
+    taken: set[RankPath] = set()
+
+    def elders_taken(path: RankPath) -> bool:
+        better = path[:-1] + (path[-1] - 1,)
+        sibling_first = siblings_in_rank_order and path[-1] > 0 and better in present
+        return (len(path) == 1 or path[:-1] in taken) and not (sibling_first and better not in taken)
+
+    while eligible := [path for path in paths if path not in taken and elders_taken(path)]:
+        ordered.append(max(eligible, key=key))
+        taken.add(ordered[-1])
+    return tuple(ordered)
 
 
 def node_depths(parents: Sequence[int]) -> list[int]:

@@ -232,7 +232,7 @@ def test_auto_node_budget_comes_from_measured_verify_costs(tiny_target, monkeypa
 def test_tree_budget_learns_acceptance_per_path_and_keeps_the_best_prefix():
     static = [(0,), (0, 0), (1,), (0, 0, 0), (2,)]
     budget = TreeBudget(static, 4, min_rounds=4, explore_every=3)
-    assert budget.paths == tuple(static[:4]) and budget.candidates == [1, 2, 3, 4] and budget.nodes == 4
+    assert budget.paths == tuple(static[:4]) and budget.ceiling == budget.nodes == 4
     costs = {1: 1.2, 2: 1.4, 3: 1.6, 4: 1.8}
     assert budget.choose(costs.__getitem__) == 4 and budget.round_nodes() == 4  # learning: the ceiling
     for accepted in ([(0,), (0, 0)], [(0,)], [(0,), (0, 0)], [(1,)]):
@@ -249,9 +249,9 @@ def test_tree_budget_learns_acceptance_per_path_and_keeps_the_best_prefix():
     # a path the choice left out keeps the estimate of the rounds that offered it
     assert budget.acceptance((1,)) == 0.25 and budget.acceptance((0,)) == 4 / 6
     assert budget.choose(lambda nodes: 1.0) == 3  # equal costs: every node that is ever accepted pays
-    # only prefixes that are trees are candidates
-    assert TreeBudget([(0,), (1, 0), (1,)], 3).candidates == [1, 3]
-    assert TreeBudget([(0,), (1, 0), (1,)], 2).paths == ((0,),)  # the largest prefix that is a tree
+    # a hand-written tree need not list parents first: paths are taken parents first, then in the given order
+    assert TreeBudget([(0,), (1, 0), (1,)], 3).paths == ((0,), (1,), (1, 0))
+    assert TreeBudget([(0, 0), (0,), (1,)], 2).paths == ((0,), (0, 0))
 
 
 def test_tree_budget_reorders_paths_by_measured_acceptance_keeping_every_prefix_a_tree():
@@ -263,8 +263,8 @@ def test_tree_budget_reorders_paths_by_measured_acceptance_keeping_every_prefix_
     # (2,) is accepted most but follows its better sibling (1,); (0, 0) ties (1,) and was listed first; the
     # never-accepted paths keep their order, (0, 1) after (0, 0)
     assert budget.paths == ((0,), (0, 0), (1,), (2,), (0, 0, 0), (0, 1))
-    assert budget.candidates == [1, 2, 3, 4, 5, 6] and budget.ceiling == 6
-    for nodes in budget.candidates:
+    assert budget.ceiling == 6
+    for nodes in range(1, 7):
         check_static_tree(budget.paths[:nodes])
     assert budget.expected_tokens(4) == pytest.approx(1 + 0.25 + 0.25 + 0.25 + 0.5)
 
@@ -274,39 +274,63 @@ def test_auto_static_tree_learns_its_node_budget_and_stays_lossless(tiny_target,
     torch.manual_seed(3)
     head = build_head(HeadConfig(head_type="eagle", num_heads=3), tiny_target.model)
     torch.nn.init.normal_(head.fc.weight, std=0.2)
-    drafted_sizes = []
-    propose_tree = head.propose_tree
+    verified_sizes = []  # the drafter's nodes in every verified round (timing rounds are not verified)
+    verify_tree = decoding._verify_tree
 
-    def recording(state, features, tokens, shape, max_depth, **kwargs):
-        drafted_sizes.append(shape.nodes)
-        return propose_tree(state, features, tokens, shape, max_depth, **kwargs)
+    def recording(model, cache, pending, proposal, **kwargs):
+        verified_sizes.append(sum(path is not None for path in proposal.paths))
+        return verify_tree(model, cache, pending, proposal, **kwargs)
 
-    monkeypatch.setattr(head, "propose_tree", recording)
+    monkeypatch.setattr(decoding, "_verify_tree", recording)
     config = DecodeConfig(max_new_tokens=40, draft_length=3)  # a static tree of `auto` nodes
     results = []
     for text in PROMPTS * 2:
         prompt_ids = tiny_target.encode_prompt(text)
-        drafted_sizes.clear()
+        verified_sizes.clear()
         results.append(generate(tiny_target, prompt_ids, config=config, drafter=head))
         assert results[-1].token_ids == generate(tiny_target, prompt_ids, config=config).token_ids
     (learnt,) = decoding._learnt_trees[head].values()
     budget = learnt.budget
-    assert budget.ceiling == min(auto_tree_nodes(tiny_target.model, 3), len(DEFAULT_STATIC_TREE))
+    # DEFAULT_STATIC_TREE's paths deeper than the draft length (4 deep) are left out
+    shallow = [path for path in DEFAULT_STATIC_TREE if len(path) <= 3]
+    assert budget.ceiling == min(auto_tree_nodes(tiny_target.model, 3), len(shallow))
+    assert all(len(path) <= 3 for path in budget.paths)
     assert results[0].stats.tree_nodes == budget.ceiling and budget.ready
-    # every candidate tree was timed (once: when the budget first chose or reordered)
-    assert all(frozenset(budget.paths[:nodes]) in learnt.draft_costs for nodes in budget.candidates)
+    # every prefix tree was timed (when the budget first chose, or last reordered)
+    assert all(frozenset(budget.paths[:nodes]) in learnt.draft_costs for nodes in range(1, budget.ceiling + 1))
+    # every accepted drafted token is counted once: for its path, or as prompt lookup's
+    assert sum(budget.accepted.values()) + budget.other_tokens == sum(sum(r.stats.accepted) for r in results)
+    rounds = sum(r.stats.target_forward_passes - 1 for r in results)
+    assert rounds - len(results) <= budget.rounds <= rounds  # a last round with room for no draft is not counted
+    # the last generation drafted its choice, and the ceiling every explore_every-th round
     assert results[-1].stats.tree_nodes == budget.nodes
-    rounds = results[-1].stats.target_forward_passes - 1
-    assert drafted_sizes.count(budget.ceiling) >= rounds // budget.explore_every
-    if budget.nodes != budget.ceiling:
-        assert budget.nodes in drafted_sizes
-    # verify costs between the measured sizes are interpolated, beyond them the nearest end's
-    interpolated = decoding._interpolated({2: 0.010, 4: 0.030, 8: 0.032})
-    assert [round(interpolated(size), 4) for size in (1, 3, 6, 12)] == [0.010, 0.020, 0.031, 0.032]
+    assert verified_sizes.count(budget.ceiling) >= len(verified_sizes) // budget.explore_every
+    assert all(size in (budget.nodes, budget.ceiling) or size < budget.nodes for size in verified_sizes)
     # sampling learns its own budget: acceptance depends on the temperature
     generate(tiny_target, tiny_target.encode_prompt(PROMPTS[0]), drafter=head,
              config=config.replace(temperature=0.7, seed=0))
     assert len(decoding._learnt_trees[head]) == 2
+
+
+def test_auto_static_tree_of_a_drafter_without_paths_drafts_its_ceiling(tiny_target, monkeypatch):
+    """A protocol drafter need not report rank paths: nothing is learnt, decoding is unchanged."""
+    monkeypatch.setattr(decoding, "_learnt_trees", weakref.WeakKeyDictionary())
+    torch.manual_seed(3)
+    head = build_head(HeadConfig(head_type="eagle", num_heads=3), tiny_target.model)
+    propose_tree = head.propose_tree
+
+    def without_paths(*args, **kwargs):
+        proposal = propose_tree(*args, **kwargs)
+        return Proposal(token_ids=proposal.token_ids, draft_probs=proposal.draft_probs, parents=proposal.parents)
+
+    monkeypatch.setattr(head, "propose_tree", without_paths)
+    config = DecodeConfig(max_new_tokens=40, draft_length=3)
+    for text in PROMPTS[:3]:
+        prompt_ids = tiny_target.encode_prompt(text)
+        result = generate(tiny_target, prompt_ids, config=config, drafter=head)
+        assert result.token_ids == generate(tiny_target, prompt_ids, config=config).token_ids
+    (learnt,) = decoding._learnt_trees[head].values()
+    assert learnt.budget.rounds == 0 and result.stats.tree_nodes == learnt.budget.ceiling
 
 
 def test_tree_shape_on_a_tiny_target_with_eager_attention():
