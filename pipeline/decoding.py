@@ -455,9 +455,10 @@ class _LearntTree:
         self.seconds[frozenset(shape.static)] += seconds
         self.rounds[frozenset(shape.static)] += 1
 
-    def round_seconds(self, model: PreTrainedModel, nodes: int) -> float:
-        """Modelled seconds of a round with the first `nodes` paths: drafting + verifying them, plus what the most
-        observed timed tree's rounds took beyond its model (never less than nothing)."""
+    def round_seconds(self, model: PreTrainedModel) -> Callable[[int], float]:
+        """Modelled seconds of a round per node count `nodes` (the first `nodes` paths): drafting + verifying them,
+        plus what the most observed timed tree's rounds took beyond its model (never less than nothing), which is
+        worked out once per choice."""
         verify = _interpolated(verify_costs(model, self.verify_sizes))
         timed = [tree for tree in self.rounds if tree in self.draft_costs]
         offset = 0.0
@@ -465,7 +466,7 @@ class _LearntTree:
             observed = max(timed, key=self.rounds.__getitem__)
             modelled = self.draft_costs[observed] + verify(len(observed) + 1)
             offset = max(self.seconds[observed] / self.rounds[observed] - modelled, 0.0)
-        return self.draft_costs[frozenset(self.budget.paths[:nodes])] + verify(nodes + 1) + offset
+        return lambda nodes: self.draft_costs[frozenset(self.budget.paths[:nodes])] + verify(nodes + 1) + offset
 
 
 # Learnt budgets live as long as their drafter (a serving replica's learn from all its requests), one per target,
@@ -532,7 +533,7 @@ def _choose_learnt_nodes(learnt: _LearntTree, target: Target, drafter: DraftHead
         timed = draft_costs(drafter, shapes, features, tokens, picker.draw if picker else None)
         learnt.draft_costs = {frozenset(shapes[n].static): seconds for n, seconds in timed.items()}
     before = budget.paths[:budget.nodes]
-    budget.choose(functools.partial(learnt.round_seconds, target.model))
+    budget.choose(learnt.round_seconds(target.model))
     if budget.paths[:budget.nodes] != before:
         _log.info("auto tree: %d nodes %s (%d rounds seen; expected tokens per round %.2f)", budget.nodes,
                   budget.paths[:budget.nodes], budget.rounds, budget.expected_tokens(budget.nodes))
