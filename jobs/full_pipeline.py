@@ -23,7 +23,8 @@ if __name__ == "__main__" and not __package__:  # `python jobs/full_pipeline.py`
 
 import yaml
 
-from pipeline.config import ConfigError, PipelineConfig, apply_overrides
+from pipeline.config import ConfigError, PipelineConfig, TrackingConfig, apply_overrides
+from tune import report
 from tune.sweep import SweepInterrupted
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +128,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     init_ray()
     run_dir = Path(config.run_dir).resolve()
     if config.tracking.enabled:
-        uri = reachable_from_cluster(tracking_uri(config.tracking), ray.util.get_node_ip_address())
+        uri = reachable_from_cluster(tracking_uri(tracking_settings(config)), ray.util.get_node_ip_address())
         config = config.replace(tracking=config.tracking.replace(uri=uri))
     else:
         uri = None
@@ -177,6 +178,15 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     _finish(uri, parent, summary, cached=clock.any_cached)
     print_summary(summary, swept)
     return summary
+
+
+def tracking_settings(config: PipelineConfig) -> TrackingConfig:
+    """The pipeline's tracking; the embedded MLflow store lives in `run_dir` with the rest of the run's output
+    unless `tracking.run_dir` says otherwise (with `ray job submit --working-dir .`, a store left in the job's copy
+    of the directory would go with it)."""
+    if config.tracking.run_dir == TrackingConfig().run_dir:
+        return config.tracking.replace(run_dir=str(Path(config.run_dir).resolve()))
+    return config.tracking
 
 
 def serve_settings(config: PipelineConfig, *, drafter: str, tracking_uri: str | None):
@@ -301,8 +311,11 @@ def print_summary(summary: dict[str, Any], swept: dict[str, Any]) -> None:
         print(f"[pipeline] warning: {summary['eval_warning']}")
     if winner:
         title = "champion" if summary["champion"] else "best head"
-        print(f"[pipeline] {title} {winner['trial']}: speedup {winner['speedup']:.3f}x, tau {winner['tau']:.3f}, "
+        name = f"incumbent {winner['incumbent']}" if winner.get("incumbent") else winner["trial"]
+        print(f"[pipeline] {title} {name}: speedup {winner['speedup']:.3f}x, tau {winner['tau']:.3f}, "
               f"n-alpha {_format_alpha(winner)}")
+    if verdict := report.incumbent_verdict(swept["rows"], winner):
+        print(f"[pipeline] {verdict}")
     if baseline and winner and baseline["trial"] == winner["trial"]:
         print("[pipeline] it is also the best K=1 lambda=0 (plain EAGLE/Medusa) trial")
     elif baseline:

@@ -621,6 +621,10 @@ class SweepConfig(Config):
     measured speedup, tau breaks ties) is registered as `model_name`; it gets the alias `champion` only when its
     speedup exceeds `champion_min_speedup` (default 1.0: it must beat plain decoding) with its losslessness check
     passing, else it is registered without the alias and tagged with why.
+    `incumbent` is a head the trials must beat: measured with the same `eval` on the same prompts, it is a row of
+    the table and wins (and is registered and served) when no trained head is faster. `auto` (the default) is the
+    drafter the project ships for the target (`smollm2`), or none for other targets; `none` turns it off; anything
+    else is a head directory.
     `max_concurrent_trials` = 0 runs as many trials at once as the cluster's CPUs (or GPUs) allow."""
 
     section: ClassVar[str] = "sweep"
@@ -633,6 +637,7 @@ class SweepConfig(Config):
     model_name: str = "koala-drafter"
     register: bool = True
     champion_min_speedup: float = 1.0
+    incumbent: str = "auto"
     out_dir: str = "runs/sweeps"
 
     def __post_init__(self) -> None:
@@ -649,6 +654,9 @@ class SweepConfig(Config):
         self.require_at_least(0, "max_trial_failures")
         if not self.model_name:
             self.fail("model_name", "must name the registered model, e.g. koala-drafter")
+        if self.incumbent not in ("auto", "none") and not (Path(self.incumbent) / "head_config.json").is_file():
+            self.fail("incumbent", f"{self.incumbent!r} is not a head directory (no head_config.json); give one, "
+                                   "'auto' (the target's shipped drafter, if any) or 'none'")
 
     def _check_grid_entry(self, key: str, values: Any) -> None:
         head_fields = {f.name for f in dataclasses.fields(HeadConfig)}

@@ -92,6 +92,23 @@ def test_stages_default_to_the_lengths_they_are_evaluated_and_served_at(tmp_path
         assert config.sweep.eval.max_new_tokens <= config.distill.max_new_tokens, preset
 
 
+def test_the_mlflow_store_lives_in_the_pipelines_run_dir(tmp_path, monkeypatch):
+    """With `ray job submit --working-dir .`, a store left in the job's copy of `runs/` is lost with it: the embedded
+    store follows `run_dir` unless `tracking.run_dir` is set."""
+    from jobs.full_pipeline import tracking_settings
+    from pipeline.tracking import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    shared = tmp_path / "shared-runs"
+    config = load_pipeline_config("smoke", [f"distill.prompts=[{prompts}]", f"run_dir={shared}"])
+    assert tracking_uri(tracking_settings(config)) == f"sqlite:///{shared / 'mlflow.db'}"
+    config = load_pipeline_config("smoke", [f"distill.prompts=[{prompts}]", f"run_dir={shared}",
+                                            f"tracking.run_dir={tmp_path / 'mlflow'}"])
+    assert tracking_uri(tracking_settings(config)) == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+
+
 def test_unknown_preset_names_the_choices(capsys):
     assert pipeline_main(["--config", "no-such-preset"]) == 2
     assert "cpu-demo" in capsys.readouterr().err

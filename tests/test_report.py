@@ -82,3 +82,41 @@ def test_plots_survive_a_sweep_whose_trials_all_failed(tmp_path):
     path = report.plot_heatmaps(failed, "speedup", tmp_path / "speedup.png")
     assert path.read_bytes().startswith(b"\x89PNG")
     assert report.plot_alpha(None, None, tmp_path / "alpha.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_incumbent_competes_but_is_no_baseline_and_no_heatmap_cell(tmp_path, monkeypatch):
+    incumbent = row("incumbent", 1.2, 2.0, incumbent="pipeline/drafters/smollm2-eagle", lam=None)
+    rows = [*ROWS, incumbent]
+    assert report.pick_winner(rows) is incumbent
+    assert report.trained_rows(rows) == ROWS
+    assert report.pick_baseline(rows)["trial"] == "medusa-K1-lambda0"
+    assert report.incumbent_verdict(rows, incumbent) == (
+        "No trained head beat the incumbent pipeline/drafters/smollm2-eagle: the best, medusa-K2-lambda0, "
+        "decoded at 1.100x.")
+    slower = {**incumbent, "speedup": 1.05}
+    assert report.incumbent_verdict([*ROWS, slower], report.pick_winner([*ROWS, slower])) == (
+        "A trained head beat the incumbent pipeline/drafters/smollm2-eagle (1.050x).")
+    assert report.incumbent_verdict(ROWS, report.pick_winner(ROWS)) is None
+    failed = {"trial": "incumbent", "incumbent": "heads/x", "error": "incumbent: HeadLoadError: wrong target"}
+    assert report.pick_winner([failed]) is None
+    assert report.incumbent_verdict([failed], None) == ("The incumbent heads/x failed: incumbent: HeadLoadError: "
+                                                        "wrong target")
+    cells, is_valid = [], report.is_valid
+    monkeypatch.setattr(report, "is_valid", lambda r: cells.append(r["trial"]) or is_valid(r))
+    report.plot_heatmaps(rows, "speedup", tmp_path / "heatmap.png")
+    assert "incumbent" not in cells
+
+
+def test_incumbent_auto_is_the_targets_shipped_drafter_and_a_bad_one_fails_on_load(tmp_path):
+    import pytest
+
+    from pipeline.config import ConfigError, SweepConfig
+    from pipeline.heads import default_drafter_dir
+    from tune.sweep import incumbent_dir
+
+    assert incumbent_dir(SweepConfig.from_dict({"train": {"target": {"spec": "smollm2"}}})) == \
+        default_drafter_dir("smollm2")
+    assert incumbent_dir(SweepConfig.from_dict({"train": {"target": {"spec": str(tmp_path)}}})) is None
+    assert incumbent_dir(SweepConfig.from_dict({"incumbent": "none"})) is None
+    with pytest.raises(ConfigError, match="incumbent.*not a head directory"):
+        SweepConfig.from_dict({"incumbent": str(tmp_path)})

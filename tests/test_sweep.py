@@ -188,8 +188,8 @@ def test_interrupted_sweep_resumes_without_retraining_finished_trials(distilled,
 
 
 def pipeline_config(tiny_model_dir, inputs, tmp_path, **sweep_overrides) -> PipelineConfig:
-    sweep = sweep_values(tiny_model_dir, inputs, tmp_path, grid={"head.head_type": ["medusa", "eagle"]},
-                         **sweep_overrides)
+    sweep = sweep_values(tiny_model_dir, inputs, tmp_path, **{"grid": {"head.head_type": ["medusa", "eagle"]},
+                                                               **sweep_overrides})
     sweep["train"].pop("target")
     sweep["train"].pop("tracking")
     sweep.pop("out_dir")
@@ -264,3 +264,43 @@ def test_without_a_head_that_beats_plain_decoding_there_is_no_champion(ray_clust
     output = capsys.readouterr().out
     assert "[pipeline] no head beat plain decoding: the best head" in output
     assert "serving the target with plain decoding" in output
+
+
+def test_an_incumbent_no_trained_head_beats_is_registered_and_served(ray_cluster, inputs, tiny_model_dir, tmp_path,
+                                                                     capsys):
+    """The sweep measures the incumbent like a trial; when every trained head fails (here: training breaks at its
+    first step and may not retry), it is the winner, registered from its own child run and served."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.full_pipeline import run_pipeline
+    from pipeline.config import HeadConfig
+    from pipeline.heads import build_head, save_head, target_identity_dict
+    from pipeline.target import load_target
+
+    target = load_target(str(tiny_model_dir), device="cpu")
+    incumbent = save_head(build_head(HeadConfig(head_type="eagle", num_heads=2), target.model), tmp_path / "incumbent",
+                          target_identity=target_identity_dict(target.model, str(tiny_model_dir)))
+    config = pipeline_config(tiny_model_dir, inputs, tmp_path, grid={"head.head_type": ["medusa"]},
+                             incumbent=str(incumbent), max_trial_failures=0)
+    config = config.replace(sweep=config.sweep.replace(
+        train=config.sweep.train.replace(fail_once_at_step=1, max_failures=0)))
+    summary = run_pipeline(config)
+
+    rows = {r["trial"]: r for r in json.loads(Path(summary["sweep_dir"], "results.json").read_text())["rows"]}
+    assert rows["medusa"].get("error")
+    assert rows["incumbent"]["incumbent"] == str(incumbent) and rows["incumbent"]["exact_match"] == 1.0
+    assert rows["incumbent"]["head.head_type"] == "eagle" and rows["incumbent"]["tau"] >= 1.0
+    assert summary["winner"]["trial"] == "incumbent" and summary["champion"]
+    client = MlflowClient(tracking_uri=summary["mlflow_uri"], registry_uri=summary["mlflow_uri"])
+    version = client.get_model_version_by_alias("koala-drafter", "champion")
+    assert version.tags["koala.incumbent"] == str(incumbent)
+    run = client.get_run(version.run_id)
+    assert run.data.tags["koala.stage"] == "incumbent" and run.data.params["incumbent"] == str(incumbent)
+    assert run.data.metrics["eval/speedup"] == pytest.approx(rows["incumbent"]["speedup"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "head")} == {
+        "head/head.safetensors", "head/head_config.json"}
+    assert summary["serve"]["drafter"] == "models:/koala-drafter@champion"
+    assert summary["serve"]["smoke_completion_tokens"] >= 1
+    output = capsys.readouterr().out
+    assert f"[pipeline] champion incumbent {incumbent}: speedup" in output
+    assert "[pipeline] No trained head beat the incumbent" in output and "none finished" in output

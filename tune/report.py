@@ -32,9 +32,14 @@ def is_valid(row: dict[str, Any]) -> bool:
 
 
 def pick_winner(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """Best measured speedup; tau breaks ties."""
+    """Best measured speedup; tau breaks ties; the incumbent's row competes too."""
     candidates = [r for r in rows if is_valid(r)]
     return max(candidates, key=lambda r: (r["speedup"], r["tau"]), default=None)
+
+
+def trained_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The grid's trials: every row but the incumbent's (a head this sweep did not train)."""
+    return [r for r in rows if not r.get("incumbent")]
 
 
 def no_champion_reason(winner: dict[str, Any] | None, *, min_speedup: float) -> str | None:
@@ -68,6 +73,8 @@ def run_description(summary: dict[str, Any]) -> str:
     else:
         verdict = f"**No champion**: {summary.get('no_champion_reason') or 'no trial finished'}."
     lines = [verdict]
+    if verdict := incumbent_verdict(summary["rows"], winner):
+        lines.append(verdict)
     if summary.get("eval_warning"):
         lines.append(f"Warning: {summary['eval_warning']}.")
     lines += ["", "Trials, fastest first (speedup = speculative / vanilla tokens per second on the same prompts; "
@@ -76,13 +83,29 @@ def run_description(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def incumbent_verdict(rows: Sequence[dict[str, Any]], winner: dict[str, Any] | None) -> str | None:
+    """How the trained heads fared against the incumbent (the head the sweep had to beat), if there was one."""
+    incumbent = next((r for r in rows if r.get("incumbent")), None)
+    if incumbent is None:
+        return None
+    if incumbent.get("error"):
+        return f"The incumbent {incumbent['incumbent']} failed: {incumbent['error']}"
+    if winner is None or winner["trial"] != incumbent["trial"]:
+        return f"A trained head beat the incumbent {incumbent['incumbent']} ({incumbent['speedup']:.3f}x)."
+    best = pick_winner(trained_rows(rows))
+    return (f"No trained head beat the incumbent {incumbent['incumbent']}: " +
+            (f"the best, {best['trial']}, decoded at {best['speedup']:.3f}x." if best
+             else "none finished with a passing losslessness check."))
+
+
 def _alphas(row: dict[str, Any]) -> str:
     return ", ".join(f"{row[f'alpha_{n}']:.2f}" for n in (1, 2, 3) if row.get(f"alpha_{n}") is not None) or "-"
 
 
 def pick_baseline(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """The best plain (non-KOALA) trial: K=1, lambda=0."""
-    plain = [r for r in rows if is_valid(r) and r.get("head.num_layers", 1) == 1 and r.get("adv_weight", 0.0) == 0]
+    plain = [r for r in trained_rows(rows)
+             if is_valid(r) and r.get("head.num_layers", 1) == 1 and r.get("adv_weight", 0.0) == 0]
     return max(plain, key=lambda r: (r["speedup"], r["tau"]), default=None)
 
 
@@ -131,7 +154,7 @@ def plot_heatmaps(rows: Sequence[dict[str, Any]], metric: str, path: Path) -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    valid = [r for r in rows if is_valid(r)]
+    valid = [r for r in trained_rows(rows) if is_valid(r)]
     head_types = sorted({r.get("head.head_type", "head") for r in valid}) or ["head"]
     figure, axes = plt.subplots(1, len(head_types), figsize=(4.5 * len(head_types), 3.8), squeeze=False)
     for axis, head_type in zip(axes[0], head_types):

@@ -36,6 +36,8 @@ class SweepInterrupted(RuntimeError):
     """The sweep stopped (Ctrl-C, a lost driver) before every trial finished; running it again resumes it."""
 
 EVAL_FILE = "eval.json"
+# The row of the head the trials must beat (`SweepConfig.incumbent`), and its directory in the sweep's.
+INCUMBENT = "incumbent"
 # A trial driver only coordinates; a placement group cannot be empty, so it holds a token amount of memory.
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 1_000_000}
 
@@ -64,6 +66,28 @@ def data_identity(data_dirs: list[str]) -> list[Any]:
     return identity
 
 
+def incumbent_dir(config: SweepConfig) -> Path | None:
+    """The head the trials must beat: `auto` = the drafter shipped for the target (None where none is), `none` =
+    None, else the directory given."""
+    from pipeline.heads import default_drafter_dir
+
+    if config.incumbent == "none":
+        return None
+    if config.incumbent == "auto":
+        return default_drafter_dir(config.train.target.spec)
+    return Path(config.incumbent).resolve()
+
+
+def head_identity(directory: Path | None) -> str | None:
+    """A head directory by content (its config and weights), so a changed incumbent is measured again."""
+    if directory is None:
+        return None
+    digest = hashlib.sha1()
+    for name in ("head_config.json", "head.safetensors"):
+        digest.update((directory / name).read_bytes())
+    return digest.hexdigest()
+
+
 def sweep_key(config: SweepConfig, data_dirs: list[str], questions: list[Question]) -> str:
     """Content hash of everything that changes the sweep's results (not where it runs or how fast)."""
     settings = config.to_dict()
@@ -71,6 +95,7 @@ def sweep_key(config: SweepConfig, data_dirs: list[str], questions: list[Questio
         settings.pop(volatile)
     for volatile in ("data_dirs", "out_dir", "tracking", "num_workers", "max_failures", "fail_once_at_step"):
         settings["train"].pop(volatile)
+    settings["incumbent"] = head_identity(incumbent_dir(config))
     payload = [settings, data_identity(data_dirs), [q.prompt for q in questions]]
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -141,7 +166,6 @@ def evaluate_trial(payload: dict[str, Any]) -> dict[str, Any]:
 
 def run_trial(params: dict[str, Any], *, context: dict[str, Any]) -> None:
     """The Tune trial driver: train (or reuse) the head, evaluate (or reuse) it, log to the trial's MLflow run."""
-    import ray
     import ray.tune
 
     name = params["trial"]
@@ -156,17 +180,24 @@ def run_trial(params: dict[str, Any], *, context: dict[str, Any]) -> None:
     evaluation = _read_json(trial_dir / EVAL_FILE)
     if evaluation is None:
         print(f"[sweep] trial {name}: evaluating on {len(context['questions'])} prompts")
-        payload = {key: context[key] for key in ("eval", "target", "questions", "use_gpu")}
-        task = ray.remote(evaluate_trial).options(
-            num_cpus=context["eval"]["cpus"], num_gpus=1 if context["use_gpu"] else 0,
-            scheduling_strategy="DEFAULT",  # outside the trial driver's (token) placement group
-        )
-        evaluation = ray.get(task.remote({**payload, "head_dir": train["head_dir"]}))
+        evaluation = _evaluate(context, train["head_dir"])
         write_json_atomically(evaluation, trial_dir / EVAL_FILE)
     metrics = _trial_metrics(train, evaluation)
     _log_trial(context, train, evaluation, trial_dir)
     print(f"[sweep] trial {name}: speedup {metrics['speedup']:.3f}, tau {metrics['tau']:.3f}")
     ray.tune.report(metrics)
+
+
+def _evaluate(context: dict[str, Any], head_dir: str) -> dict[str, Any]:
+    """`evaluate_trial` as a Ray task with the evaluation's fixed resources, so every head is timed alike."""
+    import ray
+
+    payload = {key: context[key] for key in ("eval", "target", "questions", "use_gpu")}
+    task = ray.remote(evaluate_trial).options(
+        num_cpus=context["eval"]["cpus"], num_gpus=1 if context["use_gpu"] else 0,
+        scheduling_strategy="DEFAULT",  # outside the trial driver's (token) placement group
+    )
+    return ray.get(task.remote({**payload, "head_dir": head_dir}))
 
 
 def _trial_metrics(train: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
@@ -234,9 +265,11 @@ def run_sweep(config: SweepConfig, *, data_dirs: list[str], parent_run_id: str |
         "use_gpu": use_gpus(config.eval.use_gpu, section="eval"),
         "parent_run_id": parent,
         "mlflow_uri": uri,
+        "experiment": config.train.tracking.experiment,
     }
     print(f"[sweep] {len(trials)} trials, {len(questions)} evaluation prompts ({dropped} dropped: in the training "
           f"data); sweep directory {sweep_dir}")
+    incumbent = _incumbent_row(config, context, sweep_dir)
     grid = _fit(config, context, sweep_dir, list(trials))
     described = {name: _describe(TrainConfig.from_dict(values)) | trials[name] for name, values in context["trials"].items()}
     # A trial Tune never started (the sweep was stopped first) has no config; it counts as unfinished below.
@@ -245,11 +278,62 @@ def run_sweep(config: SweepConfig, *, data_dirs: list[str], parent_run_id: str |
     if unfinished or len(rows) < len(trials):
         raise SweepInterrupted(f"the sweep stopped with {len(trials) - len(rows) + len(unfinished)} of {len(trials)} "
                                f"trials unfinished; run the same command again to resume it from {sweep_dir}")
+    if incumbent is not None:
+        rows.append(incumbent)
     summary = _summarize(config, rows, sweep_dir, key=key, questions=len(questions), dropped=dropped)
     summary["wall_time_s"] = time.perf_counter() - started
     _log_parent(uri, parent, summary, sweep_dir, own_run=parent_run_id is None)
     write_json_atomically(summary, sweep_dir / RESULTS_FILE)
     return {**summary, "cached": False}
+
+
+def _incumbent_row(config: SweepConfig, context: dict[str, Any], sweep_dir: Path) -> dict[str, Any] | None:
+    """The incumbent measured like a trial (once per sweep; a resumed sweep reuses it) and logged as a child run
+    with its head as an artifact, so it can be registered like a trial when it wins. A head that fails to load or
+    decode is a row with an error, as a failed trial is: it cannot win."""
+    head_dir = incumbent_dir(config)
+    if head_dir is None:
+        return None
+    from pipeline.heads import read_head_metadata
+
+    directory = sweep_dir / INCUMBENT
+    head = read_head_metadata(head_dir)["head"]
+    row: dict[str, Any] = {"trial": INCUMBENT, "incumbent": str(head_dir), "head.head_type": head["head_type"],
+                           "head.num_layers": head["num_layers"], "adv_weight": None}
+    evaluation = _read_json(directory / EVAL_FILE)
+    if evaluation is None:
+        print(f"[sweep] incumbent {head_dir}: evaluating on {len(context['questions'])} prompts (a trial must beat it "
+              "to win)")
+        try:
+            evaluation = _evaluate(context, str(head_dir))
+        except Exception as error:  # noqa: BLE001 - reported in the table, as a failed trial's error is
+            return {**row, "error": f"incumbent: {str(error).strip().splitlines()[-1][:200]}"}
+        write_json_atomically(evaluation, directory / EVAL_FILE)
+    row.update(evaluation)
+    row["mlflow_run_id"] = _log_incumbent(context, head_dir, head, evaluation, directory)
+    print(f"[sweep] incumbent: speedup {row['speedup']:.3f}, tau {row['tau']:.3f}")
+    return row
+
+
+def _log_incumbent(context: dict[str, Any], head_dir: Path, head: dict[str, Any], evaluation: dict[str, Any],
+                   directory: Path) -> str | None:
+    """The incumbent's child run of the sweep (made once): its source, head settings, eval/ metrics and the head."""
+    uri = context["mlflow_uri"]
+    if uri is None:
+        return None
+    logged = _read_json(directory / "run.json")
+    if logged:
+        return logged["run_id"]
+    from pipeline.tracking import Run
+
+    run = Run.start(uri, experiment=context["experiment"], run_name=INCUMBENT,
+                    params={"incumbent": str(head_dir), "head": head}, parent_run_id=context["parent_run_id"],
+                    tags={"koala.stage": INCUMBENT})
+    run.log_metrics(evaluation, prefix="eval/")
+    run.log_artifact(head_dir, "head")
+    run.end()
+    write_json_atomically({"run_id": run.run_id}, directory / "run.json")
+    return run.run_id
 
 
 def _tracking_uri(config: SweepConfig) -> str | None:
@@ -353,7 +437,12 @@ def _summarize(config: SweepConfig, rows: list[dict[str, Any]], sweep_dir: Path,
     eval_warning = report.small_evaluation(rows, min_new_tokens=config.eval.min_new_tokens)
     if eval_warning:
         print(f"[sweep] warning: {eval_warning}")
+    incumbent = next((r for r in rows if r.get("incumbent")), None)
+    best_trial = report.pick_winner(report.trained_rows(rows))
+    if incumbent is not None and winner is incumbent:
+        print(f"[sweep] no trained head beat the incumbent ({incumbent['speedup']:.3f}x): it is the winner")
     return {"sweep_key": key, "sweep_dir": str(sweep_dir), "rows": rows, "winner": winner, "baseline": baseline,
+            "incumbent": incumbent, "best_trial": best_trial,
             "champion": not_champion is None, "no_champion_reason": not_champion,
             "champion_min_speedup": config.champion_min_speedup, "eval_warning": eval_warning,
             "grid_keys": grid_keys, "eval_prompts": questions, "eval_prompts_dropped": dropped,
@@ -405,13 +494,20 @@ def register_winner(summary: dict[str, Any], *, model_name: str, tracking_uri: s
     reason = summary.get("no_champion_reason")
     metrics = {k: winner.get(k) for k in ("speedup", "tau", "alpha_1", "alpha_2", "alpha_3", "exact_match",
                                           "near_tie_divergences", "lossless_violations")}
-    trial_config = json.loads((Path(summary["sweep_dir"]) / "trials" / winner["trial"] / TRAIN_SUMMARY_FILE)
-                              .read_text())
-    tags = {"target": target.spec, "target_identity": trial_config["data"]["target"], "trial": winner["trial"],
+    if winner.get("incumbent"):
+        from pipeline.heads import read_head_metadata
+
+        target_identity = read_head_metadata(winner["incumbent"])["target"]
+    else:
+        target_identity = json.loads((Path(summary["sweep_dir"]) / "trials" / winner["trial"] / TRAIN_SUMMARY_FILE)
+                                     .read_text())["data"]["target"]
+    tags = {"target": target.spec, "target_identity": target_identity, "trial": winner["trial"],
             "sweep_key": summary["sweep_key"], "metrics": metrics,
             "head": {k: winner.get(k) for k in summary["grid_keys"]}, "koala.champion": str(champion).lower()}
     if reason:
         tags["koala.no_champion_reason"] = reason
+    if winner.get("incumbent"):
+        tags["koala.incumbent"] = winner["incumbent"]
     version = register_head(
         tracking_uri, model_name=model_name, run_id=winner["mlflow_run_id"], tags=tags,
         alias=CHAMPION_ALIAS if champion else None,
