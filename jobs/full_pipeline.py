@@ -182,8 +182,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
 
 def tracking_settings(config: PipelineConfig) -> TrackingConfig:
     """The pipeline's tracking; the embedded MLflow store lives in `run_dir` with the rest of the run's output
-    unless `tracking.run_dir` says otherwise (with `ray job submit --working-dir .`, a store left in the job's copy
-    of the directory would go with it)."""
+    unless `tracking.run_dir` names another directory than the default `runs` (with `ray job submit --working-dir
+    .`, a store left in the job's copy of the directory would go with it)."""
     if config.tracking.run_dir == TrackingConfig().run_dir:
         return config.tracking.replace(run_dir=str(Path(config.run_dir).resolve()))
     return config.tracking
@@ -336,6 +336,8 @@ def print_summary(summary: dict[str, Any], swept: dict[str, Any]) -> None:
     if summary["serve"]:
         drafter = summary["serve"]["drafter"]
         again = f"koala serve --drafter {drafter}" if drafter else "koala serve --no-drafter"
+        if drafter and drafter.startswith("models:/") and summary["mlflow_uri"]:
+            again += f" --tracking-uri {summary['mlflow_uri']}"
         print(f"[pipeline] Serve endpoint: {summary['serve']['url']} (model {summary['serve']['model']!r}, "
               f"{'drafter ' + drafter if drafter else 'plain decoding'}); it lives as long as this Ray cluster: on a "
               f"cluster it stays deployed, locally pass --keep-serving or run `{again}`")

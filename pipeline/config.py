@@ -624,7 +624,7 @@ class SweepConfig(Config):
     `incumbent` is a head the trials must beat: measured with the same `eval` on the same prompts, it is a row of
     the table and wins (and is registered and served) when no trained head is faster. `auto` (the default) is the
     drafter the project ships for the target (`smollm2`), or none for other targets; `none` turns it off; anything
-    else is a head directory.
+    else is a head directory (a registered `models:/` head: download it first).
     `max_concurrent_trials` = 0 runs as many trials at once as the cluster's CPUs (or GPUs) allow."""
 
     section: ClassVar[str] = "sweep"
@@ -654,9 +654,15 @@ class SweepConfig(Config):
         self.require_at_least(0, "max_trial_failures")
         if not self.model_name:
             self.fail("model_name", "must name the registered model, e.g. koala-drafter")
-        if self.incumbent not in ("auto", "none") and not (Path(self.incumbent) / "head_config.json").is_file():
-            self.fail("incumbent", f"{self.incumbent!r} is not a head directory (no head_config.json); give one, "
-                                   "'auto' (the target's shipped drafter, if any) or 'none'")
+        if self.incumbent not in ("auto", "none"):
+            from pipeline.heads import HeadLoadError, read_head_metadata  # heads imports this module
+
+            try:
+                if "head" not in read_head_metadata(self.incumbent):
+                    raise HeadLoadError(f"{self.incumbent}/head_config.json has no 'head' settings")
+            except HeadLoadError as error:
+                self.fail("incumbent", f"{error}; give a head directory, 'auto' (the target's shipped drafter, if "
+                                       "any) or 'none'")
 
     def _check_grid_entry(self, key: str, values: Any) -> None:
         head_fields = {f.name for f in dataclasses.fields(HeadConfig)}

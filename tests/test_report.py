@@ -95,7 +95,12 @@ def test_the_incumbent_competes_but_is_no_baseline_and_no_heatmap_cell(tmp_path,
         "decoded at 1.100x.")
     slower = {**incumbent, "speedup": 1.05}
     assert report.incumbent_verdict([*ROWS, slower], report.pick_winner([*ROWS, slower])) == (
-        "A trained head beat the incumbent pipeline/drafters/smollm2-eagle (1.050x).")
+        "medusa-K2-lambda0 beat the incumbent pipeline/drafters/smollm2-eagle: 1.100x against 1.050x.")
+    diverged = {**incumbent, "exact_match": 0.5}  # fp32 output differs from vanilla: disqualified
+    assert report.pick_winner([*ROWS, diverged])["trial"] == "medusa-K2-lambda0"
+    assert report.incumbent_verdict([*ROWS, diverged], report.pick_winner([*ROWS, diverged])) == (
+        "The incumbent pipeline/drafters/smollm2-eagle did not pass the losslessness check and could not win "
+        "(1.200x).")
     assert report.incumbent_verdict(ROWS, report.pick_winner(ROWS)) is None
     failed = {"trial": "incumbent", "incumbent": "heads/x", "error": "incumbent: HeadLoadError: wrong target"}
     assert report.pick_winner([failed]) is None
@@ -118,5 +123,26 @@ def test_incumbent_auto_is_the_targets_shipped_drafter_and_a_bad_one_fails_on_lo
         default_drafter_dir("smollm2")
     assert incumbent_dir(SweepConfig.from_dict({"train": {"target": {"spec": str(tmp_path)}}})) is None
     assert incumbent_dir(SweepConfig.from_dict({"incumbent": "none"})) is None
-    with pytest.raises(ConfigError, match="incumbent.*not a head directory"):
+    with pytest.raises(ConfigError, match="incumbent.*must hold head_config.json and head.safetensors"):
         SweepConfig.from_dict({"incumbent": str(tmp_path)})
+    (tmp_path / "head_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="incumbent.*must hold head_config.json and head.safetensors"):
+        SweepConfig.from_dict({"incumbent": str(tmp_path)})  # no weights
+    (tmp_path / "head.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="incumbent.*has no 'head' settings"):
+        SweepConfig.from_dict({"incumbent": str(tmp_path)})
+
+
+def test_an_incumbent_that_fails_to_decode_is_a_row_with_an_error(tmp_path, monkeypatch):
+    from pipeline.config import SweepConfig
+    from pipeline.heads import default_drafter_dir
+    from tune import sweep
+
+    def fail(context, head_dir):
+        raise RuntimeError()  # no message: the row still says what failed
+
+    monkeypatch.setattr(sweep, "_evaluate", fail)
+    config = SweepConfig.from_dict({"incumbent": str(default_drafter_dir("smollm2"))})
+    row = sweep._incumbent_row(config, {"questions": [], "mlflow_uri": None}, tmp_path)
+    assert row["error"] == "incumbent: RuntimeError" and row["head.head_type"] == "eagle"
+    assert report.pick_winner([row]) is None and not (tmp_path / "incumbent").exists()

@@ -148,8 +148,20 @@ def test_sweep_measures_every_trial_tracks_them_and_registers_the_fastest(distil
     assert again["cached"] and again["winner"]["trial"] == best["trial"]
 
 
+def incumbent_head(tiny_model_dir, directory: Path) -> Path:
+    """A fresh EAGLE head for the tiny target, to stand in as the incumbent a sweep must beat."""
+    from pipeline.config import HeadConfig
+    from pipeline.heads import build_head, save_head, target_identity_dict
+    from pipeline.target import load_target
+
+    target = load_target(str(tiny_model_dir), device="cpu")
+    return save_head(build_head(HeadConfig(head_type="eagle", num_heads=2), target.model), directory,
+                     target_identity=target_identity_dict(target.model, str(tiny_model_dir)))
+
+
 def test_interrupted_sweep_resumes_without_retraining_finished_trials(distilled, tiny_model_dir, inputs, tmp_path):
-    values = sweep_values(tiny_model_dir, inputs, tmp_path, max_concurrent_trials=1)
+    values = sweep_values(tiny_model_dir, inputs, tmp_path, max_concurrent_trials=1,
+                          incumbent=str(incumbent_head(tiny_model_dir, tmp_path / "incumbent")))
     config_path = tmp_path / "sweep.yaml"
     import yaml
 
@@ -177,14 +189,19 @@ def test_interrupted_sweep_resumes_without_retraining_finished_trials(distilled,
                 if (p.parent / "eval.json").is_file()}
     assert len(finished) >= 2
     assert not list(trials.glob("*/results.json")), "the sweep was not interrupted"
+    incumbent_eval = next(trials.glob("*/incumbent/eval.json"))  # measured first, before any trial
+    incumbent_measured = incumbent_eval.stat().st_mtime_ns
 
     summary = run_sweep(SweepConfig.from_dict(values), data_dirs=[str(distilled)])
-    assert len(summary["rows"]) == 4 and all(not r.get("error") for r in summary["rows"])
+    assert len(summary["rows"]) == 5 and all(not r.get("error") for r in summary["rows"])
     for name, mtime in finished.items():
         assert next(trials.glob(f"*/trials/{name}/train_summary.json")).stat().st_mtime_ns == mtime, name
+    assert incumbent_eval.stat().st_mtime_ns == incumbent_measured  # the resumed sweep reused its measurement
     client, _ = mlflow_client(tmp_path)
     names = sorted(run.info.run_name for run in train_runs(client))
     assert len(names) == len(set(names)) == 4, names  # no trial trained twice
+    experiment_id = client.get_experiment_by_name("koala").experiment_id
+    assert len(client.search_runs([experiment_id], "tags.`koala.stage` = 'incumbent'")) == 1  # logged once
 
 
 def pipeline_config(tiny_model_dir, inputs, tmp_path, **sweep_overrides) -> PipelineConfig:
@@ -273,13 +290,8 @@ def test_an_incumbent_no_trained_head_beats_is_registered_and_served(ray_cluster
     from mlflow.tracking import MlflowClient
 
     from jobs.full_pipeline import run_pipeline
-    from pipeline.config import HeadConfig
-    from pipeline.heads import build_head, save_head, target_identity_dict
-    from pipeline.target import load_target
 
-    target = load_target(str(tiny_model_dir), device="cpu")
-    incumbent = save_head(build_head(HeadConfig(head_type="eagle", num_heads=2), target.model), tmp_path / "incumbent",
-                          target_identity=target_identity_dict(target.model, str(tiny_model_dir)))
+    incumbent = incumbent_head(tiny_model_dir, tmp_path / "incumbent")
     config = pipeline_config(tiny_model_dir, inputs, tmp_path, grid={"head.head_type": ["medusa"]},
                              incumbent=str(incumbent), max_trial_failures=0)
     config = config.replace(sweep=config.sweep.replace(
@@ -293,7 +305,7 @@ def test_an_incumbent_no_trained_head_beats_is_registered_and_served(ray_cluster
     assert summary["winner"]["trial"] == "incumbent" and summary["champion"]
     client = MlflowClient(tracking_uri=summary["mlflow_uri"], registry_uri=summary["mlflow_uri"])
     version = client.get_model_version_by_alias("koala-drafter", "champion")
-    assert version.tags["koala.incumbent"] == str(incumbent)
+    assert version.tags["koala.incumbent"] == str(incumbent) and len(version.tags["koala.incumbent_sha1"]) == 40
     run = client.get_run(version.run_id)
     assert run.data.tags["koala.stage"] == "incumbent" and run.data.params["incumbent"] == str(incumbent)
     assert run.data.metrics["eval/speedup"] == pytest.approx(rows["incumbent"]["speedup"])

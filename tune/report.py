@@ -73,8 +73,8 @@ def run_description(summary: dict[str, Any]) -> str:
     else:
         verdict = f"**No champion**: {summary.get('no_champion_reason') or 'no trial finished'}."
     lines = [verdict]
-    if verdict := incumbent_verdict(summary["rows"], winner):
-        lines.append(verdict)
+    if incumbent_line := incumbent_verdict(summary["rows"], winner):
+        lines.append(incumbent_line)
     if summary.get("eval_warning"):
         lines.append(f"Warning: {summary['eval_warning']}.")
     lines += ["", "Trials, fastest first (speedup = speculative / vanilla tokens per second on the same prompts; "
@@ -90,8 +90,14 @@ def incumbent_verdict(rows: Sequence[dict[str, Any]], winner: dict[str, Any] | N
         return None
     if incumbent.get("error"):
         return f"The incumbent {incumbent['incumbent']} failed: {incumbent['error']}"
-    if winner is None or winner["trial"] != incumbent["trial"]:
-        return f"A trained head beat the incumbent {incumbent['incumbent']} ({incumbent['speedup']:.3f}x)."
+    if not is_valid(incumbent):
+        return (f"The incumbent {incumbent['incumbent']} did not pass the losslessness check and could not win "
+                f"({incumbent['speedup']:.3f}x).")
+    if winner is None:  # the incumbent is valid, so something won: kept for callers that pass no winner
+        return None
+    if winner["trial"] != incumbent["trial"]:
+        return (f"{winner['trial']} beat the incumbent {incumbent['incumbent']}: {winner['speedup']:.3f}x against "
+                f"{incumbent['speedup']:.3f}x.")
     best = pick_winner(trained_rows(rows))
     return (f"No trained head beat the incumbent {incumbent['incumbent']}: " +
             (f"the best, {best['trial']}, decoded at {best['speedup']:.3f}x." if best

@@ -6,9 +6,10 @@ trial is timed alike. The trial driver itself only coordinates and reserves next
 and the evaluation task request their own CPUs or GPUs, and `max_concurrent_trials` keeps the number of trials in
 flight to what the cluster can hold.
 
-Everything a sweep writes lives in `<out_dir>/<sweep key>/`, where the key is a content hash of the sweep settings
-and the training data: the Tune experiment (resumed with `Tuner.restore`), one directory per trial (a trial whose
-head and evaluation exist is not redone), the result table, plots, and `results.json` once it is complete.
+Everything a sweep writes lives in `<out_dir>/<sweep key>/`, where the key is a content hash of the sweep settings,
+the training data and the incumbent head's content: the Tune experiment (resumed with `Tuner.restore`), one
+directory per trial (a trial whose head and evaluation exist is not redone), the incumbent's evaluation and MLflow
+run (`incumbent/`), the result table, plots, and `results.json` once it is complete.
 """
 
 from __future__ import annotations
@@ -289,17 +290,21 @@ def run_sweep(config: SweepConfig, *, data_dirs: list[str], parent_run_id: str |
 
 def _incumbent_row(config: SweepConfig, context: dict[str, Any], sweep_dir: Path) -> dict[str, Any] | None:
     """The incumbent measured like a trial (once per sweep; a resumed sweep reuses it) and logged as a child run
-    with its head as an artifact, so it can be registered like a trial when it wins. A head that fails to load or
-    decode is a row with an error, as a failed trial is: it cannot win."""
+    with its head as an artifact, so it can be registered like a trial when it wins. A head that fails to decode
+    is a row with an error, as a failed trial is: it cannot win. It is measured before the trials, alone: where
+    trials run side by side (`max_concurrent_trials` > 1 on one node) they are timed on a busier machine."""
     head_dir = incumbent_dir(config)
     if head_dir is None:
         return None
     from pipeline.heads import read_head_metadata
 
     directory = sweep_dir / INCUMBENT
-    head = read_head_metadata(head_dir)["head"]
+    metadata = read_head_metadata(head_dir)  # checked when the config was loaded
+    head = metadata["head"]
     row: dict[str, Any] = {"trial": INCUMBENT, "incumbent": str(head_dir), "head.head_type": head["head_type"],
-                           "head.num_layers": head["num_layers"], "adv_weight": None}
+                           "head.num_layers": head["num_layers"], "adv_weight": None,
+                           # what registering it needs, kept with the result: the directory may be gone by then
+                           "target_identity": metadata.get("target"), "incumbent_sha1": head_identity(head_dir)}
     evaluation = _read_json(directory / EVAL_FILE)
     if evaluation is None:
         print(f"[sweep] incumbent {head_dir}: evaluating on {len(context['questions'])} prompts (a trial must beat it "
@@ -307,7 +312,9 @@ def _incumbent_row(config: SweepConfig, context: dict[str, Any], sweep_dir: Path
         try:
             evaluation = _evaluate(context, str(head_dir))
         except Exception as error:  # noqa: BLE001 - reported in the table, as a failed trial's error is
-            return {**row, "error": f"incumbent: {str(error).strip().splitlines()[-1][:200]}"}
+            lines = str(error).strip().splitlines() or [type(error).__name__]
+            print(f"[sweep] incumbent failed: {lines[-1]}")
+            return {**row, "error": f"incumbent: {lines[-1][:200]}"}
         write_json_atomically(evaluation, directory / EVAL_FILE)
     row.update(evaluation)
     row["mlflow_run_id"] = _log_incumbent(context, head_dir, head, evaluation, directory)
@@ -437,12 +444,9 @@ def _summarize(config: SweepConfig, rows: list[dict[str, Any]], sweep_dir: Path,
     eval_warning = report.small_evaluation(rows, min_new_tokens=config.eval.min_new_tokens)
     if eval_warning:
         print(f"[sweep] warning: {eval_warning}")
-    incumbent = next((r for r in rows if r.get("incumbent")), None)
-    best_trial = report.pick_winner(report.trained_rows(rows))
-    if incumbent is not None and winner is incumbent:
-        print(f"[sweep] no trained head beat the incumbent ({incumbent['speedup']:.3f}x): it is the winner")
+    if verdict := report.incumbent_verdict(rows, winner):
+        print(f"[sweep] {verdict}")
     return {"sweep_key": key, "sweep_dir": str(sweep_dir), "rows": rows, "winner": winner, "baseline": baseline,
-            "incumbent": incumbent, "best_trial": best_trial,
             "champion": not_champion is None, "no_champion_reason": not_champion,
             "champion_min_speedup": config.champion_min_speedup, "eval_warning": eval_warning,
             "grid_keys": grid_keys, "eval_prompts": questions, "eval_prompts_dropped": dropped,
@@ -456,8 +460,10 @@ def _log_parent(uri: str | None, parent: str | None, summary: dict[str, Any], sw
 
     run = Run(uri, parent)
     winner = summary["winner"] or {}
-    run.log_metrics({"trials": len(summary["rows"]), "trials_failed": sum(not report.is_valid(r) for r in summary["rows"]),
-                     "champion": float(summary["champion"])}, prefix="sweep/")
+    trained = report.trained_rows(summary["rows"])
+    run.log_metrics({"trials": len(trained), "trials_failed": sum(not report.is_valid(r) for r in trained),
+                     "champion": float(summary["champion"]),
+                     "incumbent_won": float(bool(winner.get("incumbent")))}, prefix="sweep/")
     run.log_metrics({k: winner.get(k) for k in ("speedup", "tau", "alpha_1", "alpha_2", "alpha_3", "exact_match",
                                                 "lossless_violations", "val_tau")}, prefix="best/")
     run.describe(report.run_description(summary))
@@ -495,9 +501,7 @@ def register_winner(summary: dict[str, Any], *, model_name: str, tracking_uri: s
     metrics = {k: winner.get(k) for k in ("speedup", "tau", "alpha_1", "alpha_2", "alpha_3", "exact_match",
                                           "near_tie_divergences", "lossless_violations")}
     if winner.get("incumbent"):
-        from pipeline.heads import read_head_metadata
-
-        target_identity = read_head_metadata(winner["incumbent"])["target"]
+        target_identity = winner["target_identity"]
     else:
         target_identity = json.loads((Path(summary["sweep_dir"]) / "trials" / winner["trial"] / TRAIN_SUMMARY_FILE)
                                      .read_text())["data"]["target"]
@@ -508,6 +512,7 @@ def register_winner(summary: dict[str, Any], *, model_name: str, tracking_uri: s
         tags["koala.no_champion_reason"] = reason
     if winner.get("incumbent"):
         tags["koala.incumbent"] = winner["incumbent"]
+        tags["koala.incumbent_sha1"] = winner["incumbent_sha1"]
     version = register_head(
         tracking_uri, model_name=model_name, run_id=winner["mlflow_run_id"], tags=tags,
         alias=CHAMPION_ALIAS if champion else None,
