@@ -143,6 +143,6 @@ def test_an_incumbent_that_fails_to_decode_is_a_row_with_an_error(tmp_path, monk
 
     monkeypatch.setattr(sweep, "_evaluate", fail)
     config = SweepConfig.from_dict({"incumbent": str(default_drafter_dir("smollm2"))})
-    row = sweep._incumbent_row(config, {"questions": [], "mlflow_uri": None}, tmp_path)
+    row = sweep._incumbent_row(config, {"questions": [], "mlflow_uri": None}, tmp_path, sha1="0" * 40)
     assert row["error"] == "incumbent: RuntimeError" and row["head.head_type"] == "eagle"
     assert report.pick_winner([row]) is None and not (tmp_path / "incumbent").exists()

@@ -93,7 +93,7 @@ def incumbent_verdict(rows: Sequence[dict[str, Any]], winner: dict[str, Any] | N
     if not is_valid(incumbent):
         return (f"The incumbent {incumbent['incumbent']} did not pass the losslessness check and could not win "
                 f"({incumbent['speedup']:.3f}x).")
-    if winner is None:  # the incumbent is valid, so something won: kept for callers that pass no winner
+    if winner is None:  # not from pick_winner, where a valid incumbent always competes
         return None
     if winner["trial"] != incumbent["trial"]:
         return (f"{winner['trial']} beat the incumbent {incumbent['incumbent']}: {winner['speedup']:.3f}x against "

@@ -85,18 +85,22 @@ def head_identity(directory: Path | None) -> str | None:
         return None
     digest = hashlib.sha1()
     for name in ("head_config.json", "head.safetensors"):
-        digest.update((directory / name).read_bytes())
+        with (directory / name).open("rb") as file:  # in chunks: a large target's head need not fit in memory twice
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
-def sweep_key(config: SweepConfig, data_dirs: list[str], questions: list[Question]) -> str:
-    """Content hash of everything that changes the sweep's results (not where it runs or how fast)."""
+def sweep_key(config: SweepConfig, data_dirs: list[str], questions: list[Question], *,
+              incumbent_sha1: str | None) -> str:
+    """Content hash of everything that changes the sweep's results (not where it runs or how fast); the incumbent
+    counts by its `head_identity`."""
     settings = config.to_dict()
     for volatile in ("out_dir", "max_concurrent_trials", "max_trial_failures", "register", "model_name"):
         settings.pop(volatile)
     for volatile in ("data_dirs", "out_dir", "tracking", "num_workers", "max_failures", "fail_once_at_step"):
         settings["train"].pop(volatile)
-    settings["incumbent"] = head_identity(incumbent_dir(config))
+    settings["incumbent"] = incumbent_sha1
     payload = [settings, data_identity(data_dirs), [q.prompt for q in questions]]
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -240,7 +244,8 @@ def run_sweep(config: SweepConfig, *, data_dirs: list[str], parent_run_id: str |
     data_shards(config.train.replace(data_dirs=tuple(data_dirs)))  # fails early when the data is missing
     _check_draft_vocabulary(config, data_dirs)
     questions, dropped = evaluation_questions(config.eval, data_dirs)
-    key = sweep_key(config, data_dirs, questions)
+    incumbent_sha1 = head_identity(incumbent_dir(config))
+    key = sweep_key(config, data_dirs, questions, incumbent_sha1=incumbent_sha1)
     sweep_dir = (Path(config.out_dir) / key).resolve()
     finished = _read_json(sweep_dir / RESULTS_FILE)
     if finished is not None:
@@ -270,7 +275,7 @@ def run_sweep(config: SweepConfig, *, data_dirs: list[str], parent_run_id: str |
     }
     print(f"[sweep] {len(trials)} trials, {len(questions)} evaluation prompts ({dropped} dropped: in the training "
           f"data); sweep directory {sweep_dir}")
-    incumbent = _incumbent_row(config, context, sweep_dir)
+    incumbent = _incumbent_row(config, context, sweep_dir, sha1=incumbent_sha1)
     grid = _fit(config, context, sweep_dir, list(trials))
     described = {name: _describe(TrainConfig.from_dict(values)) | trials[name] for name, values in context["trials"].items()}
     # A trial Tune never started (the sweep was stopped first) has no config; it counts as unfinished below.
@@ -288,7 +293,8 @@ def run_sweep(config: SweepConfig, *, data_dirs: list[str], parent_run_id: str |
     return {**summary, "cached": False}
 
 
-def _incumbent_row(config: SweepConfig, context: dict[str, Any], sweep_dir: Path) -> dict[str, Any] | None:
+def _incumbent_row(config: SweepConfig, context: dict[str, Any], sweep_dir: Path, *,
+                   sha1: str | None) -> dict[str, Any] | None:
     """The incumbent measured like a trial (once per sweep; a resumed sweep reuses it) and logged as a child run
     with its head as an artifact, so it can be registered like a trial when it wins. A head that fails to decode
     is a row with an error, as a failed trial is: it cannot win. It is measured before the trials, alone: where
@@ -304,7 +310,7 @@ def _incumbent_row(config: SweepConfig, context: dict[str, Any], sweep_dir: Path
     row: dict[str, Any] = {"trial": INCUMBENT, "incumbent": str(head_dir), "head.head_type": head["head_type"],
                            "head.num_layers": head["num_layers"], "adv_weight": None,
                            # what registering it needs, kept with the result: the directory may be gone by then
-                           "target_identity": metadata.get("target"), "incumbent_sha1": head_identity(head_dir)}
+                           "target_identity": metadata.get("target"), "incumbent_sha1": sha1}
     evaluation = _read_json(directory / EVAL_FILE)
     if evaluation is None:
         print(f"[sweep] incumbent {head_dir}: evaluating on {len(context['questions'])} prompts (a trial must beat it "
