@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import io
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -243,19 +246,65 @@ def cache_dir() -> Path:
     return Path(os.environ.get("KOALA_CACHE_DIR") or Path.home() / ".cache" / "koala")
 
 
+# A converted copy nobody has loaded for this long is removed when another copy of the same GGUF file name is made
+# (an older transformers version's copy, or a file that changed): each copy is ~0.5 GB for a 135M target.
+STALE_COPY_DAYS = 7
+LAST_USED_FILE = ".last-used"
+
+
+def gguf_content_digest(gguf: Path) -> str:
+    """SHA-256 of a GGUF file's bytes, remembered per (path, size, modification time) in the cache directory, so a
+    file that stays put is read once; a reinstalled wheel (new mtime, same bytes) costs one re-read (~0.3 s per
+    100 MB), not a new converted copy."""
+    stat = gguf.stat()
+    source = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    stamps = cache_dir() / "gguf" / "sources"
+    stamp = stamps / f"{hashlib.sha1(source.encode()).hexdigest()[:16]}.txt"
+    with contextlib.suppress(OSError, ValueError):
+        digest, recorded = stamp.read_text().split("\n", 1)
+        if recorded == source:
+            return digest
+    with gguf.open("rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    with contextlib.suppress(OSError):  # a read-only cache only costs the re-read next time
+        stamps.mkdir(parents=True, exist_ok=True)
+        _prune_stamps(stamps)
+        staging = stamps / f".{stamp.name}.{os.getpid()}"
+        staging.write_text(f"{digest}\n{source}")
+        staging.replace(stamp)
+    return digest
+
+
+def _prune_stamps(stamps: Path) -> None:
+    """Drops the remembered digests of files that moved, changed or are gone (one per wheel reinstall otherwise)."""
+    for stamp in stamps.glob("*.txt"):
+        with contextlib.suppress(OSError, ValueError):
+            path, size, mtime_ns = stamp.read_text().split("\n", 1)[1].rsplit("|", 2)
+            stat = Path(path).stat() if Path(path).exists() else None
+            if stat is None or (stat.st_size, stat.st_mtime_ns) != (int(size), int(mtime_ns)):
+                stamp.unlink()
+
+
 def converted_gguf_dir(gguf: Path) -> Path:
     """A safetensors copy of a GGUF target (model, tokenizer, chat template), made on first use.
 
     De-quantising a GGUF file takes ~15 s on 2 CPU cores, and every Ray worker that needs the target loads it; the
-    copy loads in ~0.5 s with bit-identical logits. It is keyed by the file (path, size, modification time) and the
-    transformers version that converted it, written to a temporary directory and renamed into place, so workers
-    that convert at the same time never see a half-written copy.
+    copy loads in ~0.5 s with bit-identical logits. It is keyed by the file's content and the transformers version
+    that converted it (not its path or mtime: each fresh virtual environment would otherwise add a 0.5 GB copy),
+    written to a temporary directory and renamed into place, so workers that convert at the same time never see a
+    half-written copy. Making a copy removes the copies of the same file name unused for `STALE_COPY_DAYS`.
     """
-    stat = gguf.stat()
-    identity = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    identity = f"{gguf_content_digest(gguf)}|{transformers.__version__}"
     target = cache_dir() / "gguf" / f"{gguf.stem}-{hashlib.sha1(identity.encode()).hexdigest()[:12]}"
-    if (target / "config.json").is_file():
-        return target
+    if not (target / "config.json").is_file():
+        _convert_gguf(gguf, target)
+        _remove_stale_copies(target)
+    with contextlib.suppress(OSError):  # a read-only shared cache still serves its copies
+        (target / LAST_USED_FILE).touch()
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
     log.info("converting %s to a safetensors copy in %s (once)", gguf.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
@@ -275,7 +324,21 @@ def converted_gguf_dir(gguf: Path) -> Path:
             pass
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+
+def _remove_stale_copies(keep: Path) -> None:
+    """Removes the other copies of `keep`'s GGUF file name (`<stem>-<key>`) that no load touched for
+    `STALE_COPY_DAYS` (a copy from before last-use marks counts from its own mtime)."""
+    stem = keep.name.rsplit("-", 1)[0]
+    cutoff = time.time() - STALE_COPY_DAYS * 86400
+    for copy in keep.parent.glob(f"{glob.escape(stem)}-*"):
+        if copy == keep or not copy.is_dir() or not re.fullmatch(r"[0-9a-f]{12}", copy.name[len(stem) + 1:]):
+            continue
+        marker = copy / LAST_USED_FILE
+        with contextlib.suppress(OSError):
+            if (marker if marker.exists() else copy).stat().st_mtime < cutoff:
+                log.info("removing %s: a converted copy of %s unused for %d days", copy, stem, STALE_COPY_DAYS)
+                shutil.rmtree(copy, ignore_errors=True)
 
 
 def _converted(spec: str, gguf: Path) -> str:

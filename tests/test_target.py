@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +14,8 @@ import pytest
 from conftest import char_tokenizer, tiny_llama
 from pipeline.config import ConfigError, TargetConfig
 from pipeline.target import (
-    Target, TargetLoadError, approximate_parameters, choose_prompt_format, load_target, pick_dtype, resolve_spec,
+    LAST_USED_FILE, STALE_COPY_DAYS, Target, TargetLoadError, _remove_stale_copies, approximate_parameters,
+    choose_prompt_format, converted_gguf_dir, gguf_content_digest, load_target, pick_dtype, resolve_spec,
 )
 
 
@@ -45,6 +50,13 @@ def test_a_gguf_target_is_converted_once_to_an_identical_safetensors_copy(tmp_pa
     made = (Path(location) / "model.safetensors").stat().st_mtime_ns
     assert resolve_spec("smollm2")[0] == location and (Path(location) / "model.safetensors").stat().st_mtime_ns == made
     assert not [p for p in (tmp_path / "gguf").iterdir() if p.name.startswith(".")]  # no staging left behind
+    # The same bytes elsewhere (a fresh virtual environment's wheel: new path, new mtime) reuse the copy: keyed by
+    # path and mtime, every CI run on one machine added 0.5 GB to the cache.
+    reinstalled = tmp_path / "venv2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    reinstalled.parent.mkdir()
+    shutil.copyfile(smollm2_gguf_path(), reinstalled)
+    assert str(converted_gguf_dir(reinstalled)) == location
+    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == sorted([Path(location).name, "sources"])
 
     started = time.perf_counter()
     # nn.Linear's own kernels, as the reference uses: the copy must give bit-identical logits.
@@ -60,6 +72,52 @@ def test_a_gguf_target_is_converted_once_to_an_identical_safetensors_copy(tmp_pa
                                      return_tensors="pt", add_special_tokens=False).input_ids.tolist()
     with torch.inference_mode():
         assert torch.equal(target.model(ids).logits, reference(ids).logits)
+
+
+def test_a_gguf_files_digest_is_read_once_per_path_and_forgotten_when_the_file_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("KOALA_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"weights v1")
+    assert gguf_content_digest(gguf) == hashlib.sha256(b"weights v1").hexdigest()
+    stamps = list((tmp_path / "cache" / "gguf" / "sources").iterdir())
+    assert len(stamps) == 1
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the file was hashed again")
+
+    monkeypatch.setattr(hashlib, "file_digest", no_reading)
+    assert gguf_content_digest(gguf) == hashlib.sha256(b"weights v1").hexdigest()
+    monkeypatch.undo()
+    monkeypatch.setenv("KOALA_CACHE_DIR", str(tmp_path / "cache"))
+    gguf.write_bytes(b"weights v2, longer")  # a new size and mtime: hashed again, the old stamp dropped
+    assert gguf_content_digest(gguf) == hashlib.sha256(b"weights v2, longer").hexdigest()
+    assert [p.name for p in (tmp_path / "cache" / "gguf" / "sources").iterdir()] != [stamps[0].name]
+    assert len(list((tmp_path / "cache" / "gguf" / "sources").iterdir())) == 1
+
+
+def test_making_a_converted_copy_removes_the_stale_copies_of_the_same_file(tmp_path):
+    def copy(name: str, *, age_days: float, marked: bool) -> Path:
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "config.json").write_text("{}")
+        when = time.time() - age_days * 86400
+        if marked:
+            (directory / LAST_USED_FILE).touch()
+            os.utime(directory / LAST_USED_FILE, (when, when))
+        os.utime(directory, (when, when))
+        return directory
+
+    keep = copy("Model.Q4_1-000000000000", age_days=0, marked=True)
+    stale = copy("Model.Q4_1-111111111111", age_days=STALE_COPY_DAYS + 1, marked=True)
+    stale_unmarked = copy("Model.Q4_1-222222222222", age_days=STALE_COPY_DAYS + 1, marked=False)
+    recent = copy("Model.Q4_1-333333333333", age_days=1, marked=True)
+    used_lately = copy("Model.Q4_1-444444444444", age_days=STALE_COPY_DAYS + 1, marked=False)
+    (used_lately / LAST_USED_FILE).touch()  # loaded today, made long ago
+    other_file = copy("Other.Q4_1-555555555555", age_days=STALE_COPY_DAYS + 1, marked=True)
+    not_a_copy = copy("Model.Q4_1-notes", age_days=STALE_COPY_DAYS + 1, marked=True)
+    _remove_stale_copies(keep)
+    assert not stale.exists() and not stale_unmarked.exists()
+    assert all(p.exists() for p in (keep, recent, used_lately, other_file, not_a_copy))
 
 
 def test_a_broken_gguf_file_fails_with_a_load_error(tmp_path, monkeypatch):
