@@ -113,36 +113,38 @@ class Engine:
         self._worker.shutdown(wait=False, cancel_futures=True)
 
 
-def resolve_drafter_dir(config: ServeConfig, download_dir: str | Path | None = None) -> Path | None:
+def resolve_drafter_dir(config: ServeConfig, download_dir: str | Path) -> Path | None:
     """The head directory to serve: None without a drafter, the directory itself, or a download of the registered
-    model version (`models:/NAME@alias` or `models:/NAME/VERSION`)."""
+    model version (`models:/NAME@alias` or `models:/NAME/VERSION`) into `download_dir`."""
     source = config.drafter_source
     if not source:
         return None
     if not source.startswith(REGISTRY_PREFIX):
         return Path(source).expanduser()
-    destination = Path(download_dir or tempfile.mkdtemp(prefix="koala-drafter-"))
-    path = download_registered_head(tracking_uri(config.tracking), source, destination)
+    path = download_registered_head(tracking_uri(config.tracking), source, Path(download_dir))
     log.info("downloaded %s to %s", source, path)
     return path
 
 
 def load_engine(config: ServeConfig) -> Engine:
     """Loads the target and the drafter (failing on a bad drafter before the slow target load). A head that cannot
-    be loaded raises `HeadLoadError` whatever the cause (corrupt weights raise the safetensors library's own)."""
-    head_dir = resolve_drafter_dir(config)
-    if head_dir is not None:
-        read_head_metadata(head_dir)
-    target = load_target_from_config(config.target)
-    drafter = None
-    if head_dir is not None:
-        try:
-            drafter = load_head(head_dir, target.model, target_name=target.name, dtype=config.draft_dtype)
-        except HeadLoadError:
-            raise
-        except Exception as error:
-            raise HeadLoadError(f"drafter {config.drafter_source}: cannot load the head in {head_dir} "
-                                f"({type(error).__name__}: {first_line(error)}); export it again or use another drafter"
-                                ) from error
-        drafter.to(target.device)
+    be loaded raises `HeadLoadError` whatever the cause (corrupt weights raise the safetensors library's own). A
+    registered head is downloaded to a temporary directory that is gone once it is in memory (a replica restarted
+    by Serve would otherwise leave a copy behind each time)."""
+    with tempfile.TemporaryDirectory(prefix="koala-drafter-") as download_dir:
+        head_dir = resolve_drafter_dir(config, download_dir)
+        if head_dir is not None:
+            read_head_metadata(head_dir)
+        target = load_target_from_config(config.target)
+        drafter = None
+        if head_dir is not None:
+            try:
+                drafter = load_head(head_dir, target.model, target_name=target.name, dtype=config.draft_dtype)
+            except HeadLoadError:
+                raise
+            except Exception as error:
+                raise HeadLoadError(
+                    f"drafter {config.drafter_source}: cannot load the head in {head_dir} ({type(error).__name__}: "
+                    f"{first_line(error)}); export it again or use another drafter") from error
+            drafter.to(target.device)
     return Engine(target, drafter)

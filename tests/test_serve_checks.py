@@ -109,6 +109,24 @@ def test_registered_drafter_is_checked_against_the_target(models, file_store):
     assert not ray.is_initialized()
 
 
+def test_a_registered_drafter_is_loaded_without_leaving_its_download_behind(models, file_store, tmp_path,
+                                                                           monkeypatch):
+    """Every replica start downloaded the head to a new temporary directory that nothing removed."""
+    import tempfile
+
+    from serve.engine import load_engine
+
+    _register(file_store, models["head"], "koala-drafter")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    engine = load_engine(_config(models, drafter="models:/koala-drafter@champion", tracking={"uri": file_store}))
+    try:
+        assert engine.drafter is not None and list(scratch.iterdir()) == []
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize(("head", "match"), [
     ("wider_head", "hidden_size=96, but target .* has hidden_size=64; use a head trained for this target"),
     ("bigger_vocab_head", "vocab_size=90, but target .* has vocab_size=80; use a head trained for this target"),
