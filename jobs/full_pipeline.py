@@ -182,9 +182,9 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
 
 def tracking_settings(config: PipelineConfig) -> TrackingConfig:
     """The pipeline's tracking; the embedded MLflow store lives in `run_dir` with the rest of the run's output
-    unless `tracking.run_dir` names another directory than the default `runs` (with `ray job submit --working-dir
-    .`, a store left in the job's copy of the directory would go with it)."""
-    if config.tracking.run_dir == TrackingConfig().run_dir:
+    unless `tracking.run_dir` is set (with `ray job submit --working-dir .`, a store left in the job's copy of the
+    directory would go with it)."""
+    if not config.tracking.run_dir:
         return config.tracking.replace(run_dir=str(Path(config.run_dir).resolve()))
     return config.tracking
 

@@ -255,7 +255,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from pipeline.tracking import tracking_uri
-    from tune import report
     from tune.sweep import register_winner, run_sweep
 
     values = _stage_values(args, {"out": "out_dir"})
@@ -270,8 +269,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
         registered = register_winner(summary, model_name=config.model_name, tracking_uri=uri, target=config.train.target)
         if registered:
             print(f"tune: best head {registered['trial']} registered as {registered['model_uri']}")
-    if verdict := report.incumbent_verdict(summary["rows"], summary["winner"]):
-        print(f"tune: {verdict}")
     if summary["no_champion_reason"]:
         print(f"tune: no champion: {summary['no_champion_reason']}")
     return 0 if summary["winner"] else 1

@@ -338,12 +338,13 @@ DATA_MODES = ("generate", "teacher-forced")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrackingConfig(Config):
-    """MLflow: `uri` empty means the embedded default, a SQLite store `<run_dir>/mlflow.db`."""
+    """MLflow: `uri` empty means the embedded default, a SQLite store `<run_dir>/mlflow.db`. `run_dir` empty (the
+    default) is `runs` for a stage run on its own and the pipeline's `run_dir` in a pipeline."""
 
     section: ClassVar[str] = "tracking"
 
     uri: str = ""
-    run_dir: str = "runs"
+    run_dir: str = ""
     experiment: str = "koala"
     enabled: bool = True
 

@@ -19,6 +19,7 @@ from pipeline.config import TrackingConfig
 
 log = logging.getLogger(__name__)
 MAX_PARAM_LENGTH = 500
+DEFAULT_STORE_DIR = "runs"  # the embedded store's directory when tracking.run_dir is not set
 
 
 def tracking_uri(config: TrackingConfig) -> str:
@@ -28,7 +29,7 @@ def tracking_uri(config: TrackingConfig) -> str:
         return config.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    path = Path(config.run_dir).resolve() / "mlflow.db"
+    path = Path(config.run_dir or DEFAULT_STORE_DIR).resolve() / "mlflow.db"
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
 

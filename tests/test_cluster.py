@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from jobs.full_pipeline import load_pipeline_config, main as pipeline_main
-from pipeline.config import ConfigError, DistillConfig, SweepConfig
+from pipeline.config import ConfigError, DistillConfig, SweepConfig, TrackingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,6 +107,12 @@ def test_the_mlflow_store_lives_in_the_pipelines_run_dir(tmp_path, monkeypatch):
     config = load_pipeline_config("smoke", [f"distill.prompts=[{prompts}]", f"run_dir={shared}",
                                             f"tracking.run_dir={tmp_path / 'mlflow'}"])
     assert tracking_uri(tracking_settings(config)) == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    # Set to `runs`, the stand-alone stages' default, it is still honoured (it was taken for the default).
+    monkeypatch.chdir(tmp_path)
+    config = load_pipeline_config("smoke", [f"distill.prompts=[{prompts}]", f"run_dir={shared}",
+                                            "tracking.run_dir=runs"])
+    assert tracking_uri(tracking_settings(config)) == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert tracking_uri(TrackingConfig()) == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"  # a stage on its own
 
 
 def test_unknown_preset_names_the_choices(capsys):

@@ -450,8 +450,7 @@ def _summarize(config: SweepConfig, rows: list[dict[str, Any]], sweep_dir: Path,
     eval_warning = report.small_evaluation(rows, min_new_tokens=config.eval.min_new_tokens)
     if eval_warning:
         print(f"[sweep] warning: {eval_warning}")
-    if verdict := report.incumbent_verdict(rows, winner):
-        print(f"[sweep] {verdict}")
+    # The incumbent's verdict is in the table (trials.md) and the pipeline's summary lines, not printed here too.
     return {"sweep_key": key, "sweep_dir": str(sweep_dir), "rows": rows, "winner": winner, "baseline": baseline,
             "champion": not_champion is None, "no_champion_reason": not_champion,
             "champion_min_speedup": config.champion_min_speedup, "eval_warning": eval_warning,
