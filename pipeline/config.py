@@ -33,6 +33,7 @@ DEFAULT_LOOKUP_TOKENS = 8
 # 1.45x vs 1.41x; README "Tree drafts"); top-k trees, before drawn ones, lost to chains from 0.7 on. Hotter
 # sampling (OpenAI's range goes to 2) is not measured and keeps chains.
 DEFAULT_TREE_MAX_TEMPERATURE = 1.0
+SEED_RANGE = (-(2**63), 2**64 - 1)  # the seeds torch.Generator.manual_seed accepts
 # With log_every_steps 0, training logs about this many points per run: a loss curve at every scale.
 LOSS_CURVE_POINTS = 50
 
@@ -269,6 +270,8 @@ class DecodeConfig(Config):
             self.fail("draft_threshold", f"must be in [0, 1) (0 = always draft draft_length tokens), got {self.draft_threshold}")
         if any(not s for s in self.stop):
             self.fail("stop", "stop strings must be non-empty")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            self.fail("seed", f"must be between {SEED_RANGE[0]} and {SEED_RANGE[1]} (a 64-bit seed), got {self.seed}")
 
     @property
     def greedy(self) -> bool:

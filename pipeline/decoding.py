@@ -219,8 +219,9 @@ class StopChecker:
         self.eos_token_ids = target.eos_token_ids
         self.stop_strings = config.stop
         self.max_new_tokens = min(config.max_new_tokens, max_total_tokens - prompt_tokens)
-        # A stop string of n characters spans at most n tokens; a few more cover multi-token characters.
-        self.tail_tokens = max((len(s) for s in self.stop_strings), default=0) + 4
+        # A stop string of n UTF-8 bytes spans at most n tokens, even with a byte-level tokenizer that spells a
+        # character in up to 4 tokens; a few more cover a token that starts before it.
+        self.tail_tokens = max((len(s.encode()) for s in self.stop_strings), default=0) + 4
 
     def check(self, output_ids: list[int]) -> str | None:
         if output_ids[-1] in self.eos_token_ids:
@@ -581,11 +582,12 @@ def _tree_shape(
 CPU_FAST_VERIFY_ROWS = 4
 
 
-def _pad_for_cpu(model: PreTrainedModel, verify_ids: torch.Tensor) -> torch.Tensor:
-    """verify_ids `(k,)` -> `(k,)`, or `(4,)` (the last token repeated) on a CPU when 1 < k < 4 and verifying 4
-    tokens is measured to cost less than k (`verify_costs`)."""
+def _pad_for_cpu(model: PreTrainedModel, verify_ids: torch.Tensor, *, room: int) -> torch.Tensor:
+    """verify_ids `(k,)` -> `(k,)`, or `(4,)` (the last token repeated) on a CPU when 1 < k < 4, `room` (the
+    positions left in the context window) holds 4 and verifying 4 tokens is measured to cost less than k
+    (`verify_costs`). A padded row past the window would index past a learned position table (GPT-2)."""
     rows = len(verify_ids)
-    if verify_ids.device.type != "cpu" or rows < 2 or rows >= CPU_FAST_VERIFY_ROWS:
+    if verify_ids.device.type != "cpu" or rows < 2 or rows >= CPU_FAST_VERIFY_ROWS or room < CPU_FAST_VERIFY_ROWS:
         return verify_ids
     costs = verify_costs(model, (rows, CPU_FAST_VERIFY_ROWS))
     if costs[CPU_FAST_VERIFY_ROWS] >= costs[rows]:
@@ -713,8 +715,8 @@ def _generate(
         else:
             draft_tokens = torch.tensor(proposal.token_ids, dtype=torch.long, device=device)
             verify_ids = torch.cat([torch.tensor([pending], device=device), draft_tokens])
-            scored = score(model, _pad_for_cpu(model, verify_ids)[None], cache, last_logits_only=False,
-                           want_features=want_features, extra_feature_layers=extra_layers)
+            scored = score(model, _pad_for_cpu(model, verify_ids, room=context - committed)[None], cache,
+                           last_logits_only=False, want_features=want_features, extra_feature_layers=extra_layers)
             scored.logits = scored.logits[: len(verify_ids)]
             if config.greedy:
                 num_accepted, pending = verify_greedy(scored.logits, draft_tokens)

@@ -198,6 +198,26 @@ def test_a_target_without_rotary_decoder_layers_refuses_eagle_in_one_line_and_ru
         assert result.token_ids == expected and result.stats.draft_tokens > 0
 
 
+def test_a_learned_position_table_is_never_indexed_past_the_context_window(monkeypatch):
+    """On a CPU where 4 rows verify faster than 2, a 2-row verification is padded to 4; three positions before the
+    end of GPT-2's position table that padding indexed past it (IndexError) while vanilla decoding finished."""
+    import pipeline.decoding as decoding
+
+    costs = {2: 2.0, 3: 3.0, 4: 1.0}
+    monkeypatch.setattr(decoding, "verify_costs", lambda model, sizes: {k: costs[k] for k in sizes})
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=80, n_embd=64, n_layer=2, n_head=4, n_positions=32, bos_token_id=1, eos_token_id=2)).eval()
+    target = Target(model=model, tokenizer=char_tokenizer(), name="tiny-gpt2", prompt_format="plain")
+    ids = target.encode_prompt(PROMPTS[0])
+    assert ids.shape[1] < 29  # decoding runs into the window's end
+    config = DecodeConfig(max_new_tokens=100, tree="chain", lookup_tokens=0)
+    expected = generate(target, ids, config=config)
+    assert expected.finish_reason == "length" and ids.shape[1] + len(expected.token_ids) >= 31
+    head = build_head(HeadConfig(head_type="medusa", num_heads=1), model)  # 2-row verifications: padded to 4
+    assert generate(target, ids, config=config, drafter=head).token_ids == expected.token_ids
+
+
 @pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3", "qwen2", "phi3"])
 def test_tree_pass_past_the_window_equals_running_the_accepted_path(family):
     """Sliding-window targets verify trees too: the tree pass's rows for the accepted path equal a plain pass

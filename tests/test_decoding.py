@@ -377,6 +377,20 @@ def test_stop_string_and_max_new_tokens(tiny_target):
         assert len(stopped.token_ids) < len(full.token_ids)
 
 
+def test_a_stop_string_of_multi_token_characters_stops_generation():
+    """A byte-level tokenizer spells "日本語" in 9 tokens; the decoded tail was sized by characters (3 + 4 tokens),
+    so the stop string never appeared in it and generation ran on to max_new_tokens."""
+    from types import SimpleNamespace
+
+    byte_level = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: bytes(ids).decode(errors="replace"))
+    target = SimpleNamespace(tokenizer=byte_level, eos_token_ids=(0,))
+    checker = decoding.StopChecker(target, config=_greedy(max_new_tokens=100, stop=("日本語",)),
+                                   max_total_tokens=1000, prompt_tokens=5)
+    output = list("ok, 日本語 and more".encode())
+    reasons = [checker.check(output[:end]) for end in range(1, len(output) + 1)]
+    assert reasons.index("stop") + 1 == len("ok, 日本語".encode())
+
+
 def test_eos_stops_generation_for_both_decoders():
     target = make_tiny_target(seed=0)
     prompt_ids = _prompt_ids(target, PROMPTS[0])
@@ -414,6 +428,9 @@ def test_bad_decode_settings_name_the_field():
         DecodeConfig(max_new_tokens=0)
     with pytest.raises(ConfigError, match="decode.top_p"):
         DecodeConfig(top_p=1.5)
+    with pytest.raises(ConfigError, match="decode.seed"):  # torch's generator overflowed mid-generation
+        DecodeConfig(temperature=1.0, seed=2**64)
+    assert DecodeConfig(temperature=1.0, seed=2**64 - 1).seed == 2**64 - 1
 
 
 def test_metrics_pool_over_generations():
