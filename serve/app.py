@@ -33,8 +33,8 @@ from serve.checks import check_before_deploy, first_line
 from serve.config import ServeConfig
 from serve.engine import Engine, load_engine
 from serve.openai_api import (
-    SSE_DONE, ApiError, ChatRequest, CompletionRequest, ResponseShape, StreamText, parse_request, speculative_stats,
-    sse, usage,
+    SSE_DONE, ApiError, ChatRequest, CompletionRequest, ResponseShape, StreamText, drafter_accepted, parse_request,
+    speculative_stats, sse, usage,
 )
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,10 @@ class ServeMetrics:
                                              description="Target forward passes (the prefill counts as one)")
         self.drafted_tokens = Counter("koala_drafted_tokens", description="Draft tokens proposed by the drafter",
                                       tag_keys=("endpoint",))
-        self.accepted_tokens = Counter("koala_accepted_tokens", description="Draft tokens the target accepted",
-                                       tag_keys=("endpoint",))
+        self.accepted_tokens = Counter("koala_accepted_tokens", tag_keys=("endpoint",),
+                                       description="Drafted tokens (the drafter's) the target accepted")
+        self.lookup_accepted_tokens = Counter("koala_lookup_accepted_tokens", tag_keys=("endpoint",),
+                                              description="Accepted tokens only the prompt-lookup branch drafted")
         self.acceptance_length = Histogram("koala_acceptance_length", boundaries=TAU_BOUNDARIES,
                                            description="tau per request, for its spread only (Ray records bucket "
                                                        "midpoints); mean tau = generated tokens / forward passes")
@@ -97,8 +99,10 @@ class ServeMetrics:
             self.target_forward_passes.inc(stats.target_forward_passes, tags=tags)
         if stats.draft_tokens:
             self.drafted_tokens.inc(stats.draft_tokens, tags=tags)
-        if sum(stats.accepted):
-            self.accepted_tokens.inc(sum(stats.accepted), tags=tags)
+        if drafter_accepted(stats):
+            self.accepted_tokens.inc(drafter_accepted(stats), tags=tags)
+        if stats.lookup_accepted:
+            self.lookup_accepted_tokens.inc(stats.lookup_accepted, tags=tags)
         self.acceptance_length.observe(stats.acceptance_length)
         self.latency.observe(time.perf_counter() - started, tags=tags)
 

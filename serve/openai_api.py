@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.config import ConfigError, DecodeConfig
+from pipeline.config import SEED_RANGE, ConfigError, DecodeConfig
 from pipeline.decoding import GenerationStats
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
@@ -48,7 +48,7 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])  # what torch.Generator.manual_seed takes
     n: int = Field(1, ge=1, le=1)  # one choice per request: the decoder produces one sequence
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -151,9 +151,17 @@ def usage(stats: GenerationStats, completion_tokens: int) -> dict[str, int]:
             "total_tokens": stats.prompt_tokens + completion_tokens}
 
 
+def drafter_accepted(stats: GenerationStats) -> int:
+    """Accepted tokens the drafter drafted: the prompt-lookup branch's own are not among its drafted tokens, and
+    counting them made the accepted share of drafted tokens overstated (above 1 on repetitive text)."""
+    return sum(stats.accepted) - stats.lookup_accepted
+
+
 def speculative_stats(stats: GenerationStats, *, drafter: bool) -> dict[str, Any]:
-    """This request's speculation: tokens drafted and accepted, and tau (tokens per target forward pass)."""
-    return {"drafter": drafter, "drafted_tokens": stats.draft_tokens, "accepted_tokens": sum(stats.accepted),
+    """This request's speculation: tokens the drafter drafted and those of them accepted, tokens only the
+    prompt-lookup branch drafted that were accepted, and tau (tokens per target forward pass)."""
+    return {"drafter": drafter, "drafted_tokens": stats.draft_tokens, "accepted_tokens": drafter_accepted(stats),
+            "lookup_accepted_tokens": stats.lookup_accepted,
             "target_forward_passes": stats.target_forward_passes,
             "acceptance_length": round(stats.acceptance_length, 4)}
 

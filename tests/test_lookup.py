@@ -10,6 +10,7 @@ from pipeline.config import ConfigError, DecodeConfig, HeadConfig
 from pipeline.decoding import generate
 from pipeline.heads import Proposal, build_head
 from pipeline.lookup import PromptLookup, graft_chain
+from serve.openai_api import speculative_stats
 
 
 def test_lookup_proposes_what_followed_the_latest_longest_match():
@@ -58,3 +59,8 @@ def test_decoding_with_a_lookup_branch_is_lossless_and_accepts_copied_tokens(tin
     assert with_lookup.stats.lookup_accepted > 0 and alone.stats.lookup_accepted == 0
     assert with_lookup.stats.acceptance_length > alone.stats.acceptance_length
     assert with_lookup.stats.draft_tokens <= alone.stats.draft_tokens  # lookup nodes are not draft steps
+    # The API's accepted share is of the drafter's own tokens (it counted the branch's too, overstating it).
+    reported = speculative_stats(with_lookup.stats, drafter=True)
+    assert reported["lookup_accepted_tokens"] == with_lookup.stats.lookup_accepted
+    assert reported["accepted_tokens"] == sum(with_lookup.stats.accepted) - with_lookup.stats.lookup_accepted
+    assert 0 <= reported["accepted_tokens"] <= reported["drafted_tokens"]

@@ -86,6 +86,7 @@ def test_serve_config_validates_fields_and_loads_the_repo_serve_config():
     (b'{"model": "koala", "prompt": "hi", "temperature": -0.5}', "temperature"),
     (b'{"model": "koala", "prompt": "hi", "stream": "yes"}', "stream"),
     (b'{"model": "koala", "prompt": "hi", "n": 2}', "n"),
+    (b'{"model": "koala", "prompt": "hi", "seed": 18446744073709551616}', "seed"),  # 2**64: a 500 before
 ])
 def test_bad_completion_requests_name_the_problem(body, param):
     with pytest.raises(ApiError) as raised:
@@ -550,6 +551,8 @@ def test_prometheus_counters_give_the_exact_tau_of_the_requests(endpoint, served
         assert scraped["ray_koala_target_forward_passes_total"] == passes
         assert scraped["ray_koala_drafted_tokens_total"] == drafted
         assert scraped["ray_koala_accepted_tokens_total"] == accepted
+        lookup = sum(a["speculative"]["lookup_accepted_tokens"] for a in answers)
+        assert scraped.get("ray_koala_lookup_accepted_tokens_total", 0) == lookup  # (not exported while 0)
         tau = scraped["ray_koala_generated_tokens_total"] / scraped["ray_koala_target_forward_passes_total"]
         assert tau == tokens / passes  # exact: both sides are the same ratio of integers
         assert tau > 1
