@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -59,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--out", type=Path, required=True)
     _add_target_arguments(init)
+
+    tree = head.add_parser("tree", help="measure a head's static draft tree again on held-out rows, at any size")
+    tree.add_argument("--head", type=Path, required=True, help="the head directory")
+    tree.add_argument("--data", nargs="+", required=True, help="distilled data: its validation split is measured")
+    tree.add_argument("--nodes", type=int, default=64, help="rank paths in the tree (decoding drafts a prefix)")
+    tree.add_argument("--val-fraction", type=float, default=0.05,
+                      help="the validation split by prompt id (the head's training setting holds these rows out)")
+    tree.add_argument("--max-rows", type=int, default=400, help="validation rows measured, at most")
+    tree.add_argument("--out", type=Path, help="write the head here (default: update --head in place)")
+    _add_target_arguments(tree)
 
     bench = commands.add_parser("bench", help="measure speedup, tau and n-alpha against vanilla and HF decoding")
     _add_target_arguments(bench)
@@ -304,6 +315,21 @@ def cmd_head_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_head_tree(args: argparse.Namespace) -> int:
+    from pipeline.stages.head_tree import measure_static_tree
+
+    result = measure_static_tree(args.head, args.data, nodes=args.nodes, target=_target_config(args),
+                                 val_fraction=args.val_fraction, max_rows=args.max_rows, out_dir=args.out)
+    depths = Counter(len(path) for path in result["static_tree"])
+    if len(result["static_tree"]) < args.nodes:
+        print(f"head tree: only {len(result['static_tree'])} of {args.nodes} paths were ever right on these rows; "
+              "measure more rows (--max-rows, more data) for a larger tree")
+    print(f"head tree: {len(result['static_tree'])} paths (by depth {dict(sorted(depths.items()))}) from "
+          f"{result['rows']} held-out rows ({result['answer_tokens']} answer tokens; validation tau "
+          f"{result['metrics'].get('val_tau', 0):.3f}) written to {result['head_dir']} in {result['wall_time_s']:.0f} s")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.bench import format_table, load_questions, run_bench, write_report
     from pipeline.heads import default_drafter_dir, drafting_dtype, load_head, read_head_metadata
@@ -358,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.heads import HeadLoadError
     from pipeline.target import TargetLoadError
 
-    handlers = {("head", "init"): cmd_head_init, ("bench", None): cmd_bench, ("distill", None): cmd_distill,
-                ("self-prompts", None): cmd_self_prompts,
+    handlers = {("head", "init"): cmd_head_init, ("head", "tree"): cmd_head_tree, ("bench", None): cmd_bench,
+                ("distill", None): cmd_distill, ("self-prompts", None): cmd_self_prompts,
                 ("train", None): cmd_train, ("tune", None): cmd_tune, ("run", None): cmd_run,
                 ("serve", None): cmd_serve}
     handler = handlers[(args.command, getattr(args, "head_command", None))]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -391,3 +392,52 @@ def test_validation_computes_the_targets_greedy_tokens_once(tiny_target, monkeyp
     uncached = trainer.evaluate([store.batch(rows, [0, 1, 2, 3], dtype=torch.float32),
                                  store.batch(rows, [4, 5], dtype=torch.float32)])
     assert first == {k: v for k, v in uncached.items() if v is not None}
+
+
+def test_koala_head_tree_measures_a_larger_static_tree_on_held_out_rows(tiny_model_dir, tmp_path, capsys):
+    """A head's static tree measured again at another size (a GPU verifies ~60 tokens in the time of one): only the
+    tree in its settings changes, decoding with it stays lossless, and bad inputs are one-line errors."""
+    from pipeline.cli import main
+    from pipeline.config import DecodeConfig
+    from pipeline.decoding import generate
+    from pipeline.heads import build_head, load_head, save_head, target_identity_dict
+    from pipeline.target import load_target
+    from pipeline.trees import check_static_tree
+
+    target = load_target(str(tiny_model_dir), device="cpu")
+    data = _answers_file(tmp_path / "answers.parquet", rows=24)
+    # A head that has learnt something (a fresh one is never right past depth 1, so no deeper path would qualify).
+    assert main(["train", "--no-ray", "--data", str(data), "--out", str(tmp_path / "run"), "--target",
+                 str(tiny_model_dir), "--head-type", "eagle", "--epochs", "3", "--set",
+                 "val_fraction=0.5", "--set", "batch_size=4", "--set", "tracking.enabled=false", "--set",
+                 "target.device=cpu", "--set", "head_lr=3e-3"]) == 0
+    head_dir = tmp_path / "head"
+    shutil.copytree(tmp_path / "run" / "head", head_dir)
+    (head_dir / "README.md").write_text("model card")
+    capsys.readouterr()
+    common = ["--data", str(data), "--target", str(tiny_model_dir), "--device", "cpu", "--val-fraction", "0.5"]
+    assert main(["head", "tree", "--head", str(head_dir), "--nodes", "10", "--out", str(tmp_path / "t10"), *common]) == 0
+    assert "head tree: 10 paths" in capsys.readouterr().out
+    measured = json.loads((tmp_path / "t10" / "head_config.json").read_text())
+    before = json.loads((head_dir / "head_config.json").read_text())
+    assert {k: v for k, v in measured["head"].items() if k != "static_tree"} == {
+        k: v for k, v in before["head"].items() if k != "static_tree"} and measured["target"] == before["target"]
+    tree = [tuple(path) for path in measured["head"]["static_tree"]]
+    assert len(tree) == len(set(tree)) == 10 and max(map(len, tree)) <= 6
+    check_static_tree(tree)
+    assert (tmp_path / "t10" / "head.safetensors").read_bytes() == (head_dir / "head.safetensors").read_bytes()
+    assert (tmp_path / "t10" / "README.md").read_text() == "model card"
+
+    head = load_head(tmp_path / "t10", target.model, target_name=target.name)
+    prompt = torch.tensor([[1, 5, 9, 14, 3, 22]])
+    config = DecodeConfig(max_new_tokens=30, tree="static", tree_nodes=10, draft_length=3)
+    assert generate(target, prompt, config=config, drafter=head).token_ids == generate(
+        target, prompt, config=config).token_ids
+
+    assert main(["head", "tree", "--head", str(head_dir), "--nodes", "4", *common]) == 0  # in place
+    assert len(json.loads((head_dir / "head_config.json").read_text())["head"]["static_tree"]) == 4
+    assert (head_dir / "README.md").is_file() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert main(["head", "tree", "--head", str(head_dir), "--nodes", "0", *common]) == 2
+    assert main(["head", "tree", "--head", str(head_dir), *common[:-2], "--val-fraction", "1e-9"]) == 2
+    errors = capsys.readouterr().err
+    assert "at least one node" in errors and "validation split" in errors
