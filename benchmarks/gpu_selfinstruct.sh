@@ -12,6 +12,9 @@
 # Phase `fusion` (about 9.5 minutes): EAGLE-3 style fusion against the plain head at equal training time (the shipped
 # head trained further for TRAIN_SECONDS as it is, and reading layers FUSE_LAYERS too), then both as chains, trees
 # and trees with a prompt-lookup branch against vanilla and HF prompt lookup on MT-bench first turns.
+# Phase `trees` (about 5 minutes after the target is set up): the shipped head's 64-path static tree drafted at the
+# auto budget to depth 4 (the default) and 6, against its first 24 paths at depth 4 (the tree it shipped with
+# before) and against vanilla and HF prompt lookup, MT-bench first turns, fp32; the JSON names the ceiling per run.
 # Phase `verify` (a later short session): the core's tests on CUDA, the shipped head audited and timed against
 # vanilla, HF generate and HF prompt lookup in fp32 and bf16, and bf16 decoding with and without cuDNN attention.
 #
@@ -21,7 +24,7 @@
 # MAX_NEW_TOKENS=16 TESTS=tests/test_losses.py (TRAIN_EXTRA goes to koala train).
 # Every step has a time limit; each writes as it goes, so a step cut short still leaves what it made.
 set -uo pipefail
-phase=${1:?usage: gpu_selfinstruct.sh main|grow|time|verify|fusion}
+phase=${1:?usage: gpu_selfinstruct.sh main|grow|time|verify|fusion|trees}
 DATA=${DATA:-../shared/data}
 RUNS=${RUNS:-runs/selfinstruct}
 OUT=${OUT:-$RUNS/out}
@@ -228,6 +231,15 @@ print('[train] trainer state dtypes:', dict(collections.Counter(str(t.dtype) for
     tar czf "$OUT/logs.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d *.log */metrics.jsonl */train_summary.json 2>/dev/null)
     for variant in plain fused; do NEW_HEAD=$RUNS/$variant/head pack_head "$OUT/$variant-head"; done
     stamp "done"; ls -la "$OUT"
+    ;;
+  trees)
+    start
+    timeout "${TREES_SECONDS:-300}" $PY benchmarks/compare_heads.py --target "$TARGET" --dtype float32 \
+      --head "auto=$DRAFTER@4" --head "auto-d6=$DRAFTER@6" --head "first24=$DRAFTER@4,tree_nodes=24" \
+      --questions "$DATA/mt_bench/question.jsonl" --per-category "$PER_CATEGORY" --max-new-tokens "$MAX_NEW_TOKENS" \
+      --deadline "$((${TREES_SECONDS:-300} - 30))" --json "$OUT/trees_compare.json" 2>&1 \
+      | grep --line-buffered -v "Warn\|warn" | tail -15
+    stamp "done"
     ;;
   verify)
     # What a short session checks (about 5 minutes after the target is set up): the core's tests on CUDA, then the
