@@ -34,9 +34,7 @@ from pipeline.cpu_linear import (
     OneDnnLinear, linear, onednn_bf16_available, packs_weights, use_onednn_linears, uses_onednn_linears,
 )
 from pipeline.config import ConfigError, HeadConfig, check_dtype
-from pipeline.trees import (
-    RankPath, TreeShape, best_nodes, build_static_tree, log_softmax_top, static_tree_parents,
-)
+from pipeline.trees import RankPath, TreeShape, best_nodes, build_static_tree, static_tree_parents
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +150,11 @@ class _DraftVocabulary(nn.Module):
     def to_target_id(self, index: int) -> int:
         return index if self.draft_token_ids is None else int(self.draft_token_ids[index])
 
+    def to_target_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        """Draft indices (any shape) -> target ids, on their device: many at once cost one transfer to the host
+        where `to_target_id` costs one each (a device sync per token on a GPU)."""
+        return indices if self.draft_token_ids is None else self.draft_token_ids[indices]
+
     def coverage(self, token_ids: Sequence[int]) -> float | None:
         """The share of `token_ids` (target ids) the draft vocabulary holds, None for the full vocabulary: a token
         outside it is one no draft can propose, so a low share on a domain says the map came from other text."""
@@ -254,13 +257,15 @@ class MedusaHeads(nn.Module):
         if depth <= 0:
             return Proposal(token_ids=[], draft_probs=[])
         widest = max((max(p) for p in shape.static), default=0) + 1 if shape.static else shape.top_k
-        top = [log_softmax_top(self._head_logits(head, last_feature)[0], widest) for head in self.heads[:depth]]  # per depth
+        logits = torch.cat([self._head_logits(head, last_feature) for head in self.heads[:depth]])  # (depth, V)
+        values, indices = torch.log_softmax(logits.float(), dim=-1).topk(widest)
+        values, token_ids = values.tolist(), self.vocabulary.to_target_ids(indices).tolist()  # per depth, by rank
         if shape.static is not None:
             paths = [p for p in shape.static if len(p) <= depth]
         else:
-            paths = build_static_tree([[math.exp(v) for v in values] for values, _ in top], shape.nodes)
+            paths = build_static_tree([[math.exp(v) for v in row] for row in values], shape.nodes)
         ordered, parents = static_tree_parents(paths)
-        tokens = [self.vocabulary.to_target_id(top[len(p) - 1][1][p[-1]]) for p in ordered]
+        tokens = [token_ids[len(p) - 1][p[-1]] for p in ordered]
         return Proposal(token_ids=tokens, draft_probs=[None] * len(tokens), parents=parents, paths=list(ordered))
 
 
@@ -596,34 +601,45 @@ def _expand_eagle_tree(
     shape: the `top_k` best by cumulative log-probability among the newest nodes; a static one: those with
     children in it), each attending to the verified cache, its ancestors' cached entries and itself. Children are
     the top-k tokens, or with `draw` the draws without replacement (a static shape's ranks are draw numbers)."""
+    static_children: dict[tuple[int, ...], list[int]] = {}
+    for static_path in shape.static or ():
+        static_children.setdefault(tuple(static_path[:-1]), []).append(static_path[-1])
+
     def child_ranks(path: tuple[int, ...]) -> list[int]:
         if shape.static is None:
             return list(range(shape.top_k))
-        return sorted(p[-1] for p in shape.static if len(p) == len(path) + 1 and p[:-1] == path)
+        return sorted(static_children.get(path, ()))
 
     base = state.cache.get_seq_length()
     nodes: list[_TreeNode] = []
 
-    def add_children(parent: int, logits: torch.Tensor, feature: torch.Tensor) -> None:
-        path = nodes[parent].path if parent >= 0 else ()
-        ranks = child_ranks(path)
-        if not ranks:
+    def add_children(parents: list[int], logits: torch.Tensor, features: torch.Tensor) -> None:
+        """The children of nodes `parents` (-1: the pending token) from their draft logits and output features,
+        one row each. Top-k children come from one top-k over all rows and one transfer to the host (row by row,
+        each node cost device syncs: most of a GPU draft step's time); drawn children are drawn row by row."""
+        wanted = [child_ranks(nodes[parent].path if parent >= 0 else ()) for parent in parents]
+        widest = max((max(ranks) + 1 for ranks in wanted if ranks), default=0)
+        if not widest:
             return
-        score = nodes[parent].score if parent >= 0 else 0.0
-        if draw is not None:
-            draws = draw(logits, max(ranks) + 1)  # fewer when fewer tokens have mass (top-p)
-            for rank in ranks:
-                if rank < len(draws):
-                    index, drawn_from = draws[rank]
-                    nodes.append(_TreeNode(head.vocabulary.to_target_id(index), parent, score, feature,
-                                           path + (rank,), drawn_from=drawn_from))
-            return
-        values, indices = log_softmax_top(logits, max(ranks) + 1)
-        for rank in ranks:
-            nodes.append(_TreeNode(head.vocabulary.to_target_id(indices[rank]), parent, score + values[rank],
-                                   feature, path + (rank,)))
+        if draw is None:
+            values, indices = torch.log_softmax(logits.float(), dim=-1).topk(widest)
+            values, token_ids = values.tolist(), head.vocabulary.to_target_ids(indices).tolist()
+        for row, (parent, ranks) in enumerate(zip(parents, wanted)):
+            path = nodes[parent].path if parent >= 0 else ()
+            score = nodes[parent].score if parent >= 0 else 0.0
+            if ranks and draw is not None:
+                draws = draw(logits[row], max(ranks) + 1)  # fewer when fewer tokens have mass (top-p)
+                for rank in ranks:
+                    if rank < len(draws):
+                        index, drawn_from = draws[rank]
+                        nodes.append(_TreeNode(head.vocabulary.to_target_id(index), parent, score, features[row],
+                                               path + (rank,), drawn_from=drawn_from))
+            elif ranks:
+                for rank in ranks:
+                    nodes.append(_TreeNode(token_ids[row][rank], parent, score + values[row][rank], features[row],
+                                           path + (rank,)))
 
-    add_children(-1, head.logits(predicted)[0, -1], predicted[0, -1])
+    add_children([-1], head.logits(predicted)[0, -1:], predicted[0, -1:])
     newest = list(range(len(nodes)))
     implementation = head.layer_config._attn_implementation or "sdpa"
     for step in range(1, max_depth):
@@ -649,10 +665,8 @@ def _expand_eagle_tree(
         mask = attention_mask_for(allowed.to(features.device), implementation=implementation,
                                   dtype=head.fc.weight.dtype)
         outputs = head._layers(features, tokens, cache=state.cache, position_ids=positions, mask=mask)[0]
-        logits = head.logits(outputs)  # (m, V_draft)
         first_new = len(nodes)
-        for row, index in enumerate(expand):
-            add_children(index, logits[row], outputs[row])
+        add_children(expand, head.logits(outputs), outputs)  # logits (m, V_draft)
         newest = list(range(first_new, len(nodes)))
     return nodes
 

@@ -253,9 +253,3 @@ def best_nodes(scores: Sequence[float], parents: Sequence[int], budget: int) -> 
         if parents[node] < 0 or parents[node] in kept:
             kept.add(node)
     return sorted(kept, key=lambda i: (depths[i], -scores[i]))
-
-
-def log_softmax_top(logits: torch.Tensor, k: int) -> tuple[list[float], list[int]]:
-    """logits `(V,)` -> the k best (log-probability, index) pairs."""
-    values, indices = torch.log_softmax(logits.float(), dim=-1).topk(k)
-    return values.tolist(), indices.tolist()

@@ -344,3 +344,50 @@ def test_tree_shape_on_a_tiny_target_with_eager_attention():
         prompt_ids = target.encode_prompt(text)
         assert (generate(target, prompt_ids, config=config, drafter=head).token_ids
                 == generate(target, prompt_ids, config=config).token_ids)
+
+
+@pytest.mark.parametrize("head_type", ["eagle", "medusa"])
+def test_a_greedy_tree_is_drafted_with_two_host_transfers_per_level(tiny_target, monkeypatch, head_type):
+    """On a GPU every transfer to the host waits for the device. Drafting took a top-k and two transfers per
+    expanded node, and one more per node to map its draft index to a target id: most of a draft step's time on a
+    GPU. Now each level (each Medusa tree) is one top-k over its rows, mapped on the device, then two transfers."""
+    draft_ids = torch.arange(3, 43)
+    head = build_head(HeadConfig(head_type=head_type, num_heads=4, draft_vocab_size=40), tiny_target.model,
+                      draft_token_ids=draft_ids)
+    torch.nn.init.normal_(head.fc.weight if head_type == "eagle" else head.heads[0][-1].weight, std=0.2)
+    transfers: list[str] = []
+    counting = [False]
+    real_tolist, real_int, real_item = torch.Tensor.tolist, torch.Tensor.__int__, torch.Tensor.item
+
+    def counted(name, real):
+        def wrapper(self, *args):
+            if counting[0]:
+                transfers.append(name)
+            return real(self, *args)
+        return wrapper
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted("tolist", real_tolist))
+    monkeypatch.setattr(torch.Tensor, "__int__", counted("int", real_int))
+    monkeypatch.setattr(torch.Tensor, "item", counted("item", real_item))
+    real_propose = head.propose_tree
+    rounds = []
+
+    def propose_tree(*args, **kwargs):
+        counting[0] = True
+        try:
+            proposal = real_propose(*args, **kwargs)
+        finally:
+            counting[0] = False
+        if proposal.token_ids:  # (none when the answer's end leaves no room)
+            rounds.append((len(transfers), max(map(len, proposal.paths))))
+        transfers.clear()
+        return proposal
+
+    monkeypatch.setattr(head, "propose_tree", propose_tree)
+    prompt = torch.tensor([[1, 5, 9, 14, 3, 22]], device=tiny_target.device)
+    config = DecodeConfig(max_new_tokens=30, tree="static", tree_nodes=15, draft_length=4, lookup_tokens=0)
+    result = generate(tiny_target, prompt, config=config, drafter=head)
+    assert result.token_ids == generate(tiny_target, prompt, config=config).token_ids
+    assert len(rounds) > 3 and sum(depth == 4 for _, depth in rounds) > 3
+    # One level per depth for EAGLE; Medusa's heads score every depth at once.
+    assert all(count == 2 * (depth if head_type == "eagle" else 1) for count, depth in rounds), rounds
