@@ -74,6 +74,12 @@ class GenerationStats:
         """tau: tokens produced per target forward pass (the prefill counts as one)."""
         return self.new_tokens / self.target_forward_passes if self.target_forward_passes else 0.0
 
+    @property
+    def drafter_accepted(self) -> int:
+        """Accepted tokens the drafter drafted (of its `draft_tokens`): the prompt-lookup branch's own are not among
+        them, and counting them overstated the accepted share of drafted tokens (above 1 on repetitive text)."""
+        return sum(self.accepted) - self.lookup_accepted
+
     def record_round(self, num_drafted: int, num_accepted: int) -> None:
         _grow(self.drafted, num_drafted)
         _grow(self.evaluated, num_drafted)

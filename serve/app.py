@@ -33,8 +33,8 @@ from serve.checks import check_before_deploy, first_line
 from serve.config import ServeConfig
 from serve.engine import Engine, load_engine
 from serve.openai_api import (
-    SSE_DONE, ApiError, ChatRequest, CompletionRequest, ResponseShape, StreamText, drafter_accepted, parse_request,
-    speculative_stats, sse, usage,
+    SSE_DONE, ApiError, ChatRequest, CompletionRequest, ResponseShape, StreamText, parse_request, speculative_stats,
+    sse, usage,
 )
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,8 @@ class ServeMetrics:
             self.target_forward_passes.inc(stats.target_forward_passes, tags=tags)
         if stats.draft_tokens:
             self.drafted_tokens.inc(stats.draft_tokens, tags=tags)
-        if drafter_accepted(stats):
-            self.accepted_tokens.inc(drafter_accepted(stats), tags=tags)
+        if stats.drafter_accepted:
+            self.accepted_tokens.inc(stats.drafter_accepted, tags=tags)
         if stats.lookup_accepted:
             self.lookup_accepted_tokens.inc(stats.lookup_accepted, tags=tags)
         self.acceptance_length.observe(stats.acceptance_length)

@@ -151,16 +151,10 @@ def usage(stats: GenerationStats, completion_tokens: int) -> dict[str, int]:
             "total_tokens": stats.prompt_tokens + completion_tokens}
 
 
-def drafter_accepted(stats: GenerationStats) -> int:
-    """Accepted tokens the drafter drafted: the prompt-lookup branch's own are not among its drafted tokens, and
-    counting them made the accepted share of drafted tokens overstated (above 1 on repetitive text)."""
-    return sum(stats.accepted) - stats.lookup_accepted
-
-
 def speculative_stats(stats: GenerationStats, *, drafter: bool) -> dict[str, Any]:
     """This request's speculation: tokens the drafter drafted and those of them accepted, tokens only the
     prompt-lookup branch drafted that were accepted, and tau (tokens per target forward pass)."""
-    return {"drafter": drafter, "drafted_tokens": stats.draft_tokens, "accepted_tokens": drafter_accepted(stats),
+    return {"drafter": drafter, "drafted_tokens": stats.draft_tokens, "accepted_tokens": stats.drafter_accepted,
             "lookup_accepted_tokens": stats.lookup_accepted,
             "target_forward_passes": stats.target_forward_passes,
             "acceptance_length": round(stats.acceptance_length, 4)}
