@@ -261,7 +261,7 @@ def gguf_content_digest(gguf: Path) -> str:
     stamps = cache_dir() / "gguf" / "sources"
     stamp = stamps / f"{hashlib.sha1(source.encode()).hexdigest()[:16]}.txt"
     with contextlib.suppress(OSError, ValueError):
-        digest, recorded = stamp.read_text().split("\n", 1)
+        digest, recorded = _read_stamp(stamp)
         if recorded == source:
             return digest
     with gguf.open("rb") as handle:
@@ -275,11 +275,17 @@ def gguf_content_digest(gguf: Path) -> str:
     return digest
 
 
+def _read_stamp(stamp: Path) -> tuple[str, str]:
+    """A remembered digest and the `path|size|mtime_ns` of the file it was read from."""
+    digest, source = stamp.read_text().split("\n", 1)
+    return digest, source
+
+
 def _prune_stamps(stamps: Path) -> None:
     """Drops the remembered digests of files that moved, changed or are gone (one per wheel reinstall otherwise)."""
     for stamp in stamps.glob("*.txt"):
         with contextlib.suppress(OSError, ValueError):
-            path, size, mtime_ns = stamp.read_text().split("\n", 1)[1].rsplit("|", 2)
+            path, size, mtime_ns = _read_stamp(stamp)[1].rsplit("|", 2)
             stat = Path(path).stat() if Path(path).exists() else None
             if stat is None or (stat.st_size, stat.st_mtime_ns) != (int(size), int(mtime_ns)):
                 stamp.unlink()
