@@ -9,13 +9,15 @@ decoding with each head, alternating per prompt (so every method sees the same m
 these can share a machine); `--deadline S` stops starting new prompts after S seconds (the JSON, rewritten after
 every prompt, then covers the prompts done). Reports per head: speedup over vanilla, tau, n-alpha (n = 1..draft
 length), exact_match against vanilla, tokens/s, tau and speedup by category, the draft vocabulary's share of
-vanilla's tokens; and HF prompt lookup's tokens/s and speedup.
+vanilla's tokens; and HF prompt lookup's tokens/s and speedup. `--log-trees` logs why an `auto` static tree's
+learnt budget drafts the paths it does.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from collections import defaultdict
@@ -58,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--deadline", type=float, default=0.0, help="stop starting prompts after this many seconds")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--log-trees", action="store_true",
+                        help="log each learnt tree budget's choices (nodes, expected tokens, modelled round cost)")
     return parser.parse_args(argv)
 
 
@@ -110,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.log_trees:
+        logging.basicConfig(format="%(name)s: %(message)s")
+        logging.getLogger("pipeline.decoding").setLevel(logging.INFO)
     target = load_target(args.target, dtype=args.dtype, device=args.device)
     decode = DecodeConfig(max_new_tokens=args.max_new_tokens, draft_length=args.draft_length,
                           temperature=args.temperature, top_p=args.top_p, seed=args.seed)

@@ -12,10 +12,10 @@
 # Phase `fusion` (about 9.5 minutes): EAGLE-3 style fusion against the plain head at equal training time (the shipped
 # head trained further for TRAIN_SECONDS as it is, and reading layers FUSE_LAYERS too), then both as chains, trees
 # and trees with a prompt-lookup branch against vanilla and HF prompt lookup on MT-bench first turns.
-# Phase `trees` (5 minutes after the target is set up): the shipped head's 64-path static tree drafted at the
-# auto budget to depth 4 (the default) and 6, against its first 24 paths at depth 4 (the tree it shipped with
-# before), with a prompt-lookup branch of 16 instead of 8 (tau 3.09 against 3.03 on a CPU, acceptance only), and
-# against vanilla and HF prompt lookup, MT-bench first turns, fp32; the JSON names the tree sizes drafted.
+# Phase `trees` (TREES_SECONDS, 5 minutes by default, after the target is set up; 470 s covered 32 prompts on an
+# H200): the shipped head's 64-path static tree at depth 4 drafted at the auto (learnt) budget, whole (its 41 paths
+# within depth 4) and as its first 24 paths, and an EAGLE-2 dynamic tree, against vanilla and HF prompt lookup,
+# MT-bench first turns, fp32; the JSON names the tree sizes drafted, trees.log the learnt budget's choices.
 # Phase `verify` (a later short session): the core's tests on CUDA, the shipped head audited and timed against
 # vanilla, HF generate and HF prompt lookup in fp32 and bf16, and bf16 decoding with and without cuDNN attention.
 #
@@ -236,11 +236,11 @@ print('[train] trainer state dtypes:', dict(collections.Counter(str(t.dtype) for
   trees)
     start
     timeout "${TREES_SECONDS:-300}" $PY benchmarks/compare_heads.py --target "$TARGET" --dtype float32 \
-      --head "auto=$DRAFTER@4" --head "auto-d6=$DRAFTER@6" --head "first24=$DRAFTER@4,tree_nodes=24" \
-      --head "auto-lookup16=$DRAFTER@4,lookup_tokens=16" \
+      --head "auto=$DRAFTER@4" --head "full=$DRAFTER@4,tree_nodes=64" --head "dynamic=$DRAFTER@4,tree=dynamic" \
+      --head "first24=$DRAFTER@4,tree_nodes=24" \
       --questions "$DATA/mt_bench/question.jsonl" --per-category "$PER_CATEGORY" --max-new-tokens "$MAX_NEW_TOKENS" \
-      --deadline "$((${TREES_SECONDS:-300} - 30))" --json "$OUT/trees_compare.json" 2>&1 \
-      | grep --line-buffered -v "Warn\|warn" | tail -15
+      --deadline "$((${TREES_SECONDS:-300} - 30))" --json "$OUT/trees_compare.json" --log-trees 2>&1 \
+      | grep --line-buffered -v "Warn\|warn" | tee "$OUT/trees.log" | tail -15
     stamp "done"
     ;;
   verify)

@@ -540,10 +540,14 @@ def _choose_learnt_nodes(learnt: _LearntTree, target: Target, drafter: DraftHead
         timed = draft_costs(drafter, shapes, features, tokens, picker.draw if picker else None)
         learnt.draft_costs = {frozenset(shapes[n].static): seconds for n, seconds in timed.items()}
     before = budget.paths[:budget.nodes]
-    budget.choose(learnt.round_seconds(target.model))
+    round_seconds = learnt.round_seconds(target.model)
+    budget.choose(round_seconds)
     if budget.paths[:budget.nodes] != before:
-        _log.info("auto tree: %d nodes %s (%d rounds seen; expected tokens per round %.2f)", budget.nodes,
-                  budget.paths[:budget.nodes], budget.rounds, budget.expected_tokens(budget.nodes))
+        # The choice's grounds next to the ceiling's, so a choice that measurements contradict can be traced.
+        _log.info("auto tree: %d nodes %s (%d rounds seen; expected tokens per round %.2f in a modelled %.1f ms; "
+                  "all %d paths %.2f in %.1f ms)", budget.nodes, budget.paths[:budget.nodes], budget.rounds,
+                  budget.expected_tokens(budget.nodes), 1e3 * round_seconds(budget.nodes), budget.ceiling,
+                  budget.expected_tokens(budget.ceiling), 1e3 * round_seconds(budget.ceiling))
     return budget.nodes
 
 

@@ -246,8 +246,9 @@ def test_tree_budget_learns_acceptance_per_path_and_keeps_the_best_prefix():
     budget.record(static[:2], [])
     budget.record(static[:2], [(0,)])
     assert budget.round_nodes() == 4  # every explore_every-th round drafts the ceiling again
-    # a path the choice left out keeps the estimate of the rounds that offered it
-    assert budget.acceptance((1,)) == 0.25 and budget.acceptance((0,)) == 4 / 6
+    # a path the choice left out keeps its rate when reached, from the rounds that offered it ((1,): 1 of the 1
+    # offered round that (0,) missed), times how often rounds reach it now ((0,) misses 2 of 6)
+    assert budget.acceptance((0,)) == 4 / 6 and budget.acceptance((1,)) == pytest.approx(1 / 3)
     assert budget.choose(lambda nodes: 1.0) == 3  # equal costs: every node that is ever accepted pays
     # a hand-written tree need not list parents first: paths are taken parents first, then in the given order
     assert TreeBudget([(0,), (1, 0), (1,)], 3).paths == ((0,), (1,), (1, 0))
@@ -267,6 +268,29 @@ def test_tree_budget_reorders_paths_by_measured_acceptance_keeping_every_prefix_
     for nodes in range(1, 7):
         check_static_tree(budget.paths[:nodes])
     assert budget.expected_tokens(4) == pytest.approx(1 + 0.25 + 0.25 + 0.25 + 0.5)
+    # every path offered in every round: the estimates are the plain accepted/offered rates
+    assert budget.acceptances() == pytest.approx({path: budget.accepted[path] / 4 for path in static})
+
+
+def test_tree_budget_estimates_of_paths_left_out_do_not_keep_the_first_prompts_difficulty():
+    """Paths left out of the choice are offered only while learning (the first, here hard, prompts) and on
+    exploring rounds; their rate when reached carries over to the easier rounds that followed, where the plain
+    accepted/offered rate (1/4 for (0, 0, 0)) kept the hard prompts' difficulty."""
+    chain = [(0,), (0, 0), (0, 0, 0)]
+    budget = TreeBudget(chain, 3, min_rounds=4, explore_every=1000)
+    for accepted in (chain, [], [], []):  # hard: one round in four accepts anything
+        budget.record(chain, accepted)
+    for accepted in ([(0,), (0, 0)], [(0,)]) * 10:  # easy rounds drafting the first two paths only
+        budget.record(chain[:2], accepted)
+    rates = budget.acceptances()
+    assert rates[(0,)] == pytest.approx(21 / 24) and rates[(0, 0)] == pytest.approx(21 / 24 * 11 / 21)
+    assert rates[(0, 0, 0)] == pytest.approx(rates[(0, 0)])  # accepted in the 1 offered round that reached it
+    assert budget.accepted[(0, 0, 0)] / budget.offered[(0, 0, 0)] == 0.25
+    # a better-ranked sibling's acceptance takes its share of the reach: (1,) is reached when (0,) is not
+    budget = TreeBudget([(0,), (1,)], 2, min_rounds=1)
+    for accepted in ([(0,)], [(1,)], [], [(0,)]):
+        budget.record([(0,), (1,)], accepted)
+    assert budget.acceptances() == pytest.approx({(0,): 0.5, (1,): 0.25})
 
 
 def test_auto_static_tree_learns_its_node_budget_and_stays_lossless(tiny_target, monkeypatch):
