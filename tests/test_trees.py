@@ -231,7 +231,7 @@ def test_auto_node_budget_comes_from_measured_verify_costs(tiny_target, monkeypa
 
 def test_tree_budget_learns_acceptance_per_path_and_keeps_the_best_prefix():
     static = [(0,), (0, 0), (1,), (0, 0, 0), (2,)]
-    budget = TreeBudget(static, 4, min_rounds=4, explore_every=3)
+    budget = TreeBudget(static, 4, min_rounds=4, explore_every=3, prior_rounds=0)
     assert budget.paths == tuple(static[:4]) and budget.ceiling == budget.nodes == 4
     costs = {1: 1.2, 2: 1.4, 3: 1.6, 4: 1.8}
     assert budget.choose(costs.__getitem__) == 4 and budget.round_nodes() == 4  # learning: the ceiling
@@ -257,7 +257,7 @@ def test_tree_budget_learns_acceptance_per_path_and_keeps_the_best_prefix():
 
 def test_tree_budget_reorders_paths_by_measured_acceptance_keeping_every_prefix_a_tree():
     static = [(0,), (0, 0), (0, 0, 0), (1,), (0, 1), (2,)]
-    budget = TreeBudget(static, 6, min_rounds=4)
+    budget = TreeBudget(static, 6, min_rounds=4, prior_rounds=0)
     for accepted in ([(0,), (0, 0)], [(2,)], [(2,)], [(1,)]):
         budget.record(static, accepted)
     budget.reorder()
@@ -277,7 +277,7 @@ def test_tree_budget_estimates_of_paths_left_out_do_not_keep_the_first_prompts_d
     exploring rounds; their rate when reached carries over to the easier rounds that followed, where the plain
     accepted/offered rate (1/4 for (0, 0, 0)) kept the hard prompts' difficulty."""
     chain = [(0,), (0, 0), (0, 0, 0)]
-    budget = TreeBudget(chain, 3, min_rounds=4, explore_every=1000)
+    budget = TreeBudget(chain, 3, min_rounds=4, explore_every=1000, prior_rounds=0)
     for accepted in (chain, [], [], []):  # hard: one round in four accepts anything
         budget.record(chain, accepted)
     for accepted in ([(0,), (0, 0)], [(0,)]) * 10:  # easy rounds drafting the first two paths only
@@ -287,10 +287,29 @@ def test_tree_budget_estimates_of_paths_left_out_do_not_keep_the_first_prompts_d
     assert rates[(0, 0, 0)] == pytest.approx(rates[(0, 0)])  # accepted in the 1 offered round that reached it
     assert budget.accepted[(0, 0, 0)] / budget.offered[(0, 0, 0)] == 0.25
     # a better-ranked sibling's acceptance takes its share of the reach: (1,) is reached when (0,) is not
-    budget = TreeBudget([(0,), (1,)], 2, min_rounds=1)
+    budget = TreeBudget([(0,), (1,)], 2, min_rounds=1, prior_rounds=0)
     for accepted in ([(0,)], [(1,)], [], [(0,)]):
         budget.record([(0,), (1,)], accepted)
     assert budget.acceptances() == pytest.approx({(0,): 0.5, (1,): 0.25})
+
+
+def test_tree_budget_rates_when_reached_start_from_their_ranks_pooled_rate():
+    """A deep path reached in few rounds is not taken as never accepted: its rate when reached starts from the
+    pooled rate of paths ending in its rank, worth `prior_rounds` rounds; a well-sampled path keeps its own."""
+    chain = [(0,), (0, 0), (0, 0, 0), (1,)]
+    budget = TreeBudget(chain, 4, min_rounds=1, prior_rounds=4)
+    for accepted in [[(0,), (0, 0)], [(0,)]] * 50:  # (0, 0, 0) is reached in 50 rounds, never accepted
+        budget.record(chain[:2], accepted)
+    budget.record(chain, [(0,), (0, 0)])  # ... and once more, without (0, 0, 0) accepted
+    budget.record(chain, [(1,)])  # (1,) reached once, accepted
+    rank0 = (101 + 51) / (102 + 101 + 1)  # rank-0 paths: accepted over reached
+    rates = budget.acceptances()
+    assert rates[(0,)] == pytest.approx((101 + 4 * rank0) / (102 + 4))
+    assert rates[(0, 0, 0)] == pytest.approx(rates[(0, 0)] * (0 + 4 * rank0) / (1 + 4))
+    assert rates[(1,)] == pytest.approx((1 - rates[(0,)]) * (1 + 4 * 1.0) / (1 + 4))
+    without = TreeBudget(chain, 4, min_rounds=1, prior_rounds=0)
+    without.offered, without.accepted, without.reached = budget.offered, budget.accepted, budget.reached
+    assert without.acceptances()[(0, 0, 0)] == 0.0
 
 
 def test_auto_static_tree_learns_its_node_budget_and_stays_lossless(tiny_target, monkeypatch):
