@@ -9,7 +9,8 @@ on a CPU. The modelled round cost replaces the measured one:
 
 (defaults: an H200 with SmolLM2 fp32: a draft level 1.8 ms, a verification 21 ms + 0.03 ms per token, 4 ms
 more per round) and the ceiling is the whole tree within the draft depth. `--always-ceiling` drafts the ceiling
-every round instead, so every estimate is the plain rate over all rounds (the reference the learnt ones aim at).
+every round instead, with no pooled prior, so every estimate is the plain rate over all rounds (the reference the
+learnt ones aim at; the choices it logs are then never drafted).
 
     python benchmarks/tree_budget_replay.py --per-category 2 --head auto=pipeline/drafters/smollm2-eagle@4
 """
@@ -60,7 +61,8 @@ def report(heads: list) -> None:
         for learnt in decoding._learnt_trees.get(head, {}).values():
             budget = learnt.budget
             rates = budget.acceptances()
-            print(f"rounds {budget.rounds}, ceiling {budget.ceiling}, drafting {budget.nodes}, "
+            print(f"draft length {learnt.depth}: rounds {budget.rounds}, ceiling {budget.ceiling}, "
+                  f"drafting {budget.nodes}, "
                   f"prompt-lookup tokens per round {budget.other_tokens / max(budget.rounds, 1):.3f}")
             print("expected tokens per round by size:",
                   " ".join(f"{n}:{budget.expected_tokens(n):.2f}" for n in range(1, budget.ceiling + 1)))
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         modelled_costs(args)
     if args.always_ceiling:
         trees.TreeBudget.round_nodes = lambda budget: budget.ceiling
+        trees.TreeBudget.__init__.__kwdefaults__["prior_rounds"] = 0.0
     heads = []  # kept alive: learnt budgets live as long as their drafter
     load_head = compare_heads.load_head
     compare_heads.load_head = lambda *a, **k: heads.append(load_head(*a, **k)) or heads[-1]

@@ -132,6 +132,8 @@ class TreeBudget:
         self.nodes = self.ceiling
         self.min_rounds = min_rounds
         self.explore_every = explore_every
+        if prior_rounds < 0:
+            raise ValueError(f"prior_rounds must be >= 0, got {prior_rounds}")
         self.prior_rounds = prior_rounds
         self.rounds = 0
         self.offered: Counter[RankPath] = Counter()
@@ -171,11 +173,13 @@ class TreeBudget:
                 rates.get(parent + (better,), 0.0) for better in range(rank))
             prior = pooled_accepted[rank] / pooled_reached[rank] if pooled_reached[rank] else 0.0
             weight = self.reached[path] + self.prior_rounds
-            when_reached = (self.accepted[path] + self.prior_rounds * prior) / weight if weight else 0.0
+            # At most 1 even for a caller that records an accepted path its round did not reach.
+            when_reached = min((self.accepted[path] + self.prior_rounds * prior) / weight, 1.0) if weight else 0.0
             rates[path] = max(reach, 0.0) * when_reached
         return rates
 
     def acceptance(self, path: RankPath) -> float:
+        """One path's estimate (`acceptances` computes them all at once)."""
         return self.acceptances().get(tuple(path), 0.0)
 
     def expected_tokens(self, nodes: int) -> float:
@@ -199,7 +203,7 @@ class TreeBudget:
     def choose(self, round_seconds: Callable[[int], float]) -> int:
         """Sets `nodes` to the prefix size with the most expected tokens per second of `round_seconds(nodes)` (the
         smallest of equals) once `ready`, and returns it."""
-        if self.ready:
+        if self.ready and self.ceiling:
             rates = self.acceptances()
             lookup = 1.0 + self.other_tokens / max(self.rounds, 1)
             expected = list(itertools.accumulate((rates[path] for path in self.paths), initial=lookup))
@@ -217,14 +221,17 @@ def _reached(path: RankPath, accepted: set[RankPath]) -> bool:
 def _ordered(paths: Sequence[RankPath], key: Callable[[RankPath], Any], *,
              siblings_in_rank_order: bool = True) -> tuple[RankPath, ...]:
     """`paths` (a tree) ordered by descending `key`, each after its parent and, with `siblings_in_rank_order`, after
-    its sibling one rank better where the tree has it; paths whose parent is missing are dropped."""
+    its nearest better-ranked sibling in the tree; paths whose parent is missing are dropped."""
     present = set(paths)
     ordered: list[RankPath] = []
     taken: set[RankPath] = set()
 
     def elders_taken(path: RankPath) -> bool:
-        better = path[:-1] + (path[-1] - 1,)
-        sibling_first = siblings_in_rank_order and path[-1] > 0 and better in present
+        # The nearest better-ranked sibling the tree has (a tree may skip a rank): a prefix must not draft a rank
+        # without the better ones, which the acceptance estimates assume were offered alongside it.
+        better = next((path[:-1] + (rank,) for rank in range(path[-1] - 1, -1, -1) if path[:-1] + (rank,) in present),
+                      None)
+        sibling_first = siblings_in_rank_order and better is not None
         return (len(path) == 1 or path[:-1] in taken) and not (sibling_first and better not in taken)
 
     while eligible := [path for path in paths if path not in taken and elders_taken(path)]:

@@ -296,18 +296,18 @@ def test_tree_budget_estimates_of_paths_left_out_do_not_keep_the_first_prompts_d
 def test_tree_budget_rates_when_reached_start_from_their_ranks_pooled_rate():
     """A deep path reached in few rounds is not taken as never accepted: its rate when reached starts from the
     pooled rate of paths ending in its rank, worth `prior_rounds` rounds; a well-sampled path keeps its own."""
-    chain = [(0,), (0, 0), (0, 0, 0), (1,)]
-    budget = TreeBudget(chain, 4, min_rounds=1, prior_rounds=4)
-    for accepted in [[(0,), (0, 0)], [(0,)]] * 50:  # (0, 0, 0) is reached in 50 rounds, never accepted
-        budget.record(chain[:2], accepted)
-    budget.record(chain, [(0,), (0, 0)])  # ... and once more, without (0, 0, 0) accepted
-    budget.record(chain, [(1,)])  # (1,) reached once, accepted
+    tree = [(0,), (0, 0), (0, 0, 0), (1,)]
+    budget = TreeBudget(tree, 4, min_rounds=1, prior_rounds=4)
+    for accepted in [[(0,), (0, 0)], [(0,)]] * 50:  # 100 rounds drafting the first two paths
+        budget.record(tree[:2], accepted)
+    budget.record(tree, [(0,), (0, 0)])  # (0, 0, 0) reached once, not accepted
+    budget.record(tree, [(1,)])  # (1,) reached once, accepted
     rank0 = (101 + 51) / (102 + 101 + 1)  # rank-0 paths: accepted over reached
     rates = budget.acceptances()
     assert rates[(0,)] == pytest.approx((101 + 4 * rank0) / (102 + 4))
     assert rates[(0, 0, 0)] == pytest.approx(rates[(0, 0)] * (0 + 4 * rank0) / (1 + 4))
     assert rates[(1,)] == pytest.approx((1 - rates[(0,)]) * (1 + 4 * 1.0) / (1 + 4))
-    without = TreeBudget(chain, 4, min_rounds=1, prior_rounds=0)
+    without = TreeBudget(tree, 4, min_rounds=1, prior_rounds=0)
     without.offered, without.accepted, without.reached = budget.offered, budget.accepted, budget.reached
     assert without.acceptances()[(0, 0, 0)] == 0.0
 
@@ -434,3 +434,18 @@ def test_a_greedy_tree_is_drafted_with_two_host_transfers_per_level(tiny_target,
     assert len(rounds) > 3 and sum(depth == 4 for _, depth in rounds) > 3
     # One level per depth for EAGLE; Medusa's heads score every depth at once.
     assert all(count == 2 * (depth if head_type == "eagle" else 1) for count, depth in rounds), rounds
+
+
+def test_tree_budget_keeps_a_better_ranked_sibling_first_across_a_rank_gap_and_checks_its_settings():
+    """A tree that skips a rank ((0,) and (2,), no (1,)) still drafts (2,) only after (0,), however often (2,) is
+    accepted: the reach of (2,) assumes (0,) was offered beside it."""
+    budget = TreeBudget([(0,), (2,)], 2, min_rounds=1, prior_rounds=0)
+    for _ in range(3):
+        budget.record([(0,), (2,)], [(2,)])
+    budget.reorder()
+    assert budget.paths == ((0,), (2,))
+    with pytest.raises(ValueError, match="prior_rounds"):
+        TreeBudget([(0,)], 1, prior_rounds=-1)
+    empty = TreeBudget([], 0, min_rounds=1)  # nothing to draft: the choice stays at no node
+    empty.record([], [])
+    assert empty.choose(lambda nodes: 1.0) == 0
