@@ -117,9 +117,9 @@ class TreeBudget:
     Where every path is offered every round and `prior_rounds` is 0, the estimate is the plain rate.
 
     Why it matters on a GPU, where the whole 41-path tree costs a round about 6 % more than 8 paths: with the plain
-    rates the budget kept 7-9 paths (τ 2.46 on an H200, 16 MT-bench prompts, where the whole tree gave 2.97 and
-    1.14x the speed); a CPU replay with the GPU's costs modelled reproduced it (8-9 paths, τ 2.48) and, with these
-    estimates, kept 36-38 paths (τ 2.85)."""
+    rates the budget kept 7-8 paths (τ 2.46 on an H200, 16 MT-bench prompts, where the whole tree gave 2.97 and
+    1.14x the speed). A CPU replay with the GPU's costs modelled (`benchmarks/tree_budget_replay.py`) reproduced
+    it (8-9 paths, τ 2.48) and, with these estimates, kept 38-41 paths once past 261 rounds (τ 2.89)."""
 
     def __init__(self, static: Sequence[RankPath], ceiling: int, *, min_rounds: int = 64,
                  explore_every: int = 32, prior_rounds: float = 8.0) -> None:
