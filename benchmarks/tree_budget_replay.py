@@ -65,7 +65,7 @@ def report(heads: list) -> None:
                   f"drafting {budget.nodes}, "
                   f"prompt-lookup tokens per round {budget.other_tokens / max(budget.rounds, 1):.3f}")
             print("expected tokens per round by size:",
-                  " ".join(f"{n}:{budget.expected_tokens(n):.2f}" for n in range(1, budget.ceiling + 1)))
+                  " ".join(f"{n}:{tokens:.2f}" for n, tokens in enumerate(budget.expected_by_size()) if n))
             print("path, estimated rate, plain accepted/offered rate, offered, reached:")
             for path in budget.paths:
                 plain = budget.accepted[path] / budget.offered[path] if budget.offered[path] else 0.0

@@ -182,20 +182,25 @@ class TreeBudget:
         """One path's estimate (`acceptances` computes them all at once)."""
         return self.acceptances().get(tuple(path), 0.0)
 
-    def expected_tokens(self, nodes: int) -> float:
-        """Tokens a round emits on average with the first `nodes` paths (the target's own token included). Prompt
-        lookup's share is averaged over all rounds: a lookup token that a larger tree also drafted counts for that
-        tree's path there, so larger trees are, if anything, slightly favoured."""
+    def expected_by_size(self) -> list[float]:
+        """Tokens a round emits on average with the first n paths, at index n = 0..ceiling (the target's own token
+        included). Prompt lookup's share is averaged over all rounds: a lookup token that a larger tree also drafted
+        counts for that tree's path there, so larger trees are, if anything, slightly favoured."""
         rates = self.acceptances()
-        return 1.0 + self.other_tokens / max(self.rounds, 1) + sum(rates[path] for path in self.paths[:nodes])
+        lookup = 1.0 + self.other_tokens / max(self.rounds, 1)
+        return list(itertools.accumulate((rates[path] for path in self.paths), initial=lookup))
+
+    def expected_tokens(self, nodes: int) -> float:
+        """`expected_by_size` for the first `nodes` paths (all of them past the ceiling)."""
+        return self.expected_by_size()[min(nodes, len(self.paths))]
 
     @property
     def ready(self) -> bool:
         return self.rounds >= self.min_rounds
 
     def reorder(self) -> None:
-        """Orders the paths by measured acceptance (ties: the current order), each after its parent and its sibling
-        one rank better (where the tree has it): drawn children are verified in draw order."""
+        """Orders the paths by measured acceptance (ties: the current order), each after its parent and its nearest
+        better-ranked sibling in the tree: drawn children are verified in draw order."""
         position = {path: i for i, path in enumerate(self.paths)}
         rates = self.acceptances()
         self.paths = _ordered(self.paths, lambda path: (rates[path], -position[path]))
@@ -204,9 +209,7 @@ class TreeBudget:
         """Sets `nodes` to the prefix size with the most expected tokens per second of `round_seconds(nodes)` (the
         smallest of equals) once `ready`, and returns it."""
         if self.ready and self.ceiling:
-            rates = self.acceptances()
-            lookup = 1.0 + self.other_tokens / max(self.rounds, 1)
-            expected = list(itertools.accumulate((rates[path] for path in self.paths), initial=lookup))
+            expected = self.expected_by_size()
             self.nodes = max(range(1, self.ceiling + 1), key=lambda n: expected[n] / round_seconds(n))
         return self.nodes
 
