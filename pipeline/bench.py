@@ -84,8 +84,9 @@ def load_questions(path: str | Path | None, *, limit: int = 0, per_category: int
 
 
 def _hf_generate(target: Target, prompt_ids: torch.Tensor, decode: DecodeConfig, **extra: Any) -> GenerationStats:
-    """Times HF `generate` with the same stopping rules (EOS, max_new_tokens) and sampling settings."""
-    sampling = {} if decode.greedy else {"temperature": decode.temperature, "top_p": decode.top_p}
+    """Times HF `generate` with the same stopping rules (EOS, max_new_tokens) and sampling settings. `top_k=0`:
+    transformers otherwise adds its default top-50 cut, which our decoders do not make."""
+    sampling = {} if decode.greedy else {"temperature": decode.temperature, "top_p": decode.top_p, "top_k": 0}
     eos = sorted(target.eos_token_ids)
     pad = target.pad_token_id
     if target.device.type == "cuda":

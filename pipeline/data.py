@@ -216,7 +216,9 @@ def generate_responses(
         sampling = {}
         if temperature > 0:
             torch.manual_seed(int(torch.randint(1 << 30, (1,), generator=generator_seed)))
-            sampling = {"temperature": temperature, "top_p": top_p}
+            # top_k=0: the answers follow the distribution decoding samples (temperature, top_p), without
+            # transformers' default top-50 cut.
+            sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0}
         with torch.inference_mode():
             output = target.model.generate(
                 input_ids=input_ids.to(target.device), attention_mask=attention_mask.to(target.device),

@@ -146,9 +146,13 @@ def verify_sampling(
     uniforms = torch.rand(len(draft_tokens), generator=generator, device=generator.device)
     for i, token in enumerate(draft_tokens.tolist()):
         p, q = target_probs[i, token], draft_probs[i, token]
-        if uniforms[i] * q <= p:
+        # Strictly less: torch.rand can return exactly 0, and `<=` would then accept a token with p = 0 (one the
+        # target never samples, e.g. outside its top_p nucleus).
+        if uniforms[i] * q < p:
             continue
         residual = (target_probs[i] - draft_probs[i]).clamp_min(0.0)
+        if float(residual.sum()) <= 0:  # rounding left no mass (p <= q everywhere): the target's own row
+            residual = target_probs[i]
         return i, _sample(residual / residual.sum(), generator)
     return len(draft_tokens), _sample(target_probs[-1], generator)
 
@@ -655,7 +659,11 @@ def _generate(
     generator = None
     if not config.greedy:
         generator = torch.Generator(device=device)
-        generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+        if config.seed is not None:
+            generator.manual_seed(config.seed)
+        else:
+            generator.seed()  # a non-deterministic seed for this generator alone (torch.seed() would reseed the
+            # process's global generator, breaking a caller's own torch.manual_seed)
     pick = _Picker(config, generator)
     want_features = drafter is not None
     # A fused (EAGLE-3 style) head reads intermediate target layers besides the last hidden state.

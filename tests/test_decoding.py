@@ -164,6 +164,45 @@ def test_verify_sampling_single_position_matches_target_exactly():
     assert counts[4] == 0, "a token with target probability 0 must never be emitted"
 
 
+def test_verify_sampling_never_accepts_a_token_the_target_cannot_sample(monkeypatch):
+    """torch.rand can return exactly 0: a draft token of target probability 0 (outside its top_p nucleus) must
+    still be rejected, and a residual that rounding left empty falls back to the target's row, never NaN."""
+    generator = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.6, 0.4, 0.0])
+    q = torch.tensor([0.2, 0.2, 0.6])
+    monkeypatch.setattr(torch, "rand", lambda n, **kwargs: torch.zeros(n))
+    accepted, replacement = verify_sampling(torch.stack([p, p]), torch.tensor([2]), q[None], generator)
+    assert accepted == 0 and replacement in (0, 1)
+    monkeypatch.undo()
+    # p sums to just under 1 and is below q everywhere: max(0, p - q) is all zero.
+    p = torch.tensor([0.0, 0.3, 0.7 - 1e-6])
+    q = torch.tensor([0.0, 0.3, 0.7])
+    for _ in range(50):
+        accepted, replacement = verify_sampling(torch.stack([p, p]), torch.tensor([2]), q[None], generator)
+        assert accepted == 1 or replacement in (1, 2)
+
+
+def test_unseeded_sampling_leaves_the_global_generator_alone(tiny_target):
+    prompt_ids = _prompt_ids(tiny_target, PROMPTS[0])
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    generate(tiny_target, prompt_ids, config=DecodeConfig(max_new_tokens=4, temperature=1.0))
+    torch.testing.assert_close(torch.rand(4), expected)
+
+
+def test_hf_baseline_samples_the_distribution_our_decoders_sample(tiny_target, monkeypatch):
+    """transformers adds a top-50 cut unless told not to; our decoders cut by top_p alone."""
+    from pipeline.bench import _hf_generate
+
+    seen = {}
+    original = tiny_target.model.generate
+    monkeypatch.setattr(tiny_target.model, "generate", lambda **kwargs: seen.update(kwargs) or original(**kwargs))
+    _hf_generate(tiny_target, _prompt_ids(tiny_target, PROMPTS[0]), DecodeConfig(max_new_tokens=3, temperature=0.8,
+                                                                                  top_p=0.9))
+    assert (seen["temperature"], seen["top_p"], seen["top_k"]) == (0.8, 0.9, 0)
+
+
 def test_accept_sampling_emits_the_target_distribution_through_a_tree():
     """A root with children [0, 2] (node 0 has child [1]): the first emitted token is distributed as p0 whichever
     child takes it, the second (after token 0) as p1, and a token of probability 0 is never emitted."""
