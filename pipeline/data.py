@@ -34,6 +34,7 @@ ROLE_ALIASES = {
 }
 SHARD_SCHEMA = pa.schema([
     ("prompt_id", pa.string()),
+    ("split_id", pa.string()),
     ("input_ids", pa.list_(pa.int32())),
     ("loss_mask", pa.list_(pa.int8())),
     ("prompt_tokens", pa.int32()),
@@ -50,6 +51,15 @@ class Conversation:
 
     prompt_id: str
     messages: tuple[dict[str, str], ...]
+
+    @property
+    def opening_id(self) -> str:
+        """The content hash of the opening prompt (system prompt and first user turn): what training splits
+        train from validation by, so one prompt with several answers, or kept both with and without responses,
+        is never on both sides. For a conversation cut to its opening it is `prompt_id`."""
+        messages = list(self.messages)
+        first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages) - 1)
+        return content_hash(messages[: first_user + 1])
 
     def to_json(self) -> str:
         return json.dumps({"prompt_id": self.prompt_id, "messages": list(self.messages)})
@@ -177,6 +187,7 @@ def load_conversations(
 @dataclasses.dataclass
 class Row:
     prompt_id: str
+    split_id: str  # Conversation.opening_id
     input_ids: list[int]
     loss_mask: list[int]
     prompt_tokens: int
@@ -230,6 +241,7 @@ def generate_responses(
             prompt = encoded[index]
             rows[index] = Row(
                 prompt_id=conversations[index].prompt_id,
+                split_id=conversations[index].opening_id,
                 input_ids=prompt + response,
                 loss_mask=[0] * len(prompt) + [1] * len(response),
                 prompt_tokens=len(prompt),
@@ -325,6 +337,7 @@ def encode_teacher_forced(formatter: PromptFormat, conversation: Conversation) -
     first_loss = loss_mask.index(1) if 1 in loss_mask else len(loss_mask)
     return Row(
         prompt_id=conversation.prompt_id,
+        split_id=conversation.opening_id,
         input_ids=list(encoding["input_ids"]),
         loss_mask=loss_mask,
         prompt_tokens=first_loss,

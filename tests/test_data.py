@@ -135,6 +135,31 @@ def test_teacher_forced_mode_uses_text_as_it_is(tmp_path, tiny_model_dir):
     assert all(sum(r["loss_mask"]) == r["response_tokens"] > 0 for r in rows)
 
 
+def test_one_prompt_with_several_answers_is_never_on_both_sides_of_the_split(tmp_path, tiny_model_dir):
+    """Teacher-forced rows are keyed by the whole conversation (one row per answer), but split by the opening
+    prompt: the same prompt's answers, and the same prompt distilled in generate mode, all land on one side."""
+    from pipeline.config import TrainConfig
+    from pipeline.stages.distill import run_distill
+    from pipeline.stages.train import data_shards, read_rows, split_rows
+
+    path = tmp_path / "answers.jsonl"
+    prompts = [f"question {n}" for n in range(12)]
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": prompt},
+                                                     {"role": "assistant", "content": f"answer {k} to {prompt}"}]}) + "\n"
+                            for prompt in prompts for k in range(4)))
+    run_distill(_distill_config(tmp_path / "tf", path, tiny_model_dir, mode="teacher-forced",
+                                tracking={"enabled": False}), use_ray=False)
+    run_distill(_distill_config(tmp_path / "gen", path, tiny_model_dir, tracking={"enabled": False}), use_ray=False)
+    config = TrainConfig(data_dirs=(str(tmp_path / "tf" / "data"), str(tmp_path / "gen" / "data")), val_fraction=0.5)
+    rows = read_rows(data_shards(config))
+    assert len(rows) == 12 * 4 + 12 and len({r["prompt_id"] for r in rows}) == len(rows)
+    assert len({r["split_id"] for r in rows}) == 12
+    train, validation = split_rows(rows, config)
+    assert train and validation
+    assert not {r["split_id"] for r in train} & {r["split_id"] for r in validation}
+    assert len(validation) % 5 == 0  # each held-out prompt: its 4 answers and its generated one
+
+
 def test_bad_prompt_input_writes_nothing(tmp_path, tiny_model_dir):
     from pipeline.stages.distill import run_distill
 

@@ -28,7 +28,7 @@ def measure_static_tree(head_dir: str | Path, data_dirs: list[str], *, nodes: in
                         val_fraction: float = 0.05, max_rows: int = 400, val_draft_length: int = 6,
                         out_dir: str | Path | None = None) -> dict[str, Any]:
     """Measures `head_dir`'s rank accuracies on up to `max_rows` validation rows of `data_dirs` (the rows whose
-    prompt id falls in the `val_fraction` split, as training holds them out) and writes the head, with a static tree
+    opening prompt falls in the `val_fraction` split, as training holds them out) and writes the head, with a static tree
     of `nodes` paths from them, to `out_dir` (default: in place). Returns the validation metrics and the tree."""
     if nodes < 1:
         raise ConfigError(f"head.static_tree: the tree needs at least one node, got {nodes}")
@@ -39,7 +39,7 @@ def measure_static_tree(head_dir: str | Path, data_dirs: list[str], *, nodes: in
         "data_dirs": list(data_dirs), "init_head": str(head_dir), "head": metadata["head"],
         "target": target.to_dict(), "val_fraction": val_fraction, "val_draft_length": val_draft_length,
         "batch_size": 16})
-    rows = [row for row in read_rows(data_shards(config)) if is_validation(row["prompt_id"], val_fraction)][:max_rows]
+    rows = [row for row in read_rows(data_shards(config)) if is_validation(row["split_id"], val_fraction)][:max_rows]
     if not rows:
         raise ConfigError(f"head.static_tree: no row of {list(data_dirs)} is in the {val_fraction:.0%} validation "
                           "split; pass more data or a larger --val-fraction")

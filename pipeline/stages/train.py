@@ -74,13 +74,17 @@ def _koala_metadata(path: Path) -> dict[str, Any] | None:
 
 
 def read_rows(paths: list[Path]) -> list[dict[str, Any]]:
-    """Every row of the data, sorted by prompt id (a fixed order, whatever order the files list them in)."""
+    """Every row of the data, sorted by prompt id (a fixed order, whatever order the files list them in).
+    `split_id` is the key of the train/validation split: the opening prompt's hash where the data has it (koala
+    distill writes it), else the prompt id (data written before, and other Parquet)."""
     rows = []
     for path in paths:
-        table = pq.read_table(path, columns=DATA_COLUMNS)
-        rows += [{"prompt_id": p, "input_ids": i, "loss_mask": m} for p, i, m in zip(
-            table.column("prompt_id").to_pylist(), table.column("input_ids").to_pylist(),
-            table.column("loss_mask").to_pylist())]
+        columns = DATA_COLUMNS + (["split_id"] if "split_id" in pq.read_schema(path).names else [])
+        table = pq.read_table(path, columns=columns)
+        prompt_ids = table.column("prompt_id").to_pylist()
+        split_ids = table.column("split_id").to_pylist() if "split_id" in columns else prompt_ids
+        rows += [{"prompt_id": p, "split_id": s or p, "input_ids": i, "loss_mask": m} for p, s, i, m in zip(
+            prompt_ids, split_ids, table.column("input_ids").to_pylist(), table.column("loss_mask").to_pylist())]
     return sorted(rows, key=lambda r: r["prompt_id"])
 
 
@@ -97,9 +101,10 @@ def data_stats(paths: list[Path]) -> dict[str, Any]:
             "target": first.get("target"), "distill_settings": first.get("settings")}
 
 
-def is_validation(prompt_id: str, fraction: float) -> bool:
-    """A stable split by prompt id, so a prompt never moves between train and validation across runs."""
-    return int(hashlib.sha1(prompt_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+def is_validation(split_id: str, fraction: float) -> bool:
+    """A stable split by a row's `split_id` (its opening prompt), so a prompt never moves between train and
+    validation across runs, and all rows of one prompt are on the same side."""
+    return int(hashlib.sha1(split_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
 def within_budget(rows: list[dict[str, Any]], max_train_tokens: int, *, seed: int) -> list[dict[str, Any]]:
@@ -118,8 +123,8 @@ def within_budget(rows: list[dict[str, Any]], max_train_tokens: int, *, seed: in
 
 
 def split_rows(rows: list[dict[str, Any]], config: TrainConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    validation = [r for r in rows if is_validation(r["prompt_id"], config.val_fraction)]
-    train = [r for r in rows if not is_validation(r["prompt_id"], config.val_fraction)]
+    validation = [r for r in rows if is_validation(r["split_id"], config.val_fraction)]
+    train = [r for r in rows if not is_validation(r["split_id"], config.val_fraction)]
     return within_budget(train, config.max_train_tokens, seed=config.seed), validation
 
 
