@@ -12,7 +12,9 @@ where the chain's first drafted token is one too (decoding drafts only inside th
 
 from __future__ import annotations
 
+import array
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -22,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -92,6 +95,16 @@ def row_length(row: dict[str, Any], max_seq_len: int) -> int:
     return min(len(row["input_ids"]), max_seq_len)
 
 
+def rows_fingerprint(rows: Sequence[dict[str, Any]], max_seq_len: int) -> str:
+    """A hash of the rows' token ids in order, as the features see them (cut to `max_seq_len`)."""
+    digest = hashlib.sha1(str(max_seq_len).encode())
+    for row in rows:
+        ids = row["input_ids"][:max_seq_len]
+        digest.update(len(ids).to_bytes(4, "little"))
+        digest.update(array.array("q", ids).tobytes())
+    return digest.hexdigest()
+
+
 class FeatureStore:
     """The frozen target's features for a list of rows, computed once: one flat `(total_tokens, W)` fp16 tensor
     (on the training device, so a batch is one gather) and each row's offset; W = H, or (1 + n) H for a head
@@ -130,15 +143,24 @@ class FeatureStore:
         bar.close()
         return cls(flat, offsets, lengths, max_seq_len=max_seq_len)
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, *, rows: Sequence[dict[str, Any]]) -> None:
+        """Saves the features with the fingerprint of the `rows` they were computed for (`rows_fingerprint`)."""
         from pipeline.data import atomic_path
 
         with atomic_path(path) as temporary:
             save_file({"flat": self.flat.cpu().contiguous(), "offsets": self.offsets, "lengths": self.lengths,
-                       "max_seq_len": torch.tensor(self.max_seq_len)}, temporary)
+                       "max_seq_len": torch.tensor(self.max_seq_len)}, temporary,
+                      metadata={"rows": rows_fingerprint(rows, self.max_seq_len)})
 
     @classmethod
-    def load(cls, path: Path, *, device: torch.device) -> FeatureStore:
+    def load(cls, path: Path, *, device: torch.device, rows: Sequence[dict[str, Any]],
+             max_seq_len: int) -> FeatureStore | None:
+        """The saved features, or None when they were computed for other rows (or another `max_seq_len`): a
+        Ray worker's shard of the data may hold other rows after a restart, and a cache read against the wrong
+        rows would train on another row's features without any error."""
+        with safe_open(path, framework="pt") as handle:
+            if (handle.metadata() or {}).get("rows") != rows_fingerprint(rows, max_seq_len):
+                return None
         tensors = load_file(path)
         return cls(tensors["flat"].to(device), tensors["offsets"], tensors["lengths"],
                    max_seq_len=int(tensors["max_seq_len"]))
@@ -252,6 +274,9 @@ class KoalaTrainer:
         self.head_scheduler = torch.optim.lr_scheduler.LambdaLR(self.head_optimizer, multiplier)
         # fp16 autocast needs loss scaling; bf16 and fp32 do not (the scaler is then a no-op).
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
+        # Its own scaler: the discriminator's loss and gradients have another scale than the head's.
+        self.discriminator_scaler = torch.amp.GradScaler(self.device.type,
+                                                         enabled=self.autocast_dtype == torch.float16)
         self.discriminator: nn.Module | None = None
         self.discriminator_optimizer = None
         if config.adv_weight > 0:
@@ -392,7 +417,6 @@ class KoalaTrainer:
         self.scaler.step(self.head_optimizer)
         self.scaler.update()
         metrics["lr"] = self.head_scheduler.get_last_lr()[0]
-        self.head_scheduler.step()
         self._last_predictions = Predictions(
             draft_logits=predictions.draft_logits.detach(), target_logits=predictions.target_logits,
             context=predictions.context.detach(), weights=predictions.weights,
@@ -413,8 +437,9 @@ class KoalaTrainer:
             loss_adv_d = losses.discriminator_loss(draft_scores, target_scores, predictions.weights,
                                                    label_smoothing=self.config.adv_label_smoothing)
         self.discriminator_optimizer.zero_grad(set_to_none=True)
-        loss_adv_d.backward()
-        self.discriminator_optimizer.step()
+        self.discriminator_scaler.scale(loss_adv_d).backward()
+        self.discriminator_scaler.step(self.discriminator_optimizer)
+        self.discriminator_scaler.update()
         accuracy = losses.discriminator_accuracy(draft_scores.detach(), target_scores.detach(), predictions.weights)
         return {"loss_adv_d": loss_adv_d.item(), "d_accuracy": accuracy.item(), "adv_weight": self.adv_weight_now()}
 
@@ -425,6 +450,9 @@ class KoalaTrainer:
         for _ in range(self.config.d_steps if self.discriminator is not None else 0):
             metrics.update(self.discriminator_step(batch))
         self._last_predictions = None
+        # Once per training step, not per generator step: the schedule's length counts training steps, so with
+        # g_steps > 1 stepping per update would finish warm-up and decay early and train the rest at the floor.
+        self.head_scheduler.step()
         self.step += 1
         return metrics
 
@@ -435,14 +463,17 @@ class KoalaTrainer:
         """Validation through the unwrapped head (never a DDP wrapper: it runs on one rank only).
 
         `val_tau`: the acceptance length greedy chain drafting of `val_draft_length` tokens reaches when decoding
-        is replayed on the held-out answers: round by round from the first answer token, each round accepting the
-        leading drafted tokens equal to the target's own greedy tokens, then one token of the target's; tokens
-        per target pass, the prefill counted, as decoding's tau. (Averaging over every position as a chain start
+        is replayed on the held-out answers: round by round from each answer's first token (every assistant turn
+        of a multi-turn row on its own), each round accepting the leading drafted tokens equal to the target's own
+        greedy tokens, then one token of the target's; tokens per target pass, the prefill counted, as decoding's
+        tau. (Averaging over every position as a chain start
         instead overstates it: decoding spends more rounds where drafts fail. On 24 held-out self-instruct answers
         that average said 3.05, real decoding 2.77 and this replay 2.72.) `val_acc_n`: the n-th drafted token's
         accuracy given the first n-1 were right, over every position (an estimate of n-alpha). Also the
         distillation loss and the discriminator's accuracy."""
         self.head_module.eval()
+        if self.discriminator is not None:  # no spectral-norm power iterations on held-out data (rank 0 only)
+            self.discriminator_module.eval()
         depth = self.config.val_draft_length
         reached = torch.zeros(depth)
         correct = torch.zeros(depth)
@@ -478,6 +509,8 @@ class KoalaTrainer:
                     d_correct += float(losses.discriminator_accuracy(draft_scores, target_scores, predictions.weights)) * count
                     d_total += count
         self.head_module.train()
+        if self.discriminator is not None:
+            self.discriminator_module.train()
         metrics: dict[str, float | None] = {
             f"val_acc_{step + 1}": float(correct[step] / reached[step]) if reached[step] else None
             for step in range(depth)
@@ -586,6 +619,7 @@ class KoalaTrainer:
         (directory / "trainer_state.json").write_text(json.dumps({
             "step": self.step, "train_seconds": self.train_seconds, "best_val_tau": self.best_val_tau,
             "best_epoch": self.best_epoch, "scheduler": scheduler, "scaler": self.scaler.state_dict(),
+            "discriminator_scaler": self.discriminator_scaler.state_dict(),
             "best_rank_accuracy": self.best_rank_accuracy, "val_rank_accuracy": self.val_rank_accuracy,
         }))
 
@@ -604,8 +638,14 @@ class KoalaTrainer:
         self.best_rank_accuracy = state.get("best_rank_accuracy", [])
         self.val_rank_accuracy = state.get("val_rank_accuracy", [])
         self.head_scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None]})
+        # The optimizer's param groups are the fresh ones, at the schedule's first value; the scheduler's state
+        # holds the rate the next step should use, so the first step after a resume runs at it.
+        for group, lr in zip(self.head_optimizer.param_groups, self.head_scheduler.get_last_lr()):
+            group["lr"] = lr
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if state.get("discriminator_scaler"):
+            self.discriminator_scaler.load_state_dict(state["discriminator_scaler"])
 
 
 def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -631,18 +671,31 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
 
 
 def replay_chain_decoding(leading: list[int], loss_mask: list[int]) -> tuple[int, int]:
-    """Greedy chain decoding replayed on one answer: `leading[s]` is how many drafted tokens a round whose verified
-    context ends at position s accepts; `loss_mask` marks the answer. Returns (answer tokens, target passes), the
-    prefill's pass (which emits the first answer token) counted."""
-    answer = [position for position, in_answer in enumerate(loss_mask) if in_answer]
-    if not answer:
-        return 0, 0
-    pending, last = answer[0], answer[-1]  # `pending`: the newest emitted token, not yet in the target's cache
-    tokens = passes = 1
-    while pending < last:
-        emitted = min(leading[pending - 1] + 1, last - pending)  # accepted drafts, then the target's own token
-        tokens, passes, pending = tokens + emitted, passes + 1, pending + emitted
+    """Greedy chain decoding replayed on one row's answers: `leading[s]` is how many drafted tokens a round whose
+    verified context ends at position s accepts; `loss_mask` marks the answers. Returns (answer tokens, target
+    passes). Each answer (a run of marked positions: a multi-turn row has one per assistant turn) is decoded on
+    its own, its prefill's pass (which emits its first token) counted; the turns between are prompt, not decoded."""
+    tokens = passes = 0
+    for first, last in _answer_spans(loss_mask):
+        pending = first  # the newest emitted token, not yet in the target's cache
+        tokens, passes = tokens + 1, passes + 1
+        while pending < last:
+            emitted = min(leading[pending - 1] + 1, last - pending)  # accepted drafts, then the target's own token
+            tokens, passes, pending = tokens + emitted, passes + 1, pending + emitted
     return tokens, passes
+
+
+def _answer_spans(loss_mask: list[int]) -> list[tuple[int, int]]:
+    """(first, last) positions of each run of marked positions."""
+    spans: list[tuple[int, int]] = []
+    for position, in_answer in enumerate(loss_mask):
+        if not in_answer:
+            continue
+        if spans and spans[-1][1] == position - 1:
+            spans[-1] = (spans[-1][0], position)
+        else:
+            spans.append((position, position))
+    return spans
 
 
 def iterate_batches(
@@ -706,7 +759,8 @@ def run_training_loop(
     epochs = -(-total_steps // per_epoch)
     lengths = [row_length(r, config.max_seq_len) for r in train_rows]
     log_every = config.log_every_steps or max(1, total_steps // LOSS_CURVE_POINTS)
-    if trainer.step >= total_steps:  # a finished run resumed: nothing to train, report where it ended
+    out_of_time = bool(config.max_train_seconds) and trainer.train_seconds >= config.max_train_seconds
+    if trainer.step >= total_steps or out_of_time:  # a finished run resumed: nothing to train, report where it ended
         return {**{k: v for k, v in validate().items() if v is not None},
                 "step": trainer.step, "train_seconds": trainer.train_seconds}
     metrics: dict[str, float] = {}

@@ -31,13 +31,13 @@ def _batch(target, rows, extra_layers=()):
     return TrainBatch(input_ids, loss_mask, target_features(target.model, input_ids, loss_mask, extra_layers))
 
 
-def _trainer(target, head_type, adv_weight, extra_layers=(), **overrides):
+def _trainer(target, head_type, adv_weight, extra_layers=(), total_steps=0, **overrides):
     torch.manual_seed(0)
     head_config = HeadConfig(head_type=head_type, num_layers=2, num_heads=3, extra_feature_layers=extra_layers)
     config = TrainConfig(data_dirs=("unused",), head=head_config, adv_weight=adv_weight, head_lr=3e-3,
                          discriminator_hidden_size=32, **overrides)
     head = build_head(head_config, target.model).requires_grad_(True)
-    return KoalaTrainer(config, head=head, target_model=target.model)
+    return KoalaTrainer(config, head=head, target_model=target.model, total_steps=total_steps)
 
 
 def test_padding_never_carries_loss():
@@ -77,23 +77,34 @@ def test_head_overfits_one_batch(tiny_target, head_type, adv_weight):
 
 @pytest.mark.parametrize("head_type", ["medusa", "eagle"])
 def test_resumed_training_ends_where_uninterrupted_training_does(tiny_target, tmp_path, head_type):
+    # A warm-up of 2 steps in a 4-step schedule: the rate after a resume must be the schedule's, not its first value.
     batches = [_batch(tiny_target, _rows(tiny_target, seed=s)) for s in range(4)]
-    uninterrupted = _trainer(tiny_target, head_type, 0.1)
-    for batch in batches:
-        uninterrupted.train_step(batch)
+    schedule = {"total_steps": 4, "warmup_fraction": 0.5}
+    uninterrupted = _trainer(tiny_target, head_type, 0.1, **schedule)
+    rates = [uninterrupted.train_step(batch)["lr"] for batch in batches]
 
-    first_half = _trainer(tiny_target, head_type, 0.1)
+    first_half = _trainer(tiny_target, head_type, 0.1, **schedule)
     for batch in batches[:2]:
         first_half.train_step(batch)
     first_half.save_state(tmp_path)
-    resumed = _trainer(tiny_target, head_type, 0.1)
+    resumed = _trainer(tiny_target, head_type, 0.1, **schedule)
     resumed.load_state(tmp_path)
     assert resumed.step == 2
-    for batch in batches[2:]:
-        resumed.train_step(batch)
+    assert resumed.head_optimizer.param_groups[0]["lr"] == pytest.approx(rates[2])
+    assert [resumed.train_step(batch)["lr"] for batch in batches[2:]] == pytest.approx(rates[2:])
     for (name, expected), actual in zip(uninterrupted.head_module.state_dict().items(),
                                         resumed.head_module.state_dict().values()):
         torch.testing.assert_close(actual, expected, msg=name)
+
+
+@pytest.mark.parametrize("g_steps", [1, 3])
+def test_learning_rate_schedule_counts_training_steps_whatever_g_steps(tiny_target, g_steps):
+    # The schedule's length is in training steps; extra generator steps must not run it down early.
+    batch = _batch(tiny_target, _rows(tiny_target))
+    trainer = _trainer(tiny_target, "eagle", 0.0, total_steps=10, warmup_fraction=0.2, g_steps=g_steps,
+                       lr_schedule="linear", min_lr_ratio=0.0)
+    rates = [trainer.train_step(batch)["lr"] / 3e-3 for _ in range(10)]
+    assert rates == pytest.approx([0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0])
 
 
 def test_batch_order_is_a_function_of_seed_and_epoch():
@@ -158,6 +169,35 @@ def test_adversarial_training_does_not_collapse(tiny_target):
     mean_accuracy = sum(after_warmup) / len(after_warmup)
     assert 0.5 < mean_accuracy < 1.0, mean_accuracy
     assert 0.5 < trainer.evaluate(batches)["val_d_accuracy"] < 1.0
+
+
+def test_fp16_scales_the_discriminators_loss_too(tiny_target, tmp_path):
+    """fp16 autocast (GPUs without bf16) needs loss scaling for the discriminator as for the head: its update goes
+    through its own scaler, whose state a resume restores."""
+    trainer = _trainer(tiny_target, "eagle", 0.1, precision="float16")
+    scaled = []
+    original = trainer.discriminator_scaler.scale
+    trainer.discriminator_scaler.scale = lambda loss: scaled.append(float(loss.detach())) or original(loss)
+    batch = _batch(tiny_target, _rows(tiny_target))
+    metrics = trainer.train_step(batch)
+    assert scaled and math.isfinite(metrics["loss_adv_d"]) and trainer.discriminator_scaler.is_enabled()
+    trainer.discriminator_scaler.update(1024.0)
+    trainer.save_state(tmp_path)
+    resumed = _trainer(tiny_target, "eagle", 0.1, precision="float16")
+    resumed.load_state(tmp_path)
+    assert resumed.discriminator_scaler.get_scale() == 1024.0
+
+
+def test_a_run_that_spent_its_time_budget_trains_no_more_when_run_again(tiny_target):
+    from pipeline.training import FeatureStore, LoopHooks, run_training_loop
+
+    rows = _rows(tiny_target, count=8)
+    trainer = _trainer(tiny_target, "eagle", 0.0, batch_size=2, epochs=3, max_train_seconds=5.0)
+    trainer.step, trainer.train_seconds = 1, 5.2  # as a checkpoint of a run that ran out of time leaves it
+    store = FeatureStore.build(tiny_target.model, rows, max_seq_len=64, progress=False)
+    metrics = run_training_loop(trainer, train_rows=rows, features=store, validate=lambda: {"val_tau": 1.5},
+                                hooks=LoopHooks())
+    assert trainer.step == 1 and metrics["step"] == 1 and metrics["val_tau"] == 1.5
 
 
 def test_validation_keeps_the_best_epoch_for_export(tiny_target):
@@ -251,6 +291,14 @@ def test_replayed_decoding_counts_rounds_like_the_decoder():
     leading = [0, 2, 0, 0, 3, 0, 0, 0]
     assert replay_chain_decoding(leading, [0, 0, 1, 1, 1, 1, 1, 1]) == (6, 3)  # prefill, +3, +2 (answer ends)
     assert replay_chain_decoding(leading, [0, 0, 0, 0]) == (0, 0)
+
+
+def test_replayed_decoding_decodes_each_answer_of_a_multi_turn_row_on_its_own():
+    # Two answers of 20 tokens with a 30-token user turn between them; a perfect head accepts 5 drafts per round:
+    # each answer is a prefill (1 token) then rounds of 6, so (1 + 6 + 6 + 6 + 1) tokens in 5 passes per answer.
+    mask = [0] * 10 + [1] * 20 + [0] * 30 + [1] * 20
+    assert replay_chain_decoding([5] * len(mask), mask) == (40, 10)
+    assert replay_chain_decoding([5] * 30, mask[:30]) == (20, 5)
 
 
 def _answers_file(path, *, rows=16, length=40, seed=0, vocab_size=80):
@@ -392,6 +440,26 @@ def test_validation_computes_the_targets_greedy_tokens_once(tiny_target, monkeyp
     uncached = trainer.evaluate([store.batch(rows, [0, 1, 2, 3], dtype=torch.float32),
                                  store.batch(rows, [4, 5], dtype=torch.float32)])
     assert first == {k: v for k, v in uncached.items() if v is not None}
+
+
+def test_a_saved_feature_cache_is_used_only_for_the_rows_it_was_computed_for(tiny_target, tmp_path):
+    """A Ray worker may hold other rows after a restart: a cache computed for other rows is computed again, never
+    read against the wrong rows."""
+    from pipeline.stages.train import _features
+
+    config = TrainConfig(data_dirs=("unused",), head=HeadConfig(head_type="eagle"), max_seq_len=64)
+    rows, others = _rows(tiny_target, count=4), _rows(tiny_target, count=4, seed=1)
+    path = tmp_path / "train-rank0-of2.safetensors"
+    saved = _features(tiny_target.model, rows, config, cache=True, progress=False, cache_path=path)
+    again = _features(tiny_target.model, rows, config, cache=True, progress=False, cache_path=path)
+    torch.testing.assert_close(again.flat, saved.flat)
+    reordered = _features(tiny_target.model, rows[::-1], config, cache=True, progress=False, cache_path=path)
+    swapped = _features(tiny_target.model, others, config, cache=True, progress=False, cache_path=path)
+    for store, expected_rows in ((reordered, rows[::-1]), (swapped, others)):
+        for index, row in enumerate(expected_rows):
+            cached = store.batch(expected_rows, [index], dtype=torch.float32).features
+            fresh = _batch(tiny_target, [row]).features
+            torch.testing.assert_close(cached, fresh, atol=2e-3, rtol=2e-3)  # the cache is fp16
 
 
 def test_koala_head_tree_measures_a_larger_static_tree_on_held_out_rows(tiny_model_dir, tmp_path, capsys):

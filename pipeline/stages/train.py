@@ -237,11 +237,14 @@ def _features(model, rows, config: TrainConfig, *, cache: bool, progress: bool, 
     if not cache or not rows:
         return LiveFeatures(model, max_seq_len=config.max_seq_len, extra_layers=extra_layers)
     if cache_path is not None and cache_path.is_file():
-        return FeatureStore.load(cache_path, device=model.device)
+        store = FeatureStore.load(cache_path, device=model.device, rows=rows, max_seq_len=config.max_seq_len)
+        if store is not None:
+            return store
+        log.warning("feature cache %s was computed for other rows; computing it again", cache_path)
     store = FeatureStore.build(model, rows, max_seq_len=config.max_seq_len, progress=progress,
                                extra_layers=extra_layers)
     if cache_path is not None:
-        store.save(cache_path)
+        store.save(cache_path, rows=rows)
     return store
 
 
