@@ -66,6 +66,42 @@ def sweep_values(tiny_model_dir, inputs, root, **overrides):
     return values
 
 
+def test_training_data_is_known_by_content_and_its_prompts_are_never_evaluated(tmp_path, inputs, tiny_model_dir):
+    """Data that koala distill did not write (one Parquet file; teacher-forced ids that hash the whole
+    conversation): its prompts are still dropped from the evaluation, and the sweep's key follows its content, the
+    training workers count and the tracking settings, so none of them reuses another sweep's heads or runs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data import content_hash
+    from tune.sweep import evaluation_questions, sweep_key
+
+    data = tmp_path / "answers.parquet"
+    opening = [{"role": "user", "content": "hello there"}]
+
+    def write(answer):
+        pq.write_table(pa.Table.from_pylist([{
+            "prompt_id": content_hash([*opening, {"role": "assistant", "content": "hi"}]),
+            "split_id": content_hash(opening), "input_ids": [5, 6, *answer], "loss_mask": [0, 0] + [1] * len(answer),
+        }]), data)
+
+    def key(**train):
+        values = sweep_values(tiny_model_dir, inputs, tmp_path)
+        values["train"].update(train)
+        return sweep_key(SweepConfig.from_dict(values), [str(data)], questions, incumbent_sha1=None)
+
+    write([7, 8])
+    config = SweepConfig.from_dict(sweep_values(tiny_model_dir, inputs, tmp_path))
+    questions, dropped = evaluation_questions(config.eval, [str(data)], [data])
+    assert dropped == 1 and [q.prompt for q in questions] == QUESTIONS[1:]
+    first = key()
+    write([7, 9])
+    assert key() != first
+    write([7, 8])
+    assert key() == first
+    assert len({first, key(num_workers=2), key(tracking={"enabled": False})}) == 3
+
+
 def free_port() -> int:
     import socket
 

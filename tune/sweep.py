@@ -57,14 +57,27 @@ def trial_name(overrides: dict[str, Any]) -> str:
     return "-".join(parts).replace("/", "_") or "trial"
 
 
-def data_identity(data_dirs: list[str]) -> list[Any]:
-    """What the training data is, by content: each directory's manifest (settings and prompt ids per shard)."""
-    identity = []
+def data_identity(data_dirs: list[str], paths: list[Path]) -> list[Any]:
+    """What the training data is, by content: a koala distill directory's manifest (settings and prompt ids per
+    shard), and a content hash of every other Parquet file of `paths` (what training reads: any *.parquet in a
+    directory, or a file named directly), so edited or replaced data is never taken for the old."""
+    identity: list[Any] = []
+    described: set[Path] = set()
     for directory in map(Path, data_dirs):
         manifest = directory / "manifest.json"
-        identity.append(json.loads(manifest.read_text()) if manifest.is_file() else sorted(
-            (p.name, p.stat().st_size) for p in directory.glob("shard-*.parquet")))
+        if manifest.is_file():
+            identity.append(json.loads(manifest.read_text()))
+            described.add(directory.resolve())
+    identity += [[path.name, file_sha1(path)] for path in paths if path.resolve().parent not in described]
     return identity
+
+
+def file_sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with path.open("rb") as file:  # in chunks: a large file need not fit in memory
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def incumbent_dir(config: SweepConfig) -> Path | None:
@@ -83,42 +96,45 @@ def head_identity(directory: Path | None) -> str | None:
     """A head directory by content (its config and weights), so a changed incumbent is measured again."""
     if directory is None:
         return None
-    digest = hashlib.sha1()
-    for name in ("head_config.json", "head.safetensors"):
-        with (directory / name).open("rb") as file:  # in chunks: a large target's head need not fit in memory twice
-            while chunk := file.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
+    return hashlib.sha1("".join(file_sha1(directory / name)
+                                for name in ("head_config.json", "head.safetensors")).encode()).hexdigest()
 
 
 def sweep_key(config: SweepConfig, data_dirs: list[str], questions: list[Question], *,
               incumbent_sha1: str | None) -> str:
-    """Content hash of everything that changes the sweep's results (not where it runs or how fast); the incumbent
+    """Content hash of everything that changes the sweep's results or what they are recorded in (not where it
+    runs or how fast): the training workers count (it sets the global batch and the step count), and the tracking
+    settings (a sweep run without MLflow has no runs to register; another store lacks this one's). The incumbent
     counts by its `head_identity`."""
     settings = config.to_dict()
     for volatile in ("out_dir", "max_concurrent_trials", "max_trial_failures", "register", "model_name"):
         settings.pop(volatile)
-    for volatile in ("data_dirs", "out_dir", "tracking", "num_workers", "max_failures", "fail_once_at_step"):
+    for volatile in ("data_dirs", "out_dir", "max_failures", "fail_once_at_step"):
         settings["train"].pop(volatile)
     settings["incumbent"] = incumbent_sha1
-    payload = [settings, data_identity(data_dirs), [q.prompt for q in questions]]
+    paths = data_shards(config.train.replace(data_dirs=tuple(data_dirs)))
+    payload = [settings, data_identity(data_dirs, paths), [q.prompt for q in questions]]
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def training_prompt_ids(data_dirs: list[str]) -> set[str]:
+def training_prompt_ids(paths: list[Path]) -> set[str]:
+    """The ids of every prompt the data trains on: `prompt_id`, and `split_id` (the opening prompt's hash; a
+    teacher-forced row's prompt id hashes the whole conversation) where the data has it."""
     import pyarrow.parquet as pq
 
     ids: set[str] = set()
-    for config_dir in data_dirs:
-        for path in sorted(Path(config_dir).glob("shard-*.parquet")):
-            ids.update(pq.read_table(path, columns=["prompt_id"]).column("prompt_id").to_pylist())
+    for path in paths:
+        columns = [c for c in ("prompt_id", "split_id") if c in pq.read_schema(path).names]
+        table = pq.read_table(path, columns=columns)
+        for column in columns:
+            ids.update(v for v in table.column(column).to_pylist() if v)
     return ids
 
 
-def evaluation_questions(config: EvalConfig, data_dirs: list[str]) -> tuple[list[Question], int]:
+def evaluation_questions(config: EvalConfig, data_dirs: list[str], paths: list[Path]) -> tuple[list[Question], int]:
     bench = config.bench_config()
     questions = load_questions(bench.questions, limit=bench.limit, per_category=bench.per_category)
-    kept, dropped = drop_training_overlap(questions, training_prompt_ids(data_dirs))
+    kept, dropped = drop_training_overlap(questions, training_prompt_ids(paths))
     if not kept:
         raise ConfigError(f"eval.questions: all {len(questions)} evaluation prompts occur in the training data")
     return kept, dropped
@@ -241,9 +257,9 @@ def run_sweep(config: SweepConfig, *, data_dirs: list[str], parent_run_id: str |
 
     started = time.perf_counter()
     data_dirs = [str(Path(d).resolve()) for d in data_dirs]
-    data_shards(config.train.replace(data_dirs=tuple(data_dirs)))  # fails early when the data is missing
+    paths = data_shards(config.train.replace(data_dirs=tuple(data_dirs)))  # fails early when the data is missing
     _check_draft_vocabulary(config, data_dirs)
-    questions, dropped = evaluation_questions(config.eval, data_dirs)
+    questions, dropped = evaluation_questions(config.eval, data_dirs, paths)
     incumbent_sha1 = head_identity(incumbent_dir(config))
     key = sweep_key(config, data_dirs, questions, incumbent_sha1=incumbent_sha1)
     sweep_dir = (Path(config.out_dir) / key).resolve()
