@@ -111,11 +111,25 @@ def _hf_generate(target: Target, prompt_ids: torch.Tensor, decode: DecodeConfig,
 
 
 def _run_all_methods(
-    target: Target, drafter: DraftHead, prompt_ids: torch.Tensor, decode: DecodeConfig, bench: BenchConfig
+    target: Target, drafter: DraftHead, prompt_ids: torch.Tensor, decode: DecodeConfig, bench: BenchConfig, *,
+    speculative_first: bool = False,
 ) -> dict[str, Any]:
+    """Every method on one prompt. `speculative_first` swaps which of our two decoders runs first (the caller
+    alternates it per prompt), so an effect of running order (caches, clocks) falls on both alike."""
     audit = bench.audit and decode.greedy  # the audit's argmax checks are about greedy decoding
-    vanilla = generate(target, prompt_ids, config=decode, record_logits=audit)
-    speculative = generate(target, prompt_ids, config=decode, drafter=drafter, record_logits=audit)
+
+    def vanilla_run():
+        return generate(target, prompt_ids, config=decode, record_logits=audit)
+
+    def speculative_run():
+        return generate(target, prompt_ids, config=decode, drafter=drafter, record_logits=audit)
+
+    if speculative_first:
+        speculative = speculative_run()
+        vanilla = vanilla_run()
+    else:
+        vanilla = vanilla_run()
+        speculative = speculative_run()
     record: dict[str, Any] = {
         "vanilla": vanilla.stats,
         "speculative": speculative.stats,
@@ -142,7 +156,8 @@ def run_bench(
     settings: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Runs every method on every question (alternating, same process) and returns the report dict."""
+    """Runs every method on every question (alternating, same process; our two decoders swap order on every other
+    prompt) and returns the report dict."""
     warmup = decode.replace(max_new_tokens=min(WARMUP_TOKENS, decode.max_new_tokens))
     for question in questions[: bench.warmup_prompts]:
         _run_all_methods(target, drafter, target.encode_prompt(question.prompt), warmup, bench)
@@ -150,9 +165,9 @@ def run_bench(
     per_method: dict[str, list[GenerationStats]] = defaultdict(list)
     per_prompt = []
     audits: list[losslessness.PromptAudit] = []
-    for question in tqdm(questions, desc="koala bench", unit="prompt", disable=not progress):
+    for index, question in enumerate(tqdm(questions, desc="koala bench", unit="prompt", disable=not progress)):
         prompt_ids = target.encode_prompt(question.prompt)
-        record = _run_all_methods(target, drafter, prompt_ids, decode, bench)
+        record = _run_all_methods(target, drafter, prompt_ids, decode, bench, speculative_first=index % 2 == 1)
         for method in METHODS:
             if method in record:
                 per_method[method].append(record[method])

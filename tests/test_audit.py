@@ -151,6 +151,25 @@ def test_bench_report_carries_the_audit(tiny_target):
     assert all(row["audit"]["verdict"] == "exact" for row in report["per_prompt"])
 
 
+def test_bench_alternates_which_decoder_runs_first(tiny_target, monkeypatch):
+    """Running order (warm caches, clock boost) must not favour one decoder: they swap on every other prompt."""
+    from pipeline import bench
+
+    order = []
+    real_generate = bench.generate
+
+    def recording(target, prompt_ids, *, config, drafter=None, **kwargs):
+        order.append("speculative" if drafter is not None else "vanilla")
+        return real_generate(target, prompt_ids, config=config, drafter=drafter, **kwargs)
+
+    monkeypatch.setattr(bench, "generate", recording)
+    questions = [Question(str(i), "c", text) for i, text in enumerate(PROMPTS)]
+    report = run_bench(tiny_target, _random_eagle(tiny_target), questions, decode=DecodeConfig(max_new_tokens=8),
+                       bench=BenchConfig(include_hf=False, audit=False, warmup_prompts=0), progress=False)
+    assert order == ["vanilla", "speculative", "speculative", "vanilla"] * 2
+    assert all(row["exact_match"] for row in report["per_prompt"])
+
+
 @pytest.mark.parametrize(("row", "valid"), [
     ({"speedup": 1.2, "exact_match": 0.5, "lossless_violations": 0, "eval_dtype": "bfloat16"}, True),
     ({"speedup": 1.2, "exact_match": 0.5, "lossless_violations": 1, "eval_dtype": "bfloat16"}, False),
