@@ -294,6 +294,7 @@ class KoalaTrainer:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.val_rank_accuracy: list[list[float]] = []  # [step][rank], from the last validation
         self.best_rank_accuracy: list[list[float]] = []
+        self.best_validation: dict[str, float] = {}  # the best epoch's val_* metrics
         self._last_predictions: Predictions | None = None
 
     def progress(self, step: int) -> float | None:
@@ -588,11 +589,13 @@ class KoalaTrainer:
 
     # --- best epoch --------------------------------------------------------------------------------------------
 
-    def consider_best(self, val_tau: float | None, epoch: int) -> bool:
-        """Keeps a copy of the head if this epoch's validation tau is the best so far; True if it is."""
+    def consider_best(self, val_tau: float | None, epoch: int, validation: dict[str, float] | None = None) -> bool:
+        """Keeps a copy of the head (and its `validation` metrics) if this epoch's validation tau is the best so
+        far; True if it is."""
         if val_tau is None or (self.best_val_tau is not None and val_tau <= self.best_val_tau):
             return False
         self.best_val_tau, self.best_epoch = val_tau, epoch
+        self.best_validation = dict(validation or {"val_tau": val_tau})
         self.best_state = {k: v.detach().clone().cpu() for k, v in self.head_module.state_dict().items()}
         self.best_rank_accuracy = self.val_rank_accuracy
         return True
@@ -621,6 +624,7 @@ class KoalaTrainer:
             "best_epoch": self.best_epoch, "scheduler": scheduler, "scaler": self.scaler.state_dict(),
             "discriminator_scaler": self.discriminator_scaler.state_dict(),
             "best_rank_accuracy": self.best_rank_accuracy, "val_rank_accuracy": self.val_rank_accuracy,
+            "best_validation": self.best_validation,
         }))
 
     def load_state(self, directory: Path) -> None:
@@ -636,6 +640,7 @@ class KoalaTrainer:
         self.step, self.train_seconds = state["step"], state.get("train_seconds", 0.0)
         self.best_val_tau, self.best_epoch = state.get("best_val_tau"), state.get("best_epoch")
         self.best_rank_accuracy = state.get("best_rank_accuracy", [])
+        self.best_validation = state.get("best_validation", {})
         self.val_rank_accuracy = state.get("val_rank_accuracy", [])
         self.head_scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None]})
         # The optimizer's param groups are the fresh ones, at the schedule's first value; the scheduler's state
@@ -761,8 +766,8 @@ def run_training_loop(
     log_every = config.log_every_steps or max(1, total_steps // LOSS_CURVE_POINTS)
     out_of_time = bool(config.max_train_seconds) and trainer.train_seconds >= config.max_train_seconds
     if trainer.step >= total_steps or out_of_time:  # a finished run resumed: nothing to train, report where it ended
-        return {**{k: v for k, v in validate().items() if v is not None},
-                "step": trainer.step, "train_seconds": trainer.train_seconds}
+        return exported_metrics(trainer, {**{k: v for k, v in validate().items() if v is not None},
+                                          "step": trainer.step, "train_seconds": trainer.train_seconds})
     metrics: dict[str, float] = {}
     bar = tqdm(total=total_steps, initial=trainer.step, desc="train", unit="step", disable=not hooks.progress,
                mininterval=10)
@@ -779,12 +784,15 @@ def run_training_loop(
             epoch_done = last or batch_index == len(batches) - 1
             metrics.update(epoch=epoch, step=trainer.step, train_seconds=trainer.train_seconds)
             if epoch_done:
-                metrics.update({k: v for k, v in validate().items() if v is not None})
-                metrics["best"] = float(trainer.consider_best(metrics.get("val_tau"), epoch))
+                validation = {k: v for k, v in validate().items() if v is not None}
+                metrics.update(validation)
+                metrics["best"] = float(trainer.consider_best(metrics.get("val_tau"), epoch, validation))
                 if hooks.progress:
                     bar.write(_epoch_line(metrics))
             if epoch_done or trainer.step % log_every == 0:
                 hooks.log(metrics, trainer.step)
+            if last:  # the last report describes the head that is exported (the logged curve keeps the last epoch)
+                metrics = exported_metrics(trainer, metrics)
             if epoch_done or trainer.step % config.checkpoint_every_steps == 0:
                 hooks.checkpoint(metrics)
             hooks.after_step(trainer.step)
@@ -793,6 +801,16 @@ def run_training_loop(
                 return metrics
     bar.close()
     return metrics
+
+
+def exported_metrics(trainer: KoalaTrainer, metrics: dict[str, float]) -> dict[str, float]:
+    """`metrics` with the validation figures of the head that is exported: the best epoch's when `select_best`
+    picked one (the last epoch's own go to `last_val_*`), plus `best_epoch`."""
+    if not (trainer.config.select_best and trainer.best_validation):
+        return metrics
+    last = {f"last_{k}": v for k, v in metrics.items() if k.startswith("val_")}
+    kept = {k: v for k, v in metrics.items() if not k.startswith("val_")}
+    return {**kept, **last, **trainer.best_validation, "best_epoch": float(trainer.best_epoch)}
 
 
 def _epoch_line(metrics: dict[str, float]) -> str:

@@ -200,6 +200,25 @@ def test_a_run_that_spent_its_time_budget_trains_no_more_when_run_again(tiny_tar
     assert trainer.step == 1 and metrics["step"] == 1 and metrics["val_tau"] == 1.5
 
 
+def test_the_last_report_describes_the_exported_head_not_the_last_epoch(tiny_target):
+    """With select_best the exported head is the best epoch's: the final metrics (a sweep's trial row, Ray's
+    result) carry its validation figures, the last epoch's as last_val_*; the logged curve keeps every epoch."""
+    from pipeline.training import FeatureStore, LoopHooks, run_training_loop
+
+    rows = _rows(tiny_target, count=4)
+    trainer = _trainer(tiny_target, "eagle", 0.0, batch_size=2, epochs=2)
+    store = FeatureStore.build(tiny_target.model, rows, max_seq_len=64, progress=False)
+    epochs = iter([{"val_tau": 2.0, "val_acc_1": 0.6}, {"val_tau": 1.5, "val_acc_1": 0.4}])
+    logged, reported = [], []
+    final = run_training_loop(trainer, train_rows=rows, features=store, validate=lambda: next(epochs),
+                              hooks=LoopHooks(log=lambda m, step: logged.append(dict(m)),
+                                              checkpoint=lambda m: reported.append(dict(m))))
+    assert (final["val_tau"], final["val_acc_1"], final["best_epoch"]) == (2.0, 0.6, 0.0)
+    assert (final["last_val_tau"], final["last_val_acc_1"]) == (1.5, 0.4)
+    assert reported[-1] == final
+    assert [m["val_tau"] for m in logged if "val_tau" in m] == [2.0, 1.5]
+
+
 def test_validation_keeps_the_best_epoch_for_export(tiny_target):
     trainer = _trainer(tiny_target, "eagle", 0.0)
     batch = _batch(tiny_target, _rows(tiny_target))
