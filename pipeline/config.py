@@ -226,7 +226,8 @@ class DecodeConfig(Config):
     distribution), which pay more there (both lossless; measured in the README's "Tree drafts").
     `tree_nodes` 0 = auto: a static tree's paths are learnt from the rounds decoded (`trees.TreeBudget`: the
     prefix, in order of measured acceptance, with the most expected tokens per second on this device's measured
-    draft and verify costs); a dynamic tree's size is the largest whose verify pass costs at most 1.2x the chain's.
+    draft and verify costs; a seeded sampled generation drafts a fixed prefix instead, `decoding.SEEDED_SAMPLING_TREE_NODES`
+    paths, so its seed reproduces its text); a dynamic tree's size is the largest whose verify pass costs at most 1.2x the chain's.
     `lookup_tokens` > 0 adds up to that many prompt-lookup tokens (what followed the latest earlier occurrence of the context's last n-gram) to each
     tree as one more branch (pipeline/lookup.py), on top of its `tree_nodes`; 0 = the drafter's tree alone. `stop`
     holds stop strings; EOS tokens always stop.

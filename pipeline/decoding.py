@@ -115,7 +115,10 @@ def sampling_probs(logits: torch.Tensor, *, temperature: float, top_p: float) ->
 
     Top-p keeps the smallest set of most likely tokens whose mass reaches `top_p` (at least one token).
     """
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    # The max subtracted before dividing: a tiny temperature (1e-38 is valid) would overflow logits / t to inf,
+    # and softmax of inf is NaN; this way the best logit is 0 and the others go to -inf at worst (probability 0).
+    probs = torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
     if top_p >= 1.0:
         return probs
     sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -560,6 +563,11 @@ def tree_capable(model: PreTrainedModel) -> bool:
     return tree_incapability(model) is None
 
 
+# The static tree's first paths that seeded sampling drafts (see `_tree_shape`): the learnt budget's usual choice on
+# a CPU before it learnt from rounds (the verify-cost rule's 11-15).
+SEEDED_SAMPLING_TREE_NODES = 12
+
+
 def _tree_shape(
     target: Target, drafter: DraftHead, config: DecodeConfig, draft_length: int, features: torch.Tensor,
     tokens: torch.Tensor,
@@ -584,7 +592,13 @@ def _tree_shape(
     if config.tree_nodes:
         return TreeShape(nodes=config.tree_nodes, depth=draft_length, static=static[:config.tree_nodes]), None
     # Paths deeper than the draft length are never drafted: they would only inflate the counts.
-    learnt = _learnt_tree(target, drafter, config, draft_length, tuple(p for p in static if len(p) <= draft_length))
+    static = tuple(p for p in static if len(p) <= draft_length)
+    if config.seed is not None and not config.greedy:
+        # Which tokens a seeded sample draws depends on the tree drafted; a learnt budget changes the tree with
+        # every request a replica serves, so the same seed would not give the same text. A fixed tree does.
+        nodes = min(SEEDED_SAMPLING_TREE_NODES, len(static))
+        return TreeShape(nodes=nodes, depth=draft_length, static=static[:nodes]), None
+    learnt = _learnt_tree(target, drafter, config, draft_length, static)
     nodes = _choose_learnt_nodes(learnt, target, drafter, config, features, tokens)
     return learnt.shape(nodes), learnt
 

@@ -164,6 +164,15 @@ def test_verify_sampling_single_position_matches_target_exactly():
     assert counts[4] == 0, "a token with target probability 0 must never be emitted"
 
 
+def test_a_tiny_temperature_samples_the_argmax_not_nan():
+    logits = torch.tensor([[3.0, 9.5, -2.0, 9.0], [40.0, -1e4, 39.0, float("-inf")]])
+    for top_p in (1.0, 0.9):
+        probs = sampling_probs(logits, temperature=1e-38, top_p=top_p)
+        assert torch.equal(probs, torch.tensor([[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]))
+    torch.testing.assert_close(sampling_probs(logits, temperature=0.7, top_p=1.0),
+                               torch.softmax(logits / 0.7, dim=-1))
+
+
 def test_verify_sampling_never_accepts_a_token_the_target_cannot_sample(monkeypatch):
     """torch.rand can return exactly 0: a draft token of target probability 0 (outside its top_p nucleus) must
     still be rejected, and a residual that rounding left empty falls back to the target's row, never NaN."""

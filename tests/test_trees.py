@@ -350,9 +350,28 @@ def test_auto_static_tree_learns_its_node_budget_and_stays_lossless(tiny_target,
     assert verified_sizes.count(budget.ceiling) >= len(verified_sizes) // budget.explore_every
     assert all(size in (budget.nodes, budget.ceiling) or size < budget.nodes for size in verified_sizes)
     # sampling learns its own budget: acceptance depends on the temperature
-    generate(tiny_target, tiny_target.encode_prompt(PROMPTS[0]), drafter=head,
-             config=config.replace(temperature=0.7, seed=0))
+    generate(tiny_target, tiny_target.encode_prompt(PROMPTS[0]), drafter=head, config=config.replace(temperature=0.7))
     assert len(decoding._learnt_trees[head]) == 2
+
+
+def test_a_seeded_sample_does_not_depend_on_what_the_budget_learnt(tiny_target, monkeypatch):
+    """A replica's learnt budget changes its tree from request to request, and the tree decides which random
+    numbers a sample draws: seeded sampling drafts a fixed tree, so the same seed gives the same text."""
+    monkeypatch.setattr(decoding, "_learnt_trees", weakref.WeakKeyDictionary())
+    torch.manual_seed(3)
+    head = build_head(HeadConfig(head_type="eagle", num_heads=3), tiny_target.model)
+    torch.nn.init.normal_(head.fc.weight, std=0.2)
+    seeded = DecodeConfig(max_new_tokens=30, draft_length=3, temperature=0.7, seed=5)
+    prompt_ids = tiny_target.encode_prompt(PROMPTS[0])
+    first = generate(tiny_target, prompt_ids, config=seeded, drafter=head)
+    for text in PROMPTS * 3:  # unseeded requests teach the budget (64 rounds), which then picks its own tree
+        generate(tiny_target, tiny_target.encode_prompt(text), config=seeded.replace(seed=None), drafter=head)
+    (learnt,) = decoding._learnt_trees[head].values()
+    assert learnt.budget.ready
+    again = generate(tiny_target, prompt_ids, config=seeded, drafter=head)
+    assert again.token_ids == first.token_ids
+    assert again.stats.tree_nodes == first.stats.tree_nodes == min(decoding.SEEDED_SAMPLING_TREE_NODES,
+                                                                   sum(len(p) <= 3 for p in DEFAULT_STATIC_TREE))
 
 
 def test_auto_static_tree_of_a_drafter_without_paths_drafts_its_ceiling(tiny_target, monkeypatch):
