@@ -332,8 +332,10 @@ class KoalaServer:
             return
         assert result is not None
         counts, speculative = usage(result.stats, len(result.token_ids)), self._speculative(result)
-        yield sse(shape.chunk(text.finish(result.text), result.finish_reason, first=first, usage=counts,
-                              speculative=speculative))
+        # Usage once per stream: on the usage-only chunk when the client asked for it (as OpenAI sends it; clients
+        # that add usage up over chunks would count it twice), else on the finishing chunk.
+        yield sse(shape.chunk(text.finish(result.text), result.finish_reason, first=first,
+                              usage=None if include_usage_chunk else counts, speculative=speculative))
         if include_usage_chunk:
             yield sse(shape.usage_chunk(counts, speculative))
         yield SSE_DONE

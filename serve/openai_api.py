@@ -2,7 +2,9 @@
 
 Plain Python (pydantic + json), no Ray: the HTTP layer in `serve.app` calls these, and tests call them directly.
 Only what the endpoint implements is accepted with meaning (`model`, `prompt`/`messages`, `max_tokens`,
-`temperature`, `top_p`, `stop`, `stream`, `stream_options`, `seed`, `n` = 1); other OpenAI fields are ignored.
+`temperature`, `top_p`, `stop`, `stream`, `stream_options`, `seed`, `n` = 1). OpenAI fields that would change the
+answer and are not implemented (`UNSUPPORTED_FIELDS`: logprobs, tools, JSON mode, penalties, ...) are refused with
+a 400 unless they hold their no-op value; other fields (`user`, `metadata`, ...) are ignored.
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ from pipeline.config import SEED_RANGE, ConfigError, DecodeConfig
 from pipeline.decoding import GenerationStats
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+# Fields this endpoint does not implement, each with the values that ask for nothing (accepted and ignored).
+UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
+    "best_of": (None, 1), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none"), "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+}
 
 
 class ApiError(Exception):
@@ -38,7 +47,8 @@ class ApiError(Exception):
 
 class _Request(BaseModel):
     # strict: "5" is not an integer and 1 is not a boolean; clients should learn that from a 400, not by surprise.
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # Extra fields are kept (and checked against UNSUPPORTED_FIELDS by `parse_request`).
+    model_config = ConfigDict(strict=True, extra="allow")
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -118,9 +128,19 @@ _Request.model_rebuild()
 def parse_request(body: bytes, request_type: type[_Request]) -> _Request:
     """Raw body -> a validated request, or an `ApiError` (400) naming the first bad field."""
     try:
-        return request_type.model_validate_json(body)
+        request = request_type.model_validate_json(body)
     except ValidationError as error:
         raise ApiError(400, _describe(error.errors()[0]), param=_param(error.errors()[0])) from None
+    for field, value in (request.model_extra or {}).items():
+        if field in UNSUPPORTED_FIELDS and not any(_same(value, allowed) for allowed in UNSUPPORTED_FIELDS[field]):
+            raise ApiError(400, f"{field}: not supported by this server (it returns plain generated text); "
+                                f"leave it out", param=field)
+    return request
+
+
+def _same(value: Any, allowed: Any) -> bool:
+    """value == allowed, where a boolean equals only a boolean (True == 1 in Python; 0.0 == 0 is fine)."""
+    return isinstance(value, bool) == isinstance(allowed, bool) and value == allowed
 
 
 def _param(error: dict[str, Any]) -> str | None:
@@ -239,6 +259,7 @@ class StreamText:
         cut = min((text.find(s) for s in self.stop if s in text), default=-1)
         if cut >= 0:
             return text[:cut]
+        # The half-decoded character goes first: a stop string's start before it must be held back too.
+        text = text.rstrip("\ufffd")
         hold = max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
-        text = text[: len(text) - hold]
-        return text.rstrip("\ufffd")
+        return text[: len(text) - hold]

@@ -118,6 +118,22 @@ def test_chat_request_parsing_and_limits():
         too_many.decode_config(DecodeConfig(max_new_tokens=16), max_tokens_limit=32)
 
 
+def test_fields_that_would_change_the_answer_are_refused_unless_they_ask_for_nothing():
+    """logprobs, tools, JSON mode, penalties...: a 400 naming the field, not a 200 that silently lacks them."""
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    for field, value in [("logprobs", True), ("top_logprobs", 2), ("tools", [{"type": "function"}]),
+                         ("response_format", {"type": "json_object"}), ("presence_penalty", 0.5),
+                         ("logit_bias", {"5": 10}), ("echo", True)]:
+        with pytest.raises(ApiError) as raised:
+            parse_request(json.dumps({**base, field: value}).encode(), ChatRequest)
+        assert raised.value.status == 400 and raised.value.param == field
+    no_ops = {"logprobs": False, "presence_penalty": 0.0, "frequency_penalty": 0, "tools": [], "tool_choice": "none",
+              "response_format": {"type": "text"}, "user": "someone", "metadata": {"k": "v"}}
+    assert parse_request(json.dumps({**base, **no_ops}).encode(), ChatRequest).conversation()[0]["content"] == "hi"
+    with pytest.raises(ApiError, match="logprobs"):
+        parse_request(b'{"model": "m", "prompt": "p", "logprobs": 1}', CompletionRequest)
+
+
 def test_stream_text_never_sends_what_a_stop_string_may_cut():
     pieces = ["Hel", "lo E", "N", "D and more"]
     stream = StreamText(lambda ids: "".join(pieces[i] for i in ids), stop=("END",))
@@ -126,6 +142,11 @@ def test_stream_text_never_sends_what_a_stop_string_may_cut():
     assert stream.finish("Hello ") == ""
     half_char = StreamText(lambda ids: "ab\ufffd" if len(ids) == 1 else "abé", stop=())
     assert half_char.add([0]) == "ab" and half_char.add([1]) == "é"
+    # A stop string's first character, then half of the next one: the start of the stop is held back too.
+    texts = ["价格是一百元。结\ufffd", "价格是一百元。结束"]
+    multibyte_stop = StreamText(lambda ids: texts[len(ids) - 1], stop=("结束",))
+    assert multibyte_stop.add([0]) == "价格是一百元。"
+    assert multibyte_stop.add([1]) == "" and multibyte_stop.finish("价格是一百元。") == ""
 
 
 def test_engine_cancels_a_stream_that_is_closed_early():
@@ -298,6 +319,7 @@ def test_openai_client_chat_and_completions_streaming_and_not(endpoint, referenc
     assert streamed == expected.text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+    assert [c.usage for c in chunks[:-1]] == [None] * (len(chunks) - 1)  # usage once: clients may add it up
 
     completion = client.completions.create(model="koala", prompt="hello world", max_tokens=12, temperature=0)
     assert completion.choices[0].text == _vanilla(target, _completion_ids(target, "hello world"), 12).text
