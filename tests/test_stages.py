@@ -146,3 +146,25 @@ def test_bad_training_config_fails_before_any_work(tmp_path):
         TrainConfig.from_dict({"data_dirs": ["x"], "head": {"num_layers": 0}})
     assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_training_goes_on_in_its_mlflow_run(tmp_path):
+    """A Ray training run resumed from its checkpoint (after Ctrl-C, or a sweep stopped mid-trial) logs into the
+    run its first attempt started, not a second run holding the rest of the loss curve; other settings start anew."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.stages.train import _resumed_or_new_run
+
+    config = TrainConfig.from_dict({"data_dirs": ["unused"], "out_dir": str(tmp_path / "train"),
+                                    "tracking": {"run_dir": str(tmp_path / "runs")}})
+    out_dir = tmp_path / "train"
+    out_dir.mkdir()
+    first = _resumed_or_new_run(config, out_dir, {}, "none", run_name="eagle", parent_run_id=None)
+    first.end("FAILED")  # the first attempt failed
+    again = _resumed_or_new_run(config, out_dir, {}, "none", run_name="eagle", parent_run_id=None)
+    assert again.run_id == first.run_id
+    assert MlflowClient(tracking_uri=first.uri).get_run(first.run_id).info.status == "RUNNING"
+    other = _resumed_or_new_run(config.replace(max_steps=7), out_dir, {}, "none", run_name="eagle", parent_run_id=None)
+    assert other.run_id != first.run_id
+    assert _resumed_or_new_run(config.replace(tracking=config.tracking.replace(enabled=False)), out_dir, {}, "none",
+                               run_name="eagle", parent_run_id=None) is None

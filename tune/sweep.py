@@ -201,7 +201,11 @@ def run_trial(params: dict[str, Any], *, context: dict[str, Any]) -> None:
     evaluation = _read_json(trial_dir / EVAL_FILE)
     if evaluation is None:
         print(f"[sweep] trial {name}: evaluating on {len(context['questions'])} prompts")
-        evaluation = _evaluate(context, train["head_dir"])
+        try:
+            evaluation = _evaluate(context, train["head_dir"])
+        except BaseException:
+            _end_trial_run(context, train, "FAILED")  # a retry that succeeds ends it again, as FINISHED
+            raise
         write_json_atomically(evaluation, trial_dir / EVAL_FILE)
     metrics = _trial_metrics(train, evaluation)
     _log_trial(context, train, evaluation, trial_dir)
@@ -242,6 +246,13 @@ def _log_trial(context: dict[str, Any], train: dict[str, Any], evaluation: dict[
     run.log_metrics(evaluation, prefix="eval/")
     run.log_artifact(trial_dir / EVAL_FILE)
     run.end()
+
+
+def _end_trial_run(context: dict[str, Any], train: dict[str, Any], status: str) -> None:
+    if train.get("mlflow_run_id"):
+        from pipeline.tracking import Run
+
+        Run(context["mlflow_uri"], train["mlflow_run_id"]).end(status)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 FEATURE_BYTES = 2  # fp16
 FEATURE_CACHE_VERSION = 2
 TRAIN_SUMMARY_FILE = "train_summary.json"
+RUN_FILE = "mlflow_run.json"  # the MLflow run a Ray training run logs into, kept so a resumed run goes on in it
 METRICS_FILE = "metrics.jsonl"
 DATA_COLUMNS = ["prompt_id", "input_ids", "loss_mask"]
 
@@ -413,7 +414,8 @@ def run_train(config: TrainConfig, *, run_name: str | None = None, parent_run_id
         for rows in (train_rows, validation_rows)
     )
 
-    tracking = _start_run(config, stats, cache_reason, run_name=run_name, parent_run_id=parent_run_id)
+    tracking = _resumed_or_new_run(config, out_dir, stats, cache_reason, run_name=run_name,
+                                   parent_run_id=parent_run_id)
     data_key = hashlib.sha1(json.dumps([str(p) for p in paths] + [
         stats["tokens"], config.max_seq_len, config.max_train_tokens, config.seed, config.val_fraction,
         config.target.spec, config.target.dtype, FEATURE_CACHE_VERSION,
@@ -469,6 +471,27 @@ def run_train(config: TrainConfig, *, run_name: str | None = None, parent_run_id
         if end_run:
             tracking.end()
     return summary
+
+
+def _resumed_or_new_run(config: TrainConfig, out_dir: Path, stats: dict[str, Any], cache_reason: str, *,
+                        run_name: str | None, parent_run_id: str | None):
+    """The MLflow run of this training: the one an earlier, interrupted attempt with the same settings started
+    (Ray Train resumes it from its checkpoint, so its loss curve goes on in the same run), else a new one."""
+    if not config.tracking.enabled:
+        return None
+    from pipeline.tracking import Run, tracking_uri
+
+    identity = {"uri": tracking_uri(config.tracking), "parent_run_id": parent_run_id,
+                "settings": hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()}
+    state = out_dir / RUN_FILE
+    saved = json.loads(state.read_text()) if state.is_file() else {}
+    if saved and {k: saved.get(k) for k in identity} == identity:
+        run = Run(identity["uri"], saved["run_id"])
+        run.client.update_run(run.run_id, status="RUNNING")  # an attempt that failed ended it as FAILED
+        return run
+    run = _start_run(config, stats, cache_reason, run_name=run_name, parent_run_id=parent_run_id)
+    write_json_atomically({**identity, "run_id": run.run_id}, state)
+    return run
 
 
 def _start_run(config: TrainConfig, stats: dict[str, Any], cache_reason: str, *, run_name: str | None,
