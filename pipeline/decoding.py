@@ -493,7 +493,8 @@ def _learnt_tree(target: Target, drafter: DraftHead, config: DecodeConfig, draft
     ceiling = auto_tree_nodes(target.model, draft_length)
     # Sampling at any temperature draws its trees (greedy picks top-k): a separate budget even at 0.01.
     temperature = 0.0 if config.greedy else max(round(config.temperature, 1), 0.1)
-    key = (id(target.model), draft_length, temperature, config.top_p, config.lookup_tokens, static, ceiling)
+    # top_p rounded as the temperature is: a client sending ever new values must not grow a budget for each.
+    key = (id(target.model), draft_length, temperature, round(config.top_p, 2), config.lookup_tokens, static, ceiling)
     learnt = _learnt_trees.setdefault(drafter, {})
     if key not in learnt:
         verify_sizes = (2, 4, draft_length + 1, *AUTO_TREE_SIZES)

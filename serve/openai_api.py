@@ -74,8 +74,9 @@ class _Request(BaseModel):
         request's length, sampling, stop strings and seed."""
         max_tokens = self.max_tokens or self.max_completion_tokens or defaults.max_new_tokens
         if max_tokens > max_tokens_limit:
-            raise ApiError(400, f"max_tokens: {max_tokens} is above this server's limit of {max_tokens_limit}",
-                           param="max_tokens")
+            field = "max_tokens" if self.max_tokens or not self.max_completion_tokens else "max_completion_tokens"
+            raise ApiError(400, f"{field}: {max_tokens} is above this server's limit of {max_tokens_limit}",
+                           param=field)
         try:
             return defaults.replace(max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                                     stop=self.stop_strings(), seed=self.seed)
@@ -105,10 +106,13 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None  # null: an assistant turn that only called tools, replayed by a client
 
     def as_dict(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if self.content is None and self.role != "assistant":
+            raise ApiError(400, f"messages: a {self.role} message needs content", param="messages")
+        content = self.content or ""
+        text = content if isinstance(content, str) else "".join(p.text for p in content)
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
@@ -138,6 +142,9 @@ def parse_request(body: bytes, request_type: type[_Request]) -> _Request:
     return request
 
 
+UNION_MEMBER_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
+
+
 def _same(value: Any, allowed: Any) -> bool:
     """value == allowed, where a boolean equals only a boolean (True == 1 in Python; 0.0 == 0 is fine)."""
     return isinstance(value, bool) == isinstance(allowed, bool) and value == allowed
@@ -146,7 +153,7 @@ def _same(value: Any, allowed: Any) -> bool:
 def _param(error: dict[str, Any]) -> str | None:
     loc = [str(part) for part in error.get("loc", ())]
     # a union reports the member type it tried as the last location part ("str", "list[str]"): drop it
-    while loc and not (loc[-1].isidentifier() or loc[-1].isdigit()):
+    while loc and (loc[-1] in UNION_MEMBER_TAGS or not (loc[-1].isidentifier() or loc[-1].isdigit())):
         loc.pop()
     return ".".join(loc) or None
 

@@ -109,10 +109,22 @@ def test_chat_request_parsing_and_limits():
     assert parsed.decode_config(server, max_tokens_limit=32) == DecodeConfig(
         max_new_tokens=16, temperature=1.0, stop=("x",), seed=3, draft_length=3, tree="dynamic", tree_nodes=5,
         lookup_tokens=2, tree_max_temperature=1.0)
-    for bad, param in [({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role")]:
+    for bad, param in [({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+                       ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content")]:
         with pytest.raises(ApiError) as raised:
             parse_request(json.dumps({"model": "m", **bad}).encode(), ChatRequest)
         assert raised.value.param == param
+    # An assistant turn that only called tools has content null (a client replaying a conversation sends it).
+    replayed = parse_request(json.dumps({"model": "m", "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": None}, {"role": "user", "content": "and?"},
+    ]}).encode(), ChatRequest)
+    assert [m["content"] for m in replayed.conversation()] == ["hi", "", "and?"]
+    with pytest.raises(ApiError, match="user message needs content"):
+        parse_request(b'{"model": "m", "messages": [{"role": "user", "content": null}]}', ChatRequest).conversation()
+    newer_name = parse_request(b'{"model": "m", "prompt": "p", "max_completion_tokens": 33}', CompletionRequest)
+    with pytest.raises(ApiError) as raised:
+        newer_name.decode_config(DecodeConfig(max_new_tokens=16), max_tokens_limit=32)
+    assert raised.value.param == "max_completion_tokens"
     too_many = parse_request(b'{"model": "m", "prompt": "p", "max_tokens": 33}', CompletionRequest)
     with pytest.raises(ApiError, match="above this server's limit of 32"):
         too_many.decode_config(DecodeConfig(max_new_tokens=16), max_tokens_limit=32)

@@ -352,6 +352,10 @@ def test_auto_static_tree_learns_its_node_budget_and_stays_lossless(tiny_target,
     # sampling learns its own budget: acceptance depends on the temperature
     generate(tiny_target, tiny_target.encode_prompt(PROMPTS[0]), drafter=head, config=config.replace(temperature=0.7))
     assert len(decoding._learnt_trees[head]) == 2
+    for top_p in (0.9001, 0.9002):  # a client sending ever new top_p values does not grow a budget for each
+        generate(tiny_target, tiny_target.encode_prompt(PROMPTS[0]), drafter=head,
+                 config=config.replace(temperature=0.7, top_p=top_p, max_new_tokens=4))
+    assert len(decoding._learnt_trees[head]) == 3
 
 
 def test_a_seeded_sample_does_not_depend_on_what_the_budget_learnt(tiny_target, monkeypatch):
