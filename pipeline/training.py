@@ -640,7 +640,9 @@ class KoalaTrainer:
         self.step, self.train_seconds = state["step"], state.get("train_seconds", 0.0)
         self.best_val_tau, self.best_epoch = state.get("best_val_tau"), state.get("best_epoch")
         self.best_rank_accuracy = state.get("best_rank_accuracy", [])
-        self.best_validation = state.get("best_validation", {})
+        # A checkpoint from before best_validation was kept still knows the best epoch's tau.
+        self.best_validation = state.get("best_validation") or (
+            {"val_tau": self.best_val_tau} if self.best_val_tau is not None else {})
         self.val_rank_accuracy = state.get("val_rank_accuracy", [])
         self.head_scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None]})
         # The optimizer's param groups are the fresh ones, at the schedule's first value; the scheduler's state

@@ -108,9 +108,10 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None  # null: an assistant turn that only called tools, replayed by a client
 
-    def as_dict(self) -> dict[str, str]:
+    def as_dict(self, index: int) -> dict[str, str]:
         if self.content is None and self.role != "assistant":
-            raise ApiError(400, f"messages: a {self.role} message needs content", param="messages")
+            raise ApiError(400, f"messages.{index}.content: a {self.role} message needs content",
+                           param=f"messages.{index}.content")
         content = self.content or ""
         text = content if isinstance(content, str) else "".join(p.text for p in content)
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
@@ -120,7 +121,7 @@ class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
 
     def conversation(self) -> list[dict[str, str]]:
-        messages = [m.as_dict() for m in self.messages]
+        messages = [m.as_dict(index) for index, m in enumerate(self.messages)]
         if not any(m["content"].strip() for m in messages):
             raise ApiError(400, "messages: every message is empty; send some text", param="messages")
         return messages

@@ -166,5 +166,8 @@ def test_an_interrupted_training_goes_on_in_its_mlflow_run(tmp_path):
     assert MlflowClient(tracking_uri=first.uri).get_run(first.run_id).info.status == "RUNNING"
     other = _resumed_or_new_run(config.replace(max_steps=7), out_dir, {}, "none", run_name="eagle", parent_run_id=None)
     assert other.run_id != first.run_id
+    other.end()  # finished: training again from scratch (its output deleted) gets a run of its own
+    assert _resumed_or_new_run(config.replace(max_steps=7), out_dir, {}, "none", run_name="eagle",
+                               parent_run_id=None).run_id != other.run_id
     assert _resumed_or_new_run(config.replace(tracking=config.tracking.replace(enabled=False)), out_dir, {}, "none",
                                run_name="eagle", parent_run_id=None) is None

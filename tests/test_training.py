@@ -168,7 +168,11 @@ def test_adversarial_training_does_not_collapse(tiny_target):
     after_warmup = [m["d_accuracy"] for m in history[100:]]
     mean_accuracy = sum(after_warmup) / len(after_warmup)
     assert 0.5 < mean_accuracy < 1.0, mean_accuracy
+    before = {k: v.clone() for k, v in trainer.discriminator_module.state_dict().items()}
     assert 0.5 < trainer.evaluate(batches)["val_d_accuracy"] < 1.0
+    # validation (rank 0 only under DDP) leaves the discriminator as it was: no spectral-norm power iterations
+    after = trainer.discriminator_module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and trainer.discriminator_module.training
 
 
 def test_fp16_scales_the_discriminators_loss_too(tiny_target, tmp_path):
@@ -474,7 +478,11 @@ def test_a_saved_feature_cache_is_used_only_for_the_rows_it_was_computed_for(tin
     torch.testing.assert_close(again.flat, saved.flat)
     reordered = _features(tiny_target.model, rows[::-1], config, cache=True, progress=False, cache_path=path)
     swapped = _features(tiny_target.model, others, config, cache=True, progress=False, cache_path=path)
-    for store, expected_rows in ((reordered, rows[::-1]), (swapped, others)):
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(path), path)  # a cache written before caches carried their rows' fingerprint
+    unmarked = _features(tiny_target.model, others, config, cache=True, progress=False, cache_path=path)
+    for store, expected_rows in ((reordered, rows[::-1]), (swapped, others), (unmarked, others)):
         for index, row in enumerate(expected_rows):
             cached = store.batch(expected_rows, [index], dtype=torch.float32).features
             fresh = _batch(tiny_target, [row]).features

@@ -74,10 +74,14 @@ def data_identity(data_dirs: list[str], paths: list[Path]) -> list[Any]:
 
 def file_sha1(path: Path) -> str:
     digest = hashlib.sha1()
-    with path.open("rb") as file:  # in chunks: a large file need not fit in memory
+    _update_digest(digest, path)
+    return digest.hexdigest()
+
+
+def _update_digest(digest, path: Path) -> None:
+    with path.open("rb") as file:  # in chunks: a large file (a large target's head) need not fit in memory
         while chunk := file.read(1 << 20):
             digest.update(chunk)
-    return digest.hexdigest()
 
 
 def incumbent_dir(config: SweepConfig) -> Path | None:
@@ -96,8 +100,10 @@ def head_identity(directory: Path | None) -> str | None:
     """A head directory by content (its config and weights), so a changed incumbent is measured again."""
     if directory is None:
         return None
-    return hashlib.sha1("".join(file_sha1(directory / name)
-                                for name in ("head_config.json", "head.safetensors")).encode()).hexdigest()
+    digest = hashlib.sha1()
+    for name in ("head_config.json", "head.safetensors"):  # both files' bytes in one digest, as before
+        _update_digest(digest, directory / name)
+    return digest.hexdigest()
 
 
 def sweep_key(config: SweepConfig, data_dirs: list[str], questions: list[Question], *,

@@ -5,7 +5,7 @@ its validation rows (Medusa's sparse-tree construction); decoding's learnt budge
 the device can verify cheaply. A head trained before the tree grew, or one going to a device that verifies more
 tokens per pass (a GPU scores ~60 tokens in about the time of one), can have its tree measured again here: the same
 validation pass over rows of distilled data the head was not trained on (the validation split of its training
-data by prompt id), and a tree of any size written to the head's settings. The weights are not touched.
+data by opening prompt, split_id), and a tree of any size written to the head's settings. The weights are not touched.
 """
 
 from __future__ import annotations

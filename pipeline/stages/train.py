@@ -485,13 +485,26 @@ def _resumed_or_new_run(config: TrainConfig, out_dir: Path, stats: dict[str, Any
                 "settings": hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()}
     state = out_dir / RUN_FILE
     saved = json.loads(state.read_text()) if state.is_file() else {}
-    if saved and {k: saved.get(k) for k in identity} == identity:
+    if saved and {k: saved.get(k) for k in identity} == identity and _unfinished(identity["uri"], saved["run_id"]):
         run = Run(identity["uri"], saved["run_id"])
         run.client.update_run(run.run_id, status="RUNNING")  # an attempt that failed ended it as FAILED
         return run
     run = _start_run(config, stats, cache_reason, run_name=run_name, parent_run_id=parent_run_id)
     write_json_atomically({**identity, "run_id": run.run_id}, state)
     return run
+
+
+def _unfinished(uri: str, run_id: str) -> bool:
+    """Whether the run is still in the store and did not finish (a finished one is not logged into again: training
+    from scratch after deleting its output gets a run of its own)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    except MlflowException:  # the store was recreated since
+        return False
+    return run.info.lifecycle_stage == "active" and run.info.status != "FINISHED"
 
 
 def _start_run(config: TrainConfig, stats: dict[str, Any], cache_reason: str, *, run_name: str | None,
