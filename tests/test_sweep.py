@@ -102,6 +102,32 @@ def test_training_data_is_known_by_content_and_its_prompts_are_never_evaluated(t
     assert len({first, key(num_workers=2), key(tracking={"enabled": False})}) == 3
 
 
+def test_a_trial_whose_evaluation_fails_ends_its_run_as_failed(tmp_path, monkeypatch):
+    """Not left RUNNING when Tune's retries run out; a retry that succeeds ends it again, as FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import TrainConfig
+    from pipeline.tracking import Run
+    from tune import sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = Run.start(uri, experiment="koala", run_name="eagle", params={})
+    trial_dir = tmp_path / "trials" / "eagle"
+    (trial_dir / "head").mkdir(parents=True)
+    (trial_dir / "train_summary.json").write_text(json.dumps({
+        "head_dir": str(trial_dir / "head"), "mlflow_run_id": run.run_id, "metrics": {}, "wall_time_s": 1.0}))
+    config = TrainConfig.from_dict({"data_dirs": ["unused"], "out_dir": str(trial_dir)})
+    context = {"trials": {"eagle": config.to_dict()}, "questions": [], "mlflow_uri": uri}
+
+    def failing(context, head_dir):
+        raise RuntimeError("the evaluation task died")
+
+    monkeypatch.setattr(sweep, "_evaluate", failing)
+    with pytest.raises(RuntimeError, match="died"):
+        sweep.run_trial({"trial": "eagle"}, context=context)
+    assert MlflowClient(tracking_uri=uri).get_run(run.run_id).info.status == "FAILED"
+
+
 def free_port() -> int:
     import socket
 
