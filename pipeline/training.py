@@ -617,6 +617,7 @@ class KoalaTrainer:
             tensors.update({f"disc.{k}": v.detach().contiguous().cpu()
                             for k, v in self.discriminator_module.state_dict().items()})
             tensors.update(_optimizer_tensors("disc_optimizer", self.discriminator_optimizer))
+        tensors.update(self._rng_state())
         save_file(tensors, directory / "trainer_state.safetensors")
         scheduler = {k: v for k, v in self.head_scheduler.state_dict().items() if k != "lr_lambdas"}
         (directory / "trainer_state.json").write_text(json.dumps({
@@ -627,8 +628,20 @@ class KoalaTrainer:
             "best_validation": self.best_validation,
         }))
 
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        """The random state the training steps draw from (feature noise): the CPU's, and the device's on CUDA."""
+        state = {"rng.cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
     def load_state(self, directory: Path) -> None:
         tensors = load_file(directory / "trainer_state.safetensors")
+        # A resumed run draws the random numbers the uninterrupted one would have (absent in older checkpoints).
+        if "rng.cpu" in tensors:
+            torch.set_rng_state(tensors["rng.cpu"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         self.head_module.load_state_dict(_with_prefix(tensors, "head."))
         _load_optimizer(self.head_optimizer, tensors, "head_optimizer")
         best = _with_prefix(tensors, "best.")
