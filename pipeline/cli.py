@@ -11,12 +11,10 @@ from pathlib import Path
 
 import torch
 
-import yaml
-
 from pipeline.config import (
     DTYPES, BenchConfig, ConfigError, DecodeConfig, DistillConfig, HeadConfig, SelfPromptConfig, SweepConfig,
     TargetConfig, TrainConfig,
-    apply_overrides, assign_dotted,
+    apply_overrides, assign_dotted, read_yaml,
 )
 
 log = logging.getLogger("koala")
@@ -182,7 +180,7 @@ def _stage_values(args: argparse.Namespace, flags: dict[str, str]) -> dict:
     if args.config:
         if not args.config.is_file():
             raise ConfigError(f"{args.command}: config file {args.config} does not exist")
-        values = yaml.safe_load(args.config.read_text()) or {}
+        values = read_yaml(args.config, section=args.command)
         if not isinstance(values, dict):
             raise ConfigError(f"{args.command}: {args.config} must hold a mapping of field: value")
     for attribute, field in flags.items():

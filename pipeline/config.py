@@ -86,7 +86,7 @@ class Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{cls.section}: config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = read_yaml(path, section=cls.section)
         if not isinstance(loaded, dict):
             raise ConfigError(f"{cls.section}: {path} must hold a mapping of field: value")
         return cls.from_dict(loaded)
@@ -98,11 +98,32 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+def read_yaml(path: Path, *, section: str) -> Any:
+    """A YAML file's content ({} when empty); a syntax error is a ConfigError naming the file and line."""
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{section}: {path} is not valid YAML ({_yaml_problem(error)})") from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 def assign_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
-    """values["a"]["b"] = value for "a.b", creating the nested mappings on the way."""
+    """values["a"]["b"] = value for "a.b", creating the nested mappings on the way (an empty one, None, too)."""
     *parents, leaf = dotted.split(".")
+    path = []
     for parent in parents:
-        values = values.setdefault(parent, {})
+        path.append(parent)
+        if values.get(parent) is None:
+            values[parent] = {}
+        if not isinstance(values[parent], dict):
+            raise ConfigError(f"{'.'.join(path)}: is {values[parent]!r}, not a mapping of fields, so {dotted} cannot "
+                              f"be set; write {'.'.join(path)} as a mapping (e.g. spec: {values[parent]!r})")
+        values = values[parent]
     values[leaf] = value
 
 
@@ -112,7 +133,11 @@ def apply_overrides(values: dict[str, Any], items: typing.Iterable[str], *, sect
         field, separator, raw = item.partition("=")
         if not separator:
             raise ConfigError(f"{section}: --set expects FIELD=VALUE, got {item!r}")
-        assign_dotted(values, field, yaml.safe_load(raw))
+        try:
+            parsed = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{section}: --set {item!r}: the value is not valid YAML ({_yaml_problem(error)})") from None
+        assign_dotted(values, field, parsed)
     return values
 
 

@@ -103,7 +103,8 @@ def normalize_record(record: Any) -> tuple[list[dict[str, str]] | None, str | No
     """A raw record -> (messages, None) or (None, skip reason).
 
     Accepts ShareGPT (`conversations` with `from`/`value`), OpenAI (`messages` with `role`/`content`), and single
-    prompts (`prompt`, `instruction`, `question`, `text`, or MT-bench `turns`).
+    prompts (`prompt`, `instruction`, `question`, `text`, or MT-bench `turns`), with Alpaca's `input` added to its
+    `instruction` and an answer (`output`, `response` or `completion`) as the assistant turn.
     """
     if not isinstance(record, dict):
         return None, "unknown_format"
@@ -124,7 +125,13 @@ def normalize_record(record: Any) -> tuple[list[dict[str, str]] | None, str | No
             prompt = record["turns"][0]
         if not isinstance(prompt, str):
             return None, "unknown_format"
+        context = record.get("input")
+        if "instruction" in record and isinstance(context, str) and context.strip():
+            prompt = f"{prompt.strip()}\n\n{context.strip()}"  # Alpaca: the text the instruction is about
         messages = [{"role": "user", "content": prompt.strip()}]
+        answer = next((record[k] for k in ("output", "response", "completion") if k in record), None)
+        if isinstance(answer, str) and answer.strip():  # what teacher-forced mode trains on
+            messages.append({"role": "assistant", "content": answer.strip()})
     while messages and messages[0]["role"] == "system":
         if not messages[0]["content"]:
             messages.pop(0)

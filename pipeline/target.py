@@ -127,10 +127,7 @@ class Target:
 
     @property
     def context_window(self) -> int:
-        window = getattr(self.model.config, "max_position_embeddings", None)
-        if window:
-            return int(window)
-        return int(min(self.tokenizer.model_max_length, 1 << 20))
+        return context_window(self.model.config, self.tokenizer)
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -408,6 +405,14 @@ def load_tokenizer(spec: str = SMOLLM2_ALIAS, *, trust_remote_code: bool = False
         return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as error:
         raise TargetLoadError(f"target {spec!r}: could not load its tokenizer from {location!r} ({_first_line(error)})") from error
+
+
+def context_window(model_config, tokenizer) -> int:
+    """Positions the target can attend over: its config's, else the tokenizer's limit (capped)."""
+    window = getattr(model_config, "max_position_embeddings", None)
+    if window:
+        return int(window)
+    return int(min(tokenizer.model_max_length, 1 << 20))
 
 
 def load_model_config(spec: str = SMOLLM2_ALIAS, *, trust_remote_code: bool = False):

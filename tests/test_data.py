@@ -35,6 +35,13 @@ def test_normalize_accepts_sharegpt_openai_and_plain_prompts():
     assert normalize_record({"turns": ["q1", "q2"]})[0] == [{"role": "user", "content": "q1"}]
     assert normalize_record({"foo": 1}) == (None, "unknown_format")
     assert normalize_record({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]})[0][0]["role"] == "system"
+    # Alpaca: the instruction's input is part of the prompt (two inputs are two prompts, not duplicates), and
+    # the output is the answer teacher-forced mode trains on.
+    alpaca = {"instruction": "Summarise.", "input": "The cat sat.", "output": "A cat sat."}
+    assert normalize_record(alpaca) == ([{"role": "user", "content": "Summarise.\n\nThe cat sat."},
+                                         {"role": "assistant", "content": "A cat sat."}], None)
+    assert normalize_record({"instruction": "Name a colour.", "input": "", "output": ""}) == (
+        [{"role": "user", "content": "Name a colour."}], None)
 
 
 def test_load_conversations_counts_every_skip(tmp_path):
@@ -158,6 +165,31 @@ def test_one_prompt_with_several_answers_is_never_on_both_sides_of_the_split(tmp
     assert train and validation
     assert not {r["split_id"] for r in train} & {r["split_id"] for r in validation}
     assert len(validation) % 5 == 0  # each held-out prompt: its 4 answers and its generated one
+
+
+def test_prompts_the_context_cannot_answer_or_the_template_refuses_are_skipped_and_counted(tmp_path, tiny_model_dir,
+                                                                                            monkeypatch):
+    """A prompt whose answer would run past the context window (the tiny model's is 256) is skipped, not a crash
+    of the whole run (GPT-2's position table has no row past it); so is a conversation the chat template refuses."""
+    from jinja2.exceptions import TemplateError
+
+    from pipeline.stages import distill
+
+    path = tmp_path / "prompts.jsonl"
+    texts = ["short question", "x" * 120, "y" * 200, "bad: the template refuses this one"]
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": t}]}) + "\n" for t in texts))
+    encode = distill.PromptFormat.encode
+
+    def refusing(self, messages):
+        if messages[-1]["content"].startswith("bad"):
+            raise TemplateError("Conversation roles must alternate")
+        return encode(self, messages)
+
+    monkeypatch.setattr(distill.PromptFormat, "encode", refusing)
+    config = _distill_config(tmp_path, path, tiny_model_dir, max_new_tokens=100, tracking={"enabled": False})
+    kept, skipped, total = distill.select_prompts(config)
+    assert total == 4 and [c.messages[0]["content"] for c in kept] == texts[:2]
+    assert skipped == {"longer_than_context": 1, "template_error": 1}
 
 
 def test_bad_prompt_input_writes_nothing(tmp_path, tiny_model_dir):

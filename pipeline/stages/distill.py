@@ -15,6 +15,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from jinja2.exceptions import TemplateError
+
 from pipeline.config import ConfigError, DistillConfig
 from pipeline.data import (
     FREQUENCY_FILE,
@@ -31,7 +33,9 @@ from pipeline.data import (
     write_table_atomically,
 )
 from pipeline.stages.resources import init_ray, use_gpus
-from pipeline.target import load_target_from_config, load_tokenizer, choose_prompt_format, PromptFormat
+from pipeline.target import (
+    PromptFormat, choose_prompt_format, context_window, load_model_config, load_target_from_config, load_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +51,27 @@ def select_prompts(config: DistillConfig) -> tuple[list[Conversation], Counter[s
         tokenizer, choose_prompt_format(config.target.prompt_format, tokenizer, config.target.spec),
         config.target.system_prompt,
     )
+    window = context_window(load_model_config(config.target.spec,
+                                              trust_remote_code=config.target.trust_remote_code), tokenizer)
     kept = []
     for conversation in conversations:
-        if config.mode == "generate":
-            length = len(formatter.encode(list(conversation.messages)))
-        else:
-            length = len(encode_teacher_forced(formatter, conversation).input_ids)
+        try:
+            if config.mode == "generate":
+                length = len(formatter.encode(list(conversation.messages)))
+            else:
+                length = len(encode_teacher_forced(formatter, conversation).input_ids)
+        except TemplateError as error:  # e.g. a system turn where the template has none, roles not alternating
+            if not skipped["template_error"]:
+                log.warning("distill: the chat template refused a conversation (%s); skipping such ones", error)
+            skipped["template_error"] += 1
+            continue
         if length > config.max_prompt_tokens:
             skipped["prompt_too_long"] += 1
+            continue
+        # The answer must fit the context window too: past it a learned position table has no row (GPT-2 fails)
+        # and rotary targets answer from positions they were never trained on.
+        if length + (config.max_new_tokens if config.mode == "generate" else 0) > window:
+            skipped["longer_than_context"] += 1
             continue
         kept.append(conversation)
         if config.max_prompts and len(kept) >= config.max_prompts:
