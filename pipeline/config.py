@@ -7,6 +7,7 @@ YAML file never surfaces as a traceback from deep inside torch or Ray.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -328,7 +329,7 @@ class TargetConfig(Config):
         check_dtype(self.dtype, field=f"{self.section}.dtype")
         if self.prompt_format not in PROMPT_FORMATS:
             self.fail("prompt_format", f"unknown prompt format {self.prompt_format!r}; choose one of {list(PROMPT_FORMATS)}")
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             self.fail("device", f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.cpu_linear not in CPU_LINEAR_KERNELS:
             self.fail("cpu_linear", f"unknown kernel {self.cpu_linear!r}; choose one of {list(CPU_LINEAR_KERNELS)}")

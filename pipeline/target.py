@@ -189,7 +189,11 @@ def pick_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise TargetLoadError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
-    return torch.device(device)
+    chosen = torch.device(device)
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise TargetLoadError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} GPU(s) "
+                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return chosen
 
 
 # Below this many parameters a GPU decodes launch-bound, not memory-bound: half precision saves no time, while its

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import char_tokenizer, tiny_llama
 from pipeline.config import ConfigError, TargetConfig
@@ -153,8 +154,20 @@ def test_target_config_validation_names_fields():
         TargetConfig(prompt_format="alpaca")
     with pytest.raises(ConfigError, match="target.dtype"):
         TargetConfig(dtype="fp8")
-    with pytest.raises(ConfigError, match="target.device"):
-        TargetConfig(device="tpu")
+    for device in ("tpu", "cuda:x", "cudax", "cpu:0"):
+        with pytest.raises(ConfigError, match="target.device"):
+            TargetConfig(device=device)
+    assert TargetConfig(device="cuda:1").device == "cuda:1"
+
+
+def test_a_gpu_this_machine_lacks_is_a_clear_error(monkeypatch):
+    from pipeline.target import TargetLoadError, pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(TargetLoadError, match="'cuda:3' requested but this machine has 1 GPU"):
+        pick_device("cuda:3")
 
 
 def test_auto_dtype_is_fp32_on_cpus_and_for_small_targets_on_gpus(monkeypatch):
