@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -290,6 +291,20 @@ def format_table(report: dict[str, Any]) -> str:
 
 def _describe_trees(budgets: list[int]) -> str:
     return ", ".join(str(nodes) if nodes else "none (chains)" for nodes in budgets) or "-"
+
+
+def check_report_path(path: str | Path) -> None:
+    """Fails before a benchmark runs, not after, when its report could not be written to `path`."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"bench: --json {path} is a directory; name a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(f".{path.name}.{os.getpid()}.probe")
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"bench: --json {path} cannot be written ({error.strerror or error})") from None
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> Path:

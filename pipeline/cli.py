@@ -329,9 +329,12 @@ def cmd_head_tree(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.bench import format_table, load_questions, run_bench, write_report
+    from pipeline.bench import check_report_path, format_table, load_questions, run_bench, write_report
     from pipeline.heads import default_drafter_dir, drafting_dtype, load_head, read_head_metadata
     from pipeline.target import load_target_from_config
+
+    if args.json:
+        check_report_path(args.json)
 
     decode = DecodeConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

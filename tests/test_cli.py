@@ -109,6 +109,8 @@ def test_head_init_with_draft_vocabulary(model_dir, questions, tmp_path, capsys)
          "head.num_layers: must be >= 1"),
         (["head", "init", "--type", "hydra", "--target", "{model}", "--out", "{tmp}/h"],
          "head.head_type: unknown head type 'hydra'"),
+        (["bench", "--target", "{model}", "--drafter", "{head}", "--questions", "{questions}", "--json", "{tmp}"],
+         "bench: --json .* is a directory; name a file"),
         (["distill", "--prompts", "{questions}", "--out", "{tmp}/d", "--set", "prompts=[a.jsonl"],
          "distill: --set 'prompts=\\[a.jsonl': the value is not valid YAML"),
         (["distill", "--config", "{tmp}/shorthand.yaml", "--target", "{model}", "--out", "{tmp}/d"],
