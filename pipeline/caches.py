@@ -30,9 +30,16 @@ def has_sliding_layers(cache: DynamicCache) -> bool:
     return any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", []))
 
 
+def has_linear_attention_layers(cache: DynamicCache) -> bool:
+    """Convolution or linear-attention layers (LFM2, Qwen3-Next, ...): their states roll back only while recorded."""
+    return any(hasattr(layer, "conv_states") for layer in getattr(cache, "layers", []))
+
+
 def new_cache(config: PretrainedConfig) -> DynamicCache:
     """A KV cache for a model with `config` that `rollback_cache` and `keep_cache_positions` can roll back."""
     cache = DynamicCache(config=config)
+    if has_linear_attention_layers(cache):
+        cache.activate_past_recording()  # conv states kept until the next crop, which drops the rejected ones
     if has_sliding_layers(cache):
         if not hasattr(cache, "activate_past_recording"):
             raise ConfigError(
@@ -52,6 +59,10 @@ def rollback_cache(cache: DynamicCache, length: int) -> None:
     """Drops every cached position from `length` on (transformers' own crop); sliding-window layers that record
     their past are trimmed back to their window too, so the crop runs even when nothing is dropped."""
     surplus = cache.get_seq_length() - length
+    if surplus > 0 and not all(getattr(layer, "is_croppable", True) for layer in getattr(cache, "layers", [])):
+        # A recurrent state (Mamba-style layers) folds every token in: rejected drafts cannot be taken out.
+        raise ConfigError("target: its cache has recurrent-state layers, which cannot drop rejected draft tokens; "
+                          "speculative decoding needs a target whose every layer can be rolled back")
     if surplus > 0 or _recording(cache):
         cache.crop(-surplus)
 

@@ -272,3 +272,44 @@ def test_sliding_window_targets_are_refused_where_transformers_cannot_roll_them_
         generate(mistral, mistral.encode_prompt(PROMPTS[0]), config=DecodeConfig(max_new_tokens=4))
     llama = tiny_target("llama")  # full-attention targets need no past recording
     assert len(generate(llama, llama.encode_prompt(PROMPTS[0]), config=DecodeConfig(max_new_tokens=4)).token_ids) == 4
+
+
+def test_a_target_with_convolution_layers_decodes_losslessly_with_medusa_chains():
+    """LFM2 interleaves short convolutions with attention: their cached states roll back only while transformers
+    records them (as sliding layers), so rejected drafts were a RuntimeError on the first rejection. Trees stay
+    refused (chains are drafted); EAGLE is refused in one line (no `model.norm` to reuse)."""
+    torch.manual_seed(0)
+    config = transformers.Lfm2Config(**{**COMMON, "layer_types": ["conv", "full_attention", "conv"]})
+    model = transformers.Lfm2ForCausalLM(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20.0)
+        model.get_output_embeddings().weight[2] = 0.0
+    target = Target(model=model.eval().requires_grad_(False), tokenizer=char_tokenizer(), name="tiny-lfm2",
+                    prompt_format="plain")
+    assert not tree_capable(target.model)
+    head = build_head(HeadConfig(head_type="medusa", num_heads=3), target.model)
+    for prompt in PROMPTS:
+        ids = target.encode_prompt(prompt)
+        vanilla = generate(target, ids, config=DecodeConfig(max_new_tokens=NEW_TOKENS)).token_ids
+        result = generate(target, ids, config=DecodeConfig(max_new_tokens=NEW_TOKENS), drafter=head)
+        assert result.token_ids == vanilla
+        assert sum(result.stats.accepted) < sum(result.stats.drafted)  # drafts were rejected and rolled back
+    with pytest.raises(ConfigError, match="Use --type medusa"):
+        build_head(HeadConfig(head_type="eagle"), target.model)
+
+
+def test_a_cache_with_recurrent_state_layers_is_refused_in_one_line_not_rolled_back_wrongly():
+    class RecurrentLayer:  # what transformers reports for a layer holding a recurrent (Mamba-style) state
+        is_croppable = False
+
+    class Cache:
+        layers = [RecurrentLayer()]
+
+        def get_seq_length(self):
+            return 10
+
+        def crop(self, _):
+            raise AssertionError("a recurrent state must not be cropped")
+
+    with pytest.raises(ConfigError, match="recurrent-state layers"):
+        rollback_cache(Cache(), 8)
