@@ -205,7 +205,10 @@ LAUNCH_BOUND_PARAMETERS = 1_000_000_000
 
 def approximate_parameters(config) -> int:
     """Decoder parameters from a config, without loading weights: 12 H^2 per layer (attention and a 4x MLP) plus
-    the embedding; close enough to tell a 135M model from a 7B one."""
+    the embedding; close enough to tell a 135M model from a 7B one. A multimodal config (Gemma-3, Mistral-3,
+    Qwen2.5-VL) holds its sizes in its text config."""
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
     hidden = getattr(config, "hidden_size", 0) or 0
     layers = getattr(config, "num_hidden_layers", 0) or 0
     return 12 * layers * hidden * hidden + (getattr(config, "vocab_size", 0) or 0) * hidden

@@ -184,3 +184,8 @@ def test_auto_dtype_is_fp32_on_cpus_and_for_small_targets_on_gpus(monkeypatch):
     assert pick_dtype("auto", cuda, vicuna_7b) == torch.bfloat16
     assert pick_dtype("auto", cpu, vicuna_7b) == torch.float32
     assert pick_dtype("bfloat16", cpu, smollm2) == torch.bfloat16
+    # a multimodal config keeps the sizes in its text config: a 27B Gemma-3 is not a 0-parameter model (fp32)
+    from transformers import Gemma3Config
+
+    gemma3_27b = Gemma3Config(text_config=dict(hidden_size=5376, num_hidden_layers=62, vocab_size=262208))
+    assert approximate_parameters(gemma3_27b) > 2e10 and pick_dtype("auto", cuda, gemma3_27b) == torch.bfloat16
