@@ -267,7 +267,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from tune.sweep import register_winner, run_sweep
 
     values = _stage_values(args, {"out": "out_dir"})
-    data_dirs = args.data or list(values.get("train", {}).get("data_dirs", []))
+    data_dirs = args.data or list((values.get("train") or {}).get("data_dirs") or [])
     if not data_dirs:
         raise ConfigError("tune: name the distilled data with --data DIR (or train.data_dirs in the YAML)")
     config = SweepConfig.from_dict(values)

@@ -534,5 +534,6 @@ def test_koala_head_tree_measures_a_larger_static_tree_on_held_out_rows(tiny_mod
     assert (head_dir / "README.md").is_file() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert main(["head", "tree", "--head", str(head_dir), "--nodes", "0", *common]) == 2
     assert main(["head", "tree", "--head", str(head_dir), *common[:-2], "--val-fraction", "1e-9"]) == 2
+    assert main(["head", "tree", "--head", str(head_dir), "--nodes", "4", *common, "--max-rows", "-1"]) == 2
     errors = capsys.readouterr().err
-    assert "at least one node" in errors and "validation split" in errors
+    assert "at least one node" in errors and "validation split" in errors and "--max-rows must be >= 1" in errors

@@ -32,6 +32,8 @@ def measure_static_tree(head_dir: str | Path, data_dirs: list[str], *, nodes: in
     of `nodes` paths from them, to `out_dir` (default: in place). Returns the validation metrics and the tree."""
     if nodes < 1:
         raise ConfigError(f"head.static_tree: the tree needs at least one node, got {nodes}")
+    if max_rows < 1:
+        raise ConfigError(f"head tree: --max-rows must be >= 1, got {max_rows}")
     started = time.perf_counter()
     head_dir = Path(head_dir)
     metadata = read_head_metadata(head_dir)
