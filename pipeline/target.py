@@ -141,10 +141,11 @@ class Target:
 
     @property
     def pad_token_id(self) -> int:
-        """The id batched `generate` pads with: the tokenizer's pad token, else the lowest EOS id."""
+        """The id batched `generate` pads with: the tokenizer's pad token, else the lowest EOS id, else 0 (a target
+        with neither; padded positions are masked out, so any id does)."""
         if self.tokenizer.pad_token_id is not None:
             return self.tokenizer.pad_token_id
-        return min(self.eos_token_ids)
+        return min(self.eos_token_ids, default=0)
 
     def format_messages(self, messages: list[dict[str, str]]) -> str:
         """Renders a conversation ending with a user turn as the target's prompt text."""

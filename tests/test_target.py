@@ -189,3 +189,12 @@ def test_auto_dtype_is_fp32_on_cpus_and_for_small_targets_on_gpus(monkeypatch):
 
     gemma3_27b = Gemma3Config(text_config=dict(hidden_size=5376, num_hidden_layers=62, vocab_size=262208))
     assert approximate_parameters(gemma3_27b) > 2e10 and pick_dtype("auto", cuda, gemma3_27b) == torch.bfloat16
+
+
+def test_a_target_with_neither_pad_nor_eos_token_still_pads():
+    model = tiny_llama()
+    model.generation_config.eos_token_id = None
+    tokenizer = char_tokenizer()
+    tokenizer.pad_token, tokenizer.eos_token = None, None
+    target = Target(model=model, tokenizer=tokenizer, name="tiny", prompt_format="plain")
+    assert target.eos_token_ids == frozenset() and target.pad_token_id == 0
