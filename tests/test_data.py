@@ -90,6 +90,18 @@ def test_batched_responses_equal_one_by_one_greedy_generation():
         assert row.loss_mask == [0] * row.prompt_tokens + [1] * row.response_tokens
 
 
+def test_sampled_responses_follow_the_distribution_decoding_samples(monkeypatch):
+    """temperature and top_p only: transformers' default top-50 cut would make the answers follow another
+    distribution than the one speculative sampling reproduces."""
+    target = make_tiny_target(seed=4)
+    seen = {}
+    original = target.model.generate
+    monkeypatch.setattr(target.model, "generate", lambda **kwargs: seen.update(kwargs) or original(**kwargs))
+    generate_responses(target, [Conversation("0", ({"role": "user", "content": "hi"},))], max_new_tokens=4,
+                       temperature=0.7, top_p=0.9)
+    assert (seen["do_sample"], seen["temperature"], seen["top_p"], seen["top_k"]) == (True, 0.7, 0.9, 0)
+
+
 def _distill_config(tmp_path, prompts_path, model_dir, **overrides):
     values = {"prompts": str(prompts_path), "out_dir": str(tmp_path / "data"), "shard_size": 2, "batch_size": 2,
               "max_new_tokens": 8, "target": {"spec": str(model_dir), "device": "cpu"},
