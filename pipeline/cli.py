@@ -300,10 +300,11 @@ def cmd_head_init(args: argparse.Namespace) -> int:
     )
     if head_config.draft_vocab_size and not args.draft_vocab_corpus:
         raise ConfigError("head.draft_vocab_size: needs --draft-vocab-corpus FILE to choose the most frequent tokens")
+    corpus = read_corpus_texts(args.draft_vocab_corpus) if head_config.draft_vocab_size else []  # before the target
     target = load_target_from_config(_target_config(args))
     draft_token_ids = None
     if head_config.draft_vocab_size:
-        counts = count_tokens(read_corpus_texts(args.draft_vocab_corpus), target.tokenizer)
+        counts = count_tokens(corpus, target.tokenizer)
         draft_token_ids = top_token_ids(counts, head_config.draft_vocab_size, always_include=sorted(target.eos_token_ids))
     torch.manual_seed(args.seed)
     head = build_head(head_config, target.model, draft_token_ids=draft_token_ids)

@@ -36,10 +36,18 @@ def read_corpus_texts(path: str | Path) -> list[str]:
         raise ConfigError(f"draft vocabulary corpus {path} does not exist")
     raw = path.read_text()
     if path.suffix == ".json":
-        return list(_strings(json.loads(raw)))
+        return list(_strings(_parse(raw, path, "")))
     if path.suffix == ".jsonl":
-        return [text for line in raw.splitlines() if line.strip() for text in _strings(json.loads(line))]
+        return [text for number, line in enumerate(raw.splitlines(), 1) if line.strip()
+                for text in _strings(_parse(line, path, f" line {number}"))]
     return [line for line in raw.splitlines() if line.strip()]
+
+
+def _parse(text: str, path: Path, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"draft vocabulary corpus {path}:{where} is not valid JSON ({error.msg})") from None
 
 
 def count_tokens(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase) -> Counter[int]:

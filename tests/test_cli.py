@@ -116,6 +116,8 @@ def test_head_init_with_draft_vocabulary(model_dir, questions, tmp_path, capsys)
         (["distill", "--config", "{tmp}/shorthand.yaml", "--target", "{model}", "--out", "{tmp}/d"],
          "target: is 'smollm2', not a mapping of fields, so target.spec cannot be set"),
         (["tune", "--config", "{tmp}/empty-train.yaml"], "tune: name the distilled data with --data DIR"),
+        (["head", "init", "--type", "eagle", "--target", "{model}", "--out", "{tmp}/h", "--draft-vocab-size", "8",
+          "--draft-vocab-corpus", "{tmp}/corpus.jsonl"], "corpus.jsonl: line 2 is not valid JSON"),
         (["distill", "--config", "{tmp}/broken.yaml", "--out", "{tmp}/d"], "broken.yaml is not valid YAML \\(expected .* at line 3, column 1\\)"),
     ],
 )
@@ -124,6 +126,7 @@ def test_bad_input_gives_one_line_errors(model_dir, questions, tmp_path, capsys,
     main(["head", "init", "--type", "medusa", "--target", str(model_dir), "--out", str(head_dir)])
     capsys.readouterr()
     (tmp_path / "shorthand.yaml").write_text("target: smollm2\n")
+    (tmp_path / "corpus.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "cut off\n')
     (tmp_path / "empty-train.yaml").write_text("train:\n  # data_dirs: [runs/data]\n")
     (tmp_path / "broken.yaml").write_text("prompts: a.jsonl\nmode: [generate\n")
     filled = [a.format(head=head_dir, questions=questions, model=model_dir, tmp=tmp_path) for a in arguments]
