@@ -35,6 +35,7 @@ ROLE_ALIASES = {
 SHARD_SCHEMA = pa.schema([
     ("prompt_id", pa.string()),
     ("split_id", pa.string()),
+    ("first_turn_id", pa.string()),
     ("input_ids", pa.list_(pa.int32())),
     ("loss_mask", pa.list_(pa.int8())),
     ("prompt_tokens", pa.int32()),
@@ -60,6 +61,14 @@ class Conversation:
         messages = list(self.messages)
         first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages) - 1)
         return content_hash(messages[: first_user + 1])
+
+    @property
+    def first_turn_id(self) -> str:
+        """The hash of the first user turn alone, as a one-turn conversation: what an evaluation prompt hashes to.
+        The sweep drops evaluation prompts the data trains on by it, which `opening_id` misses behind a system
+        prompt."""
+        first_user = next(m for m in self.messages if m["role"] == "user")
+        return content_hash([{"role": "user", "content": first_user["content"]}])
 
     def to_json(self) -> str:
         return json.dumps({"prompt_id": self.prompt_id, "messages": list(self.messages)})
@@ -195,6 +204,7 @@ def load_conversations(
 class Row:
     prompt_id: str
     split_id: str  # Conversation.opening_id
+    first_turn_id: str  # Conversation.first_turn_id
     input_ids: list[int]
     loss_mask: list[int]
     prompt_tokens: int
@@ -249,6 +259,7 @@ def generate_responses(
             rows[index] = Row(
                 prompt_id=conversations[index].prompt_id,
                 split_id=conversations[index].opening_id,
+                first_turn_id=conversations[index].first_turn_id,
                 input_ids=prompt + response,
                 loss_mask=[0] * len(prompt) + [1] * len(response),
                 prompt_tokens=len(prompt),
@@ -345,6 +356,7 @@ def encode_teacher_forced(formatter: PromptFormat, conversation: Conversation) -
     return Row(
         prompt_id=conversation.prompt_id,
         split_id=conversation.opening_id,
+        first_turn_id=conversation.first_turn_id,
         input_ids=list(encoding["input_ids"]),
         loss_mask=loss_mask,
         prompt_tokens=first_loss,

@@ -379,3 +379,24 @@ def test_an_incumbent_no_trained_head_beats_is_registered_and_served(ray_cluster
     assert f"[pipeline] champion incumbent {incumbent}: speedup" in output
     assert "[pipeline] No trained head beat the incumbent" in output and "none finished" in output
     assert output.count("No trained head beat the incumbent") == 1  # the sweep itself no longer says it too
+
+
+def test_a_prompt_trained_on_behind_a_system_prompt_is_not_evaluated(tmp_path, inputs, tiny_model_dir):
+    """koala distill keeps the system prompt in the opening it hashes, while an evaluation question is a bare user
+    turn: the first user turn's own hash (`first_turn_id`) is what finds it in the training data."""
+    import pyarrow.parquet as pq
+
+    from pipeline.data import Conversation, content_hash, encode_teacher_forced, rows_to_table
+    from pipeline.target import PromptFormat
+    from tests.conftest import char_tokenizer
+    from tune.sweep import evaluation_questions
+
+    messages = ({"role": "system", "content": "be brief"}, {"role": "user", "content": QUESTIONS[0]},
+                {"role": "assistant", "content": "ok"})
+    row = encode_teacher_forced(PromptFormat(char_tokenizer(), "vicuna"), Conversation(content_hash(messages), messages))
+    assert row.first_turn_id == content_hash([{"role": "user", "content": QUESTIONS[0]}]) != row.split_id
+    path = tmp_path / "answers.parquet"
+    pq.write_table(rows_to_table([row], metadata={}), path)
+    config = SweepConfig.from_dict(sweep_values(tiny_model_dir, inputs, tmp_path))
+    questions, dropped = evaluation_questions(config.eval, [str(path.parent)], [path])
+    assert dropped == 1 and [q.prompt for q in questions] == QUESTIONS[1:]

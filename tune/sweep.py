@@ -124,13 +124,14 @@ def sweep_key(config: SweepConfig, data_dirs: list[str], questions: list[Questio
 
 
 def training_prompt_ids(paths: list[Path]) -> set[str]:
-    """The ids of every prompt the data trains on: `prompt_id`, and `split_id` (the opening prompt's hash; a
-    teacher-forced row's prompt id hashes the whole conversation) where the data has it."""
+    """The ids of every prompt the data trains on: `prompt_id`, and where the data has them `split_id` (the opening
+    prompt's hash; a teacher-forced row's prompt id hashes the whole conversation) and `first_turn_id` (the first
+    user turn's hash, which is what an evaluation prompt matches when the training prompt has a system prompt)."""
     import pyarrow.parquet as pq
 
     ids: set[str] = set()
     for path in paths:
-        columns = [c for c in ("prompt_id", "split_id") if c in pq.read_schema(path).names]
+        columns = [c for c in ("prompt_id", "split_id", "first_turn_id") if c in pq.read_schema(path).names]
         table = pq.read_table(path, columns=columns)
         for column in columns:
             ids.update(v for v in table.column(column).to_pylist() if v)
