@@ -451,6 +451,8 @@ class SelfPromptConfig(Config):
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
+    # 0 samples the whole distribution; unset, transformers' `generate` would keep only its default top 50 tokens.
+    top_k: int = 0
     min_chars: int = 16
     batch_size: int = 64
     seed: int = 0
@@ -459,7 +461,7 @@ class SelfPromptConfig(Config):
 
     def validate(self) -> None:
         self.require_at_least(1, "count", "max_new_tokens", "batch_size")
-        self.require_at_least(0, "min_chars")
+        self.require_at_least(0, "min_chars", "top_k")
         if self.temperature <= 0:
             self.fail("temperature", f"must be > 0: prompts are sampled (greedy would write one prompt), "
                                      f"got {self.temperature}")

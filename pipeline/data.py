@@ -288,6 +288,7 @@ def generate_self_prompts(
     max_new_tokens: int,
     temperature: float,
     top_p: float = 1.0,
+    top_k: int = 0,
     min_chars: int = 16,
     seed: int = 0,
 ) -> tuple[list[str], Counter[str]]:
@@ -295,6 +296,7 @@ def generate_self_prompts(
 
     Returns the kept prompt texts and counts of the dropped ones by reason: `unfinished` (no end of turn within
     `max_new_tokens`: a cut-off question is not one a user asks), `too_short` (under `min_chars` characters).
+    `top_k` 0 samples from every token (passed explicitly: `generate` would otherwise apply its default of 50).
     """
     prefix, suffix = user_turn_frame(target.formatter)
     prefix_ids = target.tokenizer(prefix, add_special_tokens=target.formatter.adds_special_tokens)["input_ids"]
@@ -312,7 +314,7 @@ def generate_self_prompts(
     with torch.inference_mode():
         output = target.model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-            do_sample=True, temperature=temperature, top_p=top_p, eos_token_id=eos, pad_token_id=pad_id,
+            do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, eos_token_id=eos, pad_token_id=pad_id,
         )
     prompts: list[str] = []
     dropped: Counter[str] = Counter()

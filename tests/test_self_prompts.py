@@ -23,10 +23,12 @@ class ScriptedModel:
 
     def __init__(self, tokenizer, continuations: list[str]) -> None:
         self.tokenizer, self.continuations, self.calls = tokenizer, continuations, 0
+        self.sampling: list[dict] = []  # the sampling settings of each generate call
         self.device = torch.device("cpu")
         self.generation_config = types.SimpleNamespace(eos_token_id=tokenizer.eos_token_id)
 
-    def generate(self, *, input_ids, max_new_tokens, pad_token_id, **_):
+    def generate(self, *, input_ids, max_new_tokens, pad_token_id, **settings):
+        self.sampling.append({k: settings.get(k) for k in ("temperature", "top_p", "top_k")})
         rows = []
         for row in range(input_ids.shape[0]):
             text = self.continuations[(self.calls * input_ids.shape[0] + row) % len(self.continuations)]
@@ -99,6 +101,18 @@ def test_run_writes_distinct_prompts_resumes_and_distill_reads_the_file(tmp_path
     assert len(conversations) == 5 and total == 5 and not skipped
 
 
+def test_sampling_settings_reach_generate_and_top_k_defaults_to_the_whole_vocabulary(tmp_path, monkeypatch):
+    """HF `generate` applies top_k=50 unless told otherwise: the stage passes its own top_k (0 = off) every call."""
+    target = scripted_target(["Write a short poem about rain.</s>", "Give me three tips for sleep.</s>"])
+    monkeypatch.setattr(stage, "load_target_from_config", lambda config: target)
+    stage.run_self_prompts(SelfPromptConfig.from_dict({"count": 2, "batch_size": 2, "top_p": 0.9,
+                                                       "out": str(tmp_path / "p.jsonl")}))
+    assert target.model.sampling == [{"temperature": 1.0, "top_p": 0.9, "top_k": 0}]
+    stage.run_self_prompts(SelfPromptConfig.from_dict({"count": 2, "batch_size": 2, "top_k": 20,
+                                                       "out": str(tmp_path / "other.jsonl")}))
+    assert target.model.sampling[-1]["top_k"] == 20
+
+
 def test_settings_that_keep_nothing_stop_with_the_reason(tmp_path, monkeypatch):
     monkeypatch.setattr(stage, "load_target_from_config", lambda config: scripted_target(["never ending text"]))
     config = SelfPromptConfig.from_dict({"count": 2, "batch_size": 2, "out": str(tmp_path / "p.jsonl")})
@@ -107,7 +121,8 @@ def test_settings_that_keep_nothing_stop_with_the_reason(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("values, field", [({"temperature": 0}, "temperature"), ({"count": 0}, "count"),
-                                           ({"out": "p.json"}, "out"), ({"top_p": 1.5}, "top_p")])
+                                           ({"out": "p.json"}, "out"), ({"top_p": 1.5}, "top_p"),
+                                           ({"top_k": -1}, "top_k")])
 def test_config_errors_name_the_field(values, field):
     with pytest.raises(ConfigError, match=f"self_prompts.{field}"):
         SelfPromptConfig.from_dict(values)

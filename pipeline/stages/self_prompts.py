@@ -66,7 +66,7 @@ def run_self_prompts(config: SelfPromptConfig) -> dict[str, Any]:
             batch_started = time.perf_counter()
             prompts, batch_dropped = generate_self_prompts(
                 target, config.batch_size, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                top_p=config.top_p, min_chars=config.min_chars, seed=config.seed * 1_000_003 + batch,
+                top_p=config.top_p, top_k=config.top_k, min_chars=config.min_chars, seed=config.seed * 1_000_003 + batch,
             )
             generated += config.batch_size
             dropped.update(batch_dropped)
