@@ -31,7 +31,8 @@ from pipeline.caches import keep_cache_positions, new_cache, rollback_cache, tre
 from pipeline.heads import DraftHead, Proposal, attention_mask_for, cache_argument, head_input_features
 from pipeline.lookup import PromptLookup, graft_chain
 from pipeline.trees import (
-    DEFAULT_STATIC_TREE, RankPath, TreeBudget, TreeShape, accept_greedy, children_of, node_depths, verify_inputs,
+    DEFAULT_STATIC_TREE, RankPath, TreeBudget, TreeShape, accept_greedy, children_of, evaluated_depth, node_depths,
+    verify_inputs,
 )
 from pipeline.target import Target
 
@@ -52,8 +53,9 @@ TokenCallback = Callable[[list[int]], bool | None]
 class GenerationStats:
     """Counters of one generation. Position lists are indexed by draft position (0 = first drafted token).
 
-    `evaluated[i]` counts rounds in which draft token i was checked (all earlier ones accepted), so
-    `accepted[i] / evaluated[i]` is the paper's (i+1)-alpha.
+    `evaluated[i]` counts rounds in which draft token i was checked (all earlier ones accepted, and a token drafted
+    at position i after them), so `accepted[i] / evaluated[i]` is the paper's (i+1)-alpha. For a tree, position i is
+    depth i+1 and `drafted[i]` counts rounds whose tree reached that depth in any branch.
     """
 
     prompt_tokens: int = 0
@@ -80,13 +82,18 @@ class GenerationStats:
         them, and counting them overstated the accepted share of drafted tokens (above 1 on repetitive text)."""
         return sum(self.accepted) - self.lookup_accepted
 
-    def record_round(self, num_drafted: int, num_accepted: int) -> None:
+    def record_round(self, num_drafted: int, num_accepted: int, *, num_evaluated: int | None = None) -> None:
+        """One verified round: `num_drafted` positions (a tree's depth), `num_accepted` of them accepted, and the
+        first `num_evaluated` checked. A chain checks the one after the accepted ones, if drafted (the default); a
+        tree checks one only where the accepted path's last node has children (`trees.evaluated_depth`)."""
+        if num_evaluated is None:
+            num_evaluated = min(num_accepted + 1, num_drafted)
         _grow(self.drafted, num_drafted)
         _grow(self.evaluated, num_drafted)
         _grow(self.accepted, num_drafted)
         for position in range(num_drafted):
             self.drafted[position] += 1
-            if position <= num_accepted:
+            if position < num_evaluated:
                 self.evaluated[position] += 1
             if position < num_accepted:
                 self.accepted[position] += 1
@@ -744,6 +751,7 @@ def _generate(
             if lookup is not None:
                 stats.lookup_accepted += sum(node >= head_nodes for node in accepted)
             drafted_depth = max(node_depths(proposal.parents))
+            num_evaluated = evaluated_depth(proposal.parents, accepted)
             emitted = [proposal.token_ids[node] for node in accepted] + [pending]
         else:
             draft_tokens = torch.tensor(proposal.token_ids, dtype=torch.long, device=device)
@@ -764,11 +772,12 @@ def _generate(
             rollback_cache(cache, committed + 1 + num_accepted)
             rows = list(range(num_accepted + 1))
             drafted_depth = len(draft_tokens)
+            num_evaluated = None  # a chain's: the accepted tokens and the next drafted one
             emitted = proposal.token_ids[:num_accepted] + [pending]
         stats.target_forward_passes += 1
         _synchronize(device)
         stats.target_time_s += time.perf_counter() - target_started
-        stats.record_round(drafted_depth, len(emitted) - 1)
+        stats.record_round(drafted_depth, len(emitted) - 1, num_evaluated=num_evaluated)
         if learnt_tree is not None and proposal.parents is not None and proposal.paths is not None and head_nodes:
             learnt_tree.record(proposal, head_nodes, accepted, shape=round_shape,
                                seconds=time.perf_counter() - draft_started)

@@ -37,8 +37,9 @@ def acceptance_length(stats: Sequence[GenerationStats]) -> float:
 
 
 def n_alpha(stats: Sequence[GenerationStats], *, max_n: int = 3) -> list[float | None]:
-    """[1-alpha, ..., max_n-alpha]: acceptance rate of the n-th drafted token given the first n-1 were accepted
-    (chain drafts). None where position n was never evaluated."""
+    """[1-alpha, ..., max_n-alpha]: acceptance rate of the n-th drafted token given the first n-1 were accepted and
+    an n-th was drafted after them (for trees: at depth n under the accepted path). None where position n was never
+    evaluated."""
     rates: list[float | None] = []
     for position in range(max_n):
         evaluated = sum(s.evaluated[position] for s in stats if len(s.evaluated) > position)

@@ -288,6 +288,14 @@ def children_of(parents: Sequence[int]) -> dict[int, list[int]]:
     return children
 
 
+def evaluated_depth(parents: Sequence[int], accepted: Sequence[int]) -> int:
+    """How many depths a verification checked: those of the `accepted` path (node indices, root first), plus the
+    next one where the path's last node (or the root) has children. A deeper node in a rejected branch was never
+    checked, so it is no attempt at its depth: n-alpha then means what it means for a chain."""
+    last = accepted[-1] if accepted else -1
+    return len(accepted) + (last in parents)
+
+
 def accept_greedy(choices: Sequence[int], tokens: Sequence[int], parents: Sequence[int]) -> tuple[list[int], int]:
     """choices[0] is the target's token after pending, choices[i+1] after node i. Returns (accepted node indices
     along the longest path whose tokens equal the target's choices, the target's token after the path)."""

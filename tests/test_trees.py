@@ -14,9 +14,10 @@ from pipeline.caches import keep_cache_positions
 from pipeline.config import ConfigError, DecodeConfig, HeadConfig, TrainConfig
 from pipeline.decoding import auto_tree_nodes, generate, score
 from pipeline.heads import Proposal, build_head
+from pipeline.metrics import n_alpha
 from pipeline.trees import (
     DEFAULT_STATIC_TREE, TreeBudget, TreeShape, accept_greedy, ancestor_mask, best_nodes, build_static_tree,
-    check_static_tree, node_depths, static_tree_parents, verify_inputs,
+    check_static_tree, evaluated_depth, node_depths, static_tree_parents, verify_inputs,
 )
 from pipeline.training import KoalaTrainer, TrainBatch, pad_rows, target_features
 
@@ -36,6 +37,11 @@ def test_tree_bookkeeping():
     assert accept_greedy([7, 0, 9, 3, 0, 5], tokens=[5, 7, 9, 4, 3], parents=[-1, -1, 1, 1, 2]) == ([1, 2, 4], 5)
     assert accept_greedy([7, 0, 4, 8, 0, 0], tokens=[5, 7, 9, 4, 3], parents=[-1, -1, 1, 1, 2]) == ([1, 3], 0)
     assert accept_greedy([7, 1, 2, 3, 4, 5], tokens=[5, 6, 8, 4, 3], parents=parents) == ([], 7)
+    # depths checked: the accepted path's, plus one where its last node has children
+    assert evaluated_depth(parents, []) == 1
+    assert evaluated_depth(parents, [1]) == 1  # node 1 is a leaf: depth 2 was not attempted
+    assert evaluated_depth(parents, [0, 2]) == 3
+    assert evaluated_depth(parents, [0, 2, 4]) == 3
 
 
 def test_static_tree_builder_keeps_a_tree_and_the_likeliest_paths():
@@ -111,6 +117,58 @@ def test_an_oracle_path_in_a_non_first_branch_is_accepted_whole(tiny_target):
     stats = speculative.stats
     assert stats.accepted[:3] == stats.evaluated[:3] and stats.accepted[0] > 0  # every depth always accepted
     assert stats.target_forward_passes <= 1 + -(-len(vanilla.token_ids) // 4) + 1
+
+
+class _LeafTruthTree:
+    """Drafts the target's next `truth_depth` tokens as a branch that ends in a leaf (or, with `wrong_child`, in a
+    wrong token), next to a wrong branch three deep: the accepted path never has a child past `truth_depth` other
+    than the wrong one, so which depths are attempted and accepted is known exactly."""
+
+    config = HeadConfig(num_heads=3)
+    max_draft_length = 3
+
+    def __init__(self, continuation: list[int], vocab_size: int, *, truth_depth: int, wrong_child: bool):
+        self.continuation, self.vocab_size = continuation, vocab_size
+        self.truth_depth, self.wrong_child = truth_depth, wrong_child
+        self.trees = 0
+
+    def new_state(self):
+        return {"emitted": 0}
+
+    def propose_tree(self, state, features, next_token_ids, shape, max_depth):
+        state["emitted"] += next_token_ids.shape[1] if state["emitted"] else 1
+        if max_depth < 3:  # only whole trees, so that every counted round has the same shape
+            return Proposal(token_ids=[], draft_probs=[])
+        self.trees += 1
+        truth = self.continuation[state["emitted"]: state["emitted"] + self.truth_depth + 1]
+        wrong = [(token + 1) % self.vocab_size for token in truth]
+        tokens, parents = list(truth[:self.truth_depth]), [-1] + list(range(self.truth_depth - 1))
+        if self.wrong_child:
+            tokens, parents = tokens + [wrong[self.truth_depth]], parents + [self.truth_depth - 1]
+        start = len(tokens)
+        tokens += [wrong[0], 5, 6]  # the wrong branch: three deep, never reached past its rejected first token
+        parents += [-1, start, start + 1]
+        return Proposal(token_ids=tokens, draft_probs=[None] * len(tokens), parents=parents)
+
+
+@pytest.mark.parametrize("truth_depth,wrong_child", [(1, False), (1, True), (2, False)])
+def test_tree_n_alpha_counts_a_depth_only_where_the_accepted_path_has_a_child(tiny_target, truth_depth, wrong_child):
+    """n-α under a tree means what it means for a chain: depth n counts as attempted only in rounds whose accepted
+    path reached depth n-1 and has a drafted token at depth n; a deeper node in a rejected branch attempts nothing."""
+    config = DecodeConfig(max_new_tokens=30, draft_length=3, tree="static", tree_nodes=6, lookup_tokens=0)
+    prompt_ids = tiny_target.encode_prompt(PROMPTS[1])
+    vanilla = generate(tiny_target, prompt_ids, config=config)
+    drafter = _LeafTruthTree(vanilla.token_ids, tiny_target.model.config.vocab_size, truth_depth=truth_depth,
+                             wrong_child=wrong_child)
+    speculative = generate(tiny_target, prompt_ids, config=config, drafter=drafter)
+    assert speculative.token_ids == vanilla.token_ids
+    rounds, stats = drafter.trees, speculative.stats
+    attempted_depths = truth_depth + wrong_child
+    assert stats.drafted == [rounds] * 3
+    assert stats.evaluated == [rounds] * attempted_depths + [0] * (3 - attempted_depths)
+    assert stats.accepted == [rounds] * truth_depth + [0] * (3 - truth_depth)
+    expected = [1.0] * truth_depth + ([0.0] if wrong_child else []) + [None] * (3 - attempted_depths)
+    assert n_alpha([stats]) == expected
 
 
 def _train_briefly(target, head_type, num_layers, steps):
