@@ -32,7 +32,7 @@ from pipeline.heads import DraftHead, Proposal, attention_mask_for, cache_argume
 from pipeline.lookup import PromptLookup, graft_chain
 from pipeline.trees import (
     DEFAULT_STATIC_TREE, RankPath, TreeBudget, TreeShape, accept_greedy, children_of, evaluated_depth, node_depths,
-    verify_inputs,
+    parents_first, verify_inputs,
 )
 from pipeline.target import Target
 
@@ -596,7 +596,8 @@ def _tree_shape(
     if config.tree == "dynamic":
         nodes = config.tree_nodes or auto_tree_nodes(target.model, draft_length)
         return TreeShape(nodes=nodes, depth=draft_length, top_k=config.tree_top_k), None
-    static = tuple(map(tuple, getattr(drafter, "static_tree", None) or DEFAULT_STATIC_TREE))
+    # Parents first, so that the first `tree_nodes` paths (or a learnt budget's prefix) always form a tree.
+    static = parents_first(getattr(drafter, "static_tree", None) or DEFAULT_STATIC_TREE)
     if config.tree_nodes:
         return TreeShape(nodes=config.tree_nodes, depth=draft_length, static=static[:config.tree_nodes]), None
     # Paths deeper than the draft length are never drafted: they would only inflate the counts.

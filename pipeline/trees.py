@@ -63,6 +63,17 @@ def check_static_tree(paths: Sequence[RankPath]) -> None:
             raise ConfigError(f"decode.tree: path {path} has no parent {path[:-1]} in the tree")
 
 
+def parents_first(paths: Iterable[Sequence[int]]) -> tuple[RankPath, ...]:
+    """A static tree's paths as listed, each preceded by its ancestors where they are listed later (repeats
+    dropped), so every prefix is a tree: a hand-written tree may list a child before its parent or not sort by
+    depth, and decoding drafts the first `tree_nodes` paths. A child listed early brings its parent forward, the
+    rest keeps the listed (best-first) order."""
+    paths = [tuple(path) for path in paths]
+    check_static_tree(paths)
+    ordered = dict.fromkeys(path[:depth] for path in paths for depth in range(1, len(path) + 1))
+    return tuple(ordered)
+
+
 def static_tree_parents(paths: Sequence[RankPath]) -> tuple[list[RankPath], list[int]]:
     """Paths sorted parents-first and each one's parent index (-1 for depth 1)."""
     ordered = sorted(map(tuple, paths), key=lambda p: (len(p), p))
@@ -255,6 +266,7 @@ def node_depths(parents: Sequence[int]) -> list[int]:
 
 def ancestor_mask(parents: Sequence[int], *, device: torch.device) -> torch.Tensor:
     """`(n+1, n+1)` bool: row/column 0 is the pending token, row i+1 node i; True where the row may attend."""
+    node_depths(parents)  # a row copies its parent's, so parents must come first (else a ValueError, not a bad mask)
     size = len(parents) + 1
     allowed = torch.zeros(size, size, dtype=torch.bool)
     allowed[:, 0] = True

@@ -17,7 +17,7 @@ from pipeline.heads import Proposal, build_head
 from pipeline.metrics import n_alpha
 from pipeline.trees import (
     DEFAULT_STATIC_TREE, TreeBudget, TreeShape, accept_greedy, ancestor_mask, best_nodes, build_static_tree,
-    check_static_tree, evaluated_depth, node_depths, static_tree_parents, verify_inputs,
+    check_static_tree, evaluated_depth, node_depths, parents_first, static_tree_parents, verify_inputs,
 )
 from pipeline.training import KoalaTrainer, TrainBatch, pad_rows, target_features
 
@@ -30,8 +30,9 @@ def test_tree_bookkeeping():
     allowed = ancestor_mask(parents, device=torch.device("cpu"))
     assert allowed[5].tolist() == [True, True, False, True, False, True]  # node 4: pending, 0, 2, itself
     assert allowed[2].tolist() == [True, False, True, False, False, False]  # node 1: pending and itself
-    with pytest.raises(ValueError, match="parents must come before"):
-        node_depths([1, -1])
+    for unordered in (node_depths, lambda parents: ancestor_mask(parents, device=torch.device("cpu"))):
+        with pytest.raises(ValueError, match="parents must come before"):  # not a mask missing node 0's row
+            unordered([1, -1])
     # choices[0] follows the pending token, choices[i + 1] node i: the second root, its first child, that one's
     # child, then the bonus token after it
     assert accept_greedy([7, 0, 9, 3, 0, 5], tokens=[5, 7, 9, 4, 3], parents=[-1, -1, 1, 1, 2]) == ([1, 2, 4], 5)
@@ -169,6 +170,52 @@ def test_tree_n_alpha_counts_a_depth_only_where_the_accepted_path_has_a_child(ti
     assert stats.accepted == [rounds] * truth_depth + [0] * (3 - truth_depth)
     expected = [1.0] * truth_depth + ([0.0] if wrong_child else []) + [None] * (3 - attempted_depths)
     assert n_alpha([stats]) == expected
+
+
+# One tree listed parents-first by depth, and the same paths shuffled: children before their parents, depths mixed.
+SORTED_TREE = ((0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0))
+SHUFFLED_TREE = ((0, 0, 0), (1, 0), (0, 1), (0, 0), (1,), (0,))
+
+
+def test_a_static_tree_in_any_order_is_put_parents_first_keeping_the_listed_order():
+    # a path listed before its parent brings the parent forward; otherwise the listed (best-first) order is kept
+    assert parents_first(SHUFFLED_TREE) == ((0,), (0, 0), (0, 0, 0), (1,), (1, 0), (0, 1))
+    assert parents_first(SORTED_TREE) == SORTED_TREE
+    assert parents_first([(0,), [1], (0,)]) == ((0,), (1,))  # duplicates drawn once
+    for nodes in range(1, len(SHUFFLED_TREE) + 1):
+        check_static_tree(parents_first(SHUFFLED_TREE)[:nodes])  # every prefix is a tree
+    with pytest.raises(ConfigError, match="no parent"):
+        parents_first([(0, 1)])
+
+
+@pytest.mark.parametrize("head_type", ["eagle", "medusa"])
+@pytest.mark.parametrize("tree_nodes", [2, 4, 6])
+def test_a_shuffled_static_tree_decodes_like_the_sorted_one(tiny_target, head_type, tree_nodes):
+    """A head whose static tree lists children before parents decodes exactly plain greedy output; the whole tree
+    drafts and verifies the same nodes, mask and positions as the sorted listing, and any prefix is a tree."""
+    torch.manual_seed(0)
+    heads = {}
+    for name, tree in (("sorted", SORTED_TREE), ("shuffled", SHUFFLED_TREE)):
+        torch.manual_seed(0)
+        heads[name] = build_head(HeadConfig(head_type=head_type, num_heads=3, static_tree=tree), tiny_target.model)
+    config = DecodeConfig(max_new_tokens=30, draft_length=3, tree="static", tree_nodes=tree_nodes, lookup_tokens=0)
+    prompt_ids = tiny_target.encode_prompt(PROMPTS[2])
+    vanilla = generate(tiny_target, prompt_ids, config=config)
+    shuffled = generate(tiny_target, prompt_ids, config=config, drafter=heads["shuffled"])
+    assert shuffled.token_ids == vanilla.token_ids
+    if tree_nodes == len(SORTED_TREE):
+        ordered = generate(tiny_target, prompt_ids, config=config, drafter=heads["sorted"])
+        assert shuffled.stats.to_dict() | {"wall_time_s": 0, "target_time_s": 0, "draft_time_s": 0} == \
+            ordered.stats.to_dict() | {"wall_time_s": 0, "target_time_s": 0, "draft_time_s": 0}
+        features = torch.randn(1, prompt_ids.shape[1], tiny_target.model.config.hidden_size,
+                               device=tiny_target.model.device)
+        proposals = [heads[name].propose_tree(heads[name].new_state(), features, prompt_ids.to(features.device),
+                                              TreeShape(nodes=6, depth=3, static=tree), 3)
+                     for name, tree in (("sorted", SORTED_TREE), ("shuffled", SHUFFLED_TREE))]
+        assert proposals[0].token_ids == proposals[1].token_ids and proposals[0].parents == proposals[1].parents
+        inputs = [verify_inputs(7, p.token_ids, p.parents, cached=5, device=torch.device("cpu")) for p in proposals]
+        for ours, theirs in zip(*inputs):
+            assert torch.equal(ours, theirs)
 
 
 def _train_briefly(target, head_type, num_layers, steps):
