@@ -159,6 +159,9 @@ def run_bench(
 ) -> dict[str, Any]:
     """Runs every method on every question (alternating, same process; our two decoders swap order on every other
     prompt) and returns the report dict."""
+    if not questions:  # every rate and share below would divide by zero prompts (or report 0 tokens/s)
+        raise ConfigError("bench: no prompts to benchmark (the question list is empty, e.g. after --limit, "
+                          "--per-category or the training-overlap filter); pass at least one question")
     warmup = decode.replace(max_new_tokens=min(WARMUP_TOKENS, decode.max_new_tokens))
     for question in questions[: bench.warmup_prompts]:
         _run_all_methods(target, drafter, target.encode_prompt(question.prompt), warmup, bench)

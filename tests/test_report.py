@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tune import report
 from tune.sweep import trial_name
 
@@ -146,3 +148,22 @@ def test_an_incumbent_that_fails_to_decode_is_a_row_with_an_error(tmp_path, monk
     row = sweep._incumbent_row(config, {"questions": [], "mlflow_uri": None}, tmp_path, sha1="0" * 40)
     assert row["error"] == "incumbent: RuntimeError" and row["head.head_type"] == "eagle"
     assert report.pick_winner([row]) is None and not (tmp_path / "incumbent").exists()
+
+
+@pytest.mark.parametrize("evaluate", [False, True])
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_a_benchmark_of_no_prompts_is_a_one_line_error_not_a_report(tiny_target, evaluate, temperature):
+    """No prompts (an empty list, or one a filter emptied) must not divide by zero or report NaN speeds."""
+    from pipeline.bench import evaluate_head, run_bench
+    from pipeline.config import BenchConfig, ConfigError, DecodeConfig, HeadConfig
+    from pipeline.heads import build_head
+
+    drafter = build_head(HeadConfig(head_type="eagle", num_heads=2), tiny_target.model)
+    decode = DecodeConfig(max_new_tokens=8, temperature=temperature)
+    bench = BenchConfig(include_hf=False, warmup_prompts=0)
+    with pytest.raises(ConfigError, match=r"no prompts to benchmark.*pass") as error:
+        if evaluate:
+            evaluate_head(tiny_target, drafter, [], decode=decode, bench=bench)
+        else:
+            run_bench(tiny_target, drafter, [], decode=decode, bench=bench, progress=False)
+    assert "\n" not in str(error.value)
