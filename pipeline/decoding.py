@@ -598,10 +598,12 @@ def _tree_shape(
         return TreeShape(nodes=nodes, depth=draft_length, top_k=config.tree_top_k), None
     # Parents first, so that the first `tree_nodes` paths (or a learnt budget's prefix) always form a tree.
     static = parents_first(getattr(drafter, "static_tree", None) or DEFAULT_STATIC_TREE)
-    if config.tree_nodes:
-        return TreeShape(nodes=config.tree_nodes, depth=draft_length, static=static[:config.tree_nodes]), None
-    # Paths deeper than the draft length are never drafted: they would only inflate the counts.
+    # Paths deeper than the draft length are never drafted: left in, they would take the place of drafted ones in
+    # the first `tree_nodes` (a trained tree is best first with depths mixed) and inflate the counts.
     static = tuple(p for p in static if len(p) <= draft_length)
+    if config.tree_nodes:  # the stats then report the nodes drafted, not more than the tree holds
+        static = static[:config.tree_nodes]
+        return TreeShape(nodes=len(static), depth=draft_length, static=static), None
     if config.seed is not None and not config.greedy:
         # Which tokens a seeded sample draws depends on the tree drafted; a learnt budget changes the tree with
         # every request a replica serves, so the same seed would not give the same text. A fixed tree does.

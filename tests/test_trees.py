@@ -218,6 +218,33 @@ def test_a_shuffled_static_tree_decodes_like_the_sorted_one(tiny_target, head_ty
             assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("temperature,seed", [(0.0, None), (0.7, 3)])
+def test_tree_nodes_counts_only_paths_within_the_draft_length(tiny_target, monkeypatch, temperature, seed):
+    """A trained tree is best first with depths mixed: `tree_nodes` takes the first paths the draft length can
+    draft, not the first listed ones, some of which would be too deep and silently left out."""
+    torch.manual_seed(0)
+    tree = ((0,), (0, 0), (0, 0, 0), (1,), (1, 0), (2,))
+    head = build_head(HeadConfig(head_type="eagle", num_heads=3, static_tree=tree), tiny_target.model)
+    drafted = []
+    verify_tree = decoding._verify_tree
+
+    def recording(model, cache, pending, proposal, **kwargs):
+        drafted.append(tuple(proposal.paths))
+        return verify_tree(model, cache, pending, proposal, **kwargs)
+
+    monkeypatch.setattr(decoding, "_verify_tree", recording)
+    config = DecodeConfig(max_new_tokens=12, draft_length=2, tree="static", tree_nodes=3, lookup_tokens=0,
+                          temperature=temperature, seed=seed)
+    result = generate(tiny_target, tiny_target.encode_prompt(PROMPTS[0]), config=config, drafter=head)
+    assert drafted and drafted[0] == ((0,), (1,), (0, 0))  # parents first, as drafted
+    assert result.stats.tree_nodes == 3
+    # asking for more nodes than the tree holds within the draft length reports those drafted
+    drafted.clear()
+    result = generate(tiny_target, tiny_target.encode_prompt(PROMPTS[0]), config=config.replace(tree_nodes=9),
+                      drafter=head)
+    assert set(drafted[0]) == {(0,), (0, 0), (1,), (1, 0), (2,)} and result.stats.tree_nodes == 5
+
+
 def _train_briefly(target, head_type, num_layers, steps):
     """A head overfitted a little on the target's own greedy output: many acceptances and many rejections."""
     torch.manual_seed(0)
