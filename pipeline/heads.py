@@ -196,7 +196,7 @@ class MedusaHeads(nn.Module):
         self.heads = nn.ModuleList(
             self._make_head(hidden_size, lm_head_rows, config.num_layers) for _ in range(config.num_heads)
         )
-        self.logit_softcap = final_logit_softcap(target)
+        self.logit_shape = LogitShape.of(target, draft_token_ids)
         # fp32 master weights whatever the target's dtype: `load_head` casts for inference, training keeps fp32
         # (AdamW steps on bf16 weights are lost to rounding).
         self.to(device=lm_head_rows.device, dtype=torch.float32)
@@ -221,7 +221,7 @@ class MedusaHeads(nn.Module):
         return torch.stack([self._head_logits(head, features) for head in self.heads])
 
     def _head_logits(self, head: nn.Module, features: torch.Tensor) -> torch.Tensor:
-        return soft_cap(head(features), self.logit_softcap)
+        return self.logit_shape(head(features))
 
     def new_state(self) -> None:
         return None
@@ -296,16 +296,37 @@ def _decoder_parts(target: PreTrainedModel) -> tuple[nn.Module, nn.Module, nn.Mo
     return parts["layers"][0], parts["norm"], parts["rotary_emb"]
 
 
-def final_logit_softcap(target: PreTrainedModel) -> float | None:
-    """The cap of targets that squash their logits with `cap * tanh(logits / cap)` (Gemma-2, some Gemma-3)."""
-    config = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
-    return getattr(config, "final_logit_softcapping", None) or None
+@dataclasses.dataclass(frozen=True, eq=False)
+class LogitShape:
+    """What a target does to its LM head's product `h W^T` to get its logits: `cap * tanh((h W^T + bias) * scale
+    / cap)`, where `bias` is the LM head's (Phi), `scale` its config's `logit_scale` (Cohere) or `1 /
+    logits_scaling` (Granite), and `cap` its `final_logit_softcapping` (Gemma-2, some Gemma-3). Every head's draft
+    logits and training's target logits go through the target's shape: a head without it drafts another
+    distribution (another argmax with a bias, another temperature with a scale) and distills wrong targets."""
 
+    bias: torch.Tensor | None = None  # (V,) or the draft vocabulary's (V_draft,); frozen, not a head parameter
+    scale: float = 1.0
+    softcap: float | None = None
 
-def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
-    """Draft and distillation logits get the target's own cap: the head then models the distribution the target
-    samples from (argmax is unchanged either way)."""
-    return logits if not cap else torch.tanh(logits / cap) * cap
+    @classmethod
+    def of(cls, target: PreTrainedModel, draft_token_ids: torch.Tensor | None = None) -> LogitShape:
+        """Read once from the target's (text) config and LM head; `draft_token_ids` picks the bias's rows."""
+        config = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
+        bias = getattr(target.get_output_embeddings(), "bias", None)
+        if bias is not None:
+            bias = bias.detach()
+            if draft_token_ids is not None:
+                bias = bias[draft_token_ids.to(bias.device)]
+        scale = float(getattr(config, "logit_scale", None) or 1.0) / float(getattr(config, "logits_scaling", None) or 1.0)
+        return cls(bias=bias, scale=scale, softcap=getattr(config, "final_logit_softcapping", None) or None)
+
+    def __call__(self, product: torch.Tensor) -> torch.Tensor:
+        """`h W^T` `(..., V)` -> the target's logits for it `(..., V)`."""
+        if self.bias is not None:
+            product = product + self.bias.to(device=product.device, dtype=product.dtype)
+        if self.scale != 1.0:
+            product = product * self.scale
+        return product if not self.softcap else torch.tanh(product / self.softcap) * self.softcap
 
 
 @functools.cache
@@ -402,7 +423,7 @@ class EagleHead(nn.Module):
         self._rotary_layer_type = (
             {"layer_type": "full_attention"} if "layer_type" in inspect.signature(rotary.forward).parameters else {}
         )
-        self.logit_softcap = final_logit_softcap(target)
+        self.logit_shape = LogitShape.of(target, draft_token_ids)
         self._mask_cache_argument = cache_argument(create_causal_mask)
         # Frozen target parts are referenced, not registered: they are not head parameters, are not saved, and are
         # not cast with the head. The target's own rotary module keeps its fp32 inv_freq (a bf16 copy is off by
@@ -499,7 +520,7 @@ class EagleHead(nn.Module):
         return predictions
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """features `(..., H)` -> draft logits `(..., V_draft)` (soft-capped like the target's)."""
+        """features `(..., H)` -> draft logits `(..., V_draft)` (shaped like the target's, `LogitShape`)."""
         # The LM-head rows are a buffer, not an nn.Linear: they take oneDNN's kernel when the head's layers do.
         weight = self.lm_head_weight
         features = features.to(weight.dtype)
@@ -507,7 +528,7 @@ class EagleHead(nn.Module):
             product = linear(features, weight, pack=self.fc.pack_weight)
         else:
             product = F.linear(features, weight)
-        return soft_cap(product, self.logit_softcap)
+        return self.logit_shape(product)
 
     def propose_tree(
         self, state: EagleState, features: torch.Tensor, next_token_ids: torch.Tensor, shape: TreeShape,

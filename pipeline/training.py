@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from pipeline import losses
 from pipeline.config import LOSS_CURVE_POINTS, TrainConfig
 from pipeline.discriminator import Discriminator, DiscriminatorConfig
-from pipeline.heads import EagleHead, MedusaHeads, final_logit_softcap, head_input_features, soft_cap
+from pipeline.heads import EagleHead, LogitShape, MedusaHeads, head_input_features
 from pipeline.trees import build_static_tree
 
 GREEDY_CHUNK = 4096  # positions per full-vocabulary argmax (bounds memory on long validation batches)
@@ -255,7 +255,8 @@ class KoalaTrainer:
         # Target logits in the draft vocabulary: rows of the frozen LM head (softmax over them renormalises the
         # target's distribution to the draft vocabulary, the only tokens the head can propose).
         self.target_rows = output_weight if draft_ids is None else output_weight[draft_ids]
-        self.logit_softcap = final_logit_softcap(target_model)
+        self.logit_shape = LogitShape.of(target_model, draft_ids)
+        self.full_logit_shape = LogitShape.of(target_model)
         self.total_steps = total_steps
         self.step = 0
         self.train_seconds = 0.0
@@ -329,7 +330,7 @@ class KoalaTrainer:
         return features[..., : self.target_rows.shape[-1]]
 
     def _target_logits(self, features: torch.Tensor) -> torch.Tensor:
-        return soft_cap(F.linear(features, self.target_rows.to(features.dtype)), self.logit_softcap)
+        return self.logit_shape(F.linear(features, self.target_rows.to(features.dtype)))
 
     # --- predictions -------------------------------------------------------------------------------------------
 
@@ -546,7 +547,9 @@ class KoalaTrainer:
         features = self._last_hidden(features)
         flat = features.reshape(-1, features.shape[-1])
         weight = self.full_output_weight
-        choices = [F.linear(chunk.to(weight.dtype), weight).argmax(-1) for chunk in flat.split(GREEDY_CHUNK)]
+        # The bias moves the argmax (scale and cap do not, but are cheap next to the product).
+        choices = [self.full_logit_shape(F.linear(chunk.to(weight.dtype), weight)).argmax(-1)
+                   for chunk in flat.split(GREEDY_CHUNK)]
         return torch.cat(choices).view(features.shape[:-1])
 
     def chain_hits(self, batch: TrainBatch, depth: int) -> tuple[torch.Tensor, torch.Tensor]:

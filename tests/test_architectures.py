@@ -43,18 +43,28 @@ FAMILIES = {
         layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=WINDOW, partial_rotary_factor=0.5)),
 }
+# Families that shape the LM head's output: a bias (Phi), a division (Granite), a multiplication (Cohere).
+SHAPED_FAMILIES = {
+    "phi": ("PhiConfig", "PhiForCausalLM", {}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(logits_scaling=4.0)),
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=0.25)),
+}
 HEADS = [("eagle", 1), ("eagle", 2), ("medusa", 1)]
 PROMPTS = ["hello there, general kenobi", "Abc 12"]
 
 
 def tiny_target(family: str) -> Target:
-    config_class, model_class, extra = FAMILIES[family]
+    config_class, model_class, extra = {**FAMILIES, **SHAPED_FAMILIES}[family]
     torch.manual_seed(0)
     config = getattr(transformers, config_class)(**{**COMMON, **extra})
     model = getattr(transformers, model_class)(config)
     with torch.no_grad():  # peaked distributions: greedy decoding is not a sequence of near-ties
         model.get_output_embeddings().weight.mul_(20.0)
         model.get_output_embeddings().weight[2] = 0.0  # EOS's logit is 0, never the largest: long generations
+        bias = model.get_output_embeddings().bias
+        if bias is not None:  # large enough to change the argmax, EOS's kept out of reach
+            bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(1)) * 20.0)
+            bias[2] = -1e4
     return Target(model=model.eval().requires_grad_(False), tokenizer=char_tokenizer(), name=f"tiny-{family}",
                   prompt_format="plain")
 
@@ -147,6 +157,45 @@ def test_draft_logits_are_soft_capped_like_the_targets():
     torch.testing.assert_close(eagle.logits(features), expected)
     medusa = build_head(HeadConfig(head_type="medusa", num_heads=1), target.model)  # a fresh block is the identity
     torch.testing.assert_close(medusa(features)[0], expected)
+
+
+@pytest.mark.parametrize("family", sorted(SHAPED_FAMILIES))
+def test_draft_and_distillation_logits_are_shaped_like_the_targets(family):
+    """A head drafts through the target's LM head rows; its logits (and training's target logits) must be the
+    target's own, bias, scale and cap included, or it drafts (and learns) another distribution."""
+    target = tiny_target(family)
+    ids = target.encode_prompt(PROMPTS[0])
+    with torch.no_grad():
+        outputs = target.model(ids, output_hidden_states=True)
+    last_hidden, expected = outputs.hidden_states[-1], outputs.logits
+    medusa = build_head(HeadConfig(head_type="medusa", num_heads=1), target.model)  # a fresh block is the identity
+    heads = [medusa]
+    if family != "phi":  # Phi's decoder has no `norm` (final_layernorm): EAGLE is refused for it
+        heads.append(build_head(HeadConfig(head_type="eagle"), target.model))
+    trainer = KoalaTrainer(TrainConfig(data_dirs=("unused",), head=medusa.config), head=medusa,
+                           target_model=target.model)
+    with torch.no_grad():
+        torch.testing.assert_close(medusa(last_hidden)[0], expected)
+        for head in heads[1:]:
+            torch.testing.assert_close(head.logits(last_hidden), expected)
+        torch.testing.assert_close(trainer._target_logits(last_hidden), expected)
+        assert torch.equal(trainer.target_greedy(last_hidden), expected.argmax(-1))
+
+
+@pytest.mark.parametrize("family", sorted(SHAPED_FAMILIES))
+def test_greedy_speculative_equals_vanilla_on_targets_with_shaped_logits(family):
+    target = tiny_target(family)
+    head_types = ["medusa"] if family == "phi" else ["medusa", "eagle"]
+    for prompt in PROMPTS:
+        ids = target.encode_prompt(prompt)
+        expected = generate(target, ids, config=DecodeConfig(max_new_tokens=NEW_TOKENS)).token_ids
+        for head_type in head_types:
+            torch.manual_seed(0)
+            head = build_head(HeadConfig(head_type=head_type, num_heads=3), target.model)
+            for tree in ("chain", "dynamic"):
+                config = DecodeConfig(max_new_tokens=NEW_TOKENS, tree=tree, tree_nodes=6)
+                result = generate(target, ids, config=config, drafter=head)
+                assert result.token_ids == expected and result.stats.draft_tokens > 0
 
 
 @pytest.fixture
