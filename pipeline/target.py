@@ -439,6 +439,33 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def text_only_model(model: PreTrainedModel) -> PreTrainedModel:
+    """A multimodal `*ForConditionalGeneration` checkpoint (Gemma-3, Llava-style: a text decoder and LM head next
+    to a vision tower) as the causal LM of its text config, built around the same decoder and LM head modules (no
+    weights copied, the vision tower dropped); any other model as it is. Speculative decoding here is text-only,
+    and heads, caches and trees read the text decoder's config and modules, which the wrapper's config nests."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text_config is config:
+        return model
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    try:
+        with torch.device("meta"):  # the shell only: its decoder and LM head are replaced by the loaded ones
+            causal = AutoModelForCausalLM.from_config(text_config)
+    except ValueError:  # no causal LM class for the text config
+        causal = None
+    if causal is None or model.get_output_embeddings() is None or not isinstance(
+            decoder, type(getattr(causal, causal.base_model_prefix, None))):
+        raise TargetLoadError(
+            f"{type(model).__name__} holds no text decoder and LM head that transformers runs as a causal LM of "
+            f"its {type(text_config).__name__}; load its text-only checkpoint as the target instead"
+        )
+    setattr(causal, causal.base_model_prefix, decoder)
+    causal.set_output_embeddings(model.get_output_embeddings())
+    causal.generation_config = model.generation_config
+    return causal
+
+
 def load_target(
     spec: str = SMOLLM2_ALIAS,
     *,
@@ -467,6 +494,7 @@ def load_target(
         raise TargetLoadError(
             f"target {spec!r}: could not load it as a Hugging Face causal LM from {location!r} ({_first_line(error)})"
         ) from error
+    model = text_only_model(model)
     model.to(torch_device).eval()
     model.requires_grad_(False)
     if torch_device.type == "cpu" and cpu_linear != "torch":

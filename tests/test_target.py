@@ -11,12 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from conftest import char_tokenizer, tiny_llama
-from pipeline.config import ConfigError, TargetConfig
+from pipeline.config import ConfigError, DecodeConfig, HeadConfig, TargetConfig
+from pipeline.decoding import generate
+from pipeline.heads import build_head
 from pipeline.target import (
     LAST_USED_FILE, STALE_COPY_DAYS, Target, TargetLoadError, _remove_stale_copies, approximate_parameters,
     choose_prompt_format, converted_gguf_dir, gguf_content_digest, load_target, pick_dtype, resolve_spec,
+    text_only_model,
 )
 
 
@@ -198,3 +202,53 @@ def test_a_target_with_neither_pad_nor_eos_token_still_pads():
     tokenizer.pad_token, tokenizer.eos_token = None, None
     target = Target(model=model, tokenizer=tokenizer, name="tiny", prompt_format="plain")
     assert target.eos_token_ids == frozenset() and target.pad_token_id == 0
+
+
+def _tiny_gemma3_with_vision() -> transformers.Gemma3ForConditionalGeneration:
+    """A multimodal checkpoint (a vision tower, a projector, a Gemma-3 text decoder and its LM head), built in memory."""
+    text = transformers.Gemma3TextConfig(
+        vocab_size=80, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       boi_token_index=77, eoi_token_index=78, image_token_index=79)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # peaked distributions, EOS out of reach (as tests/test_architectures.py's targets)
+        model.lm_head.weight.mul_(20.0)
+        model.lm_head.weight[2] = 0.0
+    return model.eval().requires_grad_(False)
+
+
+def test_a_multimodal_checkpoint_loads_as_its_text_model_and_decodes_losslessly_with_an_eagle_head(tmp_path):
+    """Gemma-3 (and Llava-style) checkpoints load as `*ForConditionalGeneration`, whose config holds the text
+    sizes in a sub-config: heads failed deep inside (`Gemma3Config has no attribute hidden_size`). The target is
+    its text model instead: the same decoder and LM head modules, the same greedy output."""
+    multimodal = _tiny_gemma3_with_vision()
+    text_only = text_only_model(multimodal)
+    assert type(text_only).__name__ == "Gemma3ForCausalLM"
+    assert text_only.lm_head.weight.data_ptr() == multimodal.lm_head.weight.data_ptr()  # shared, not copied
+    assert not any(t.is_meta for t in [*text_only.parameters(), *text_only.buffers()])
+    multimodal.save_pretrained(tmp_path)
+    char_tokenizer().save_pretrained(tmp_path)
+    target = load_target(str(tmp_path), device="cpu", cpu_linear="torch")
+    assert type(target.model).__name__ == "Gemma3ForCausalLM" and target.identity.hidden_size == 64
+    original = Target(model=multimodal, tokenizer=char_tokenizer(), name="gemma3-vision", prompt_format="plain")
+    ids = target.encode_prompt("hello there, general kenobi")
+    config = DecodeConfig(max_new_tokens=24)
+    expected = generate(original, ids, config=config).token_ids
+    assert generate(target, ids, config=config).token_ids == expected
+    head = build_head(HeadConfig(head_type="eagle", num_heads=3), target.model)
+    result = generate(target, ids, config=config, drafter=head)
+    assert result.token_ids == expected and result.stats.draft_tokens > 0
+
+
+def test_a_multimodal_checkpoint_without_a_causal_text_model_is_a_one_line_error(monkeypatch):
+    def no_causal_class(config):
+        raise ValueError(f"Unrecognized configuration class {type(config)}")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", no_causal_class)
+    with pytest.raises(TargetLoadError, match="Gemma3ForConditionalGeneration holds no text decoder.*text-only"):
+        text_only_model(_tiny_gemma3_with_vision())
