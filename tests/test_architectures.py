@@ -267,6 +267,24 @@ def test_a_learned_position_table_is_never_indexed_past_the_context_window(monke
     assert generate(target, ids, config=config, drafter=head).token_ids == expected.token_ids
 
 
+@pytest.mark.xfail(strict=True, raises=IndexError, reason=(
+    "pipeline/decoding.py verify_costs measures the auto tree budget by scoring 128 cached + up to 64 new "
+    "positions whatever the target's window: past a 64-row GPT-2 position table (fixed budgets decode fine)"))
+def test_the_auto_tree_budget_stays_inside_a_short_learned_position_table():
+    """The default decoding settings (trees with an `auto` node budget) on a GPT-2 whose position table has 64
+    rows: speculative output equals vanilla's up to the window's end, never an IndexError from the embedding."""
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=80, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)).eval()
+    target = Target(model=model, tokenizer=char_tokenizer(), name="tiny-gpt2", prompt_format="plain")
+    ids = target.encode_prompt(PROMPTS[0])
+    config = DecodeConfig(max_new_tokens=100)
+    expected = generate(target, ids, config=config)
+    assert expected.finish_reason == "length" and ids.shape[1] + len(expected.token_ids) <= 64
+    head = build_head(HeadConfig(head_type="medusa", num_heads=3), model)
+    assert generate(target, ids, config=config, drafter=head).token_ids == expected.token_ids
+
+
 @pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3", "qwen2", "phi3"])
 def test_tree_pass_past_the_window_equals_running_the_accepted_path(family):
     """Sliding-window targets verify trees too: the tree pass's rows for the accepted path equal a plain pass
