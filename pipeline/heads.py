@@ -29,7 +29,7 @@ from torch import nn
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
-from pipeline.caches import rollback_cache
+from pipeline.caches import new_cache, rollback_cache
 from pipeline.cpu_linear import (
     OneDnnLinear, linear, onednn_bf16_available, packs_weights, use_onednn_linears, uses_onednn_linears,
 )
@@ -696,6 +696,25 @@ def _expand_eagle_tree(
 HEAD_CLASSES: dict[str, type[nn.Module]] = {"medusa": MedusaHeads, "eagle": EagleHead}
 
 
+def refuse_recurrent_state(target: PreTrainedModel) -> None:
+    """A one-line refusal for targets whose cache holds a recurrent state (Mamba and other state-space layers):
+    it folds every token in, so rejected draft tokens cannot be dropped and no head can draft for the target.
+    Whether a layer keeps one is known only once it has run (transformers' `is_croppable`: convolution-only
+    states, e.g. LFM2's, can be rolled back), so targets with such layers run one two-token probe."""
+    cache = new_cache(target.config)
+    if all(getattr(layer, "is_croppable", True) for layer in cache.layers):
+        return
+    probe = torch.ones((1, 2), dtype=torch.long, device=target.get_output_embeddings().weight.device)
+    with torch.no_grad():
+        target(input_ids=probe, use_cache=True, **{cache_argument(type(target).forward): cache})
+    if not all(getattr(layer, "is_croppable", True) for layer in cache.layers):
+        raise ConfigError(
+            f"target: {type(target).__name__} keeps a recurrent state (state-space layers), which cannot drop "
+            "rejected draft tokens, so no draft head can speculate for it; use a target with attention (or "
+            "convolution) layers"
+        )
+
+
 def build_head(
     config: HeadConfig, target: PreTrainedModel, *, draft_token_ids: torch.Tensor | None = None
 ) -> MedusaHeads | EagleHead:
@@ -716,6 +735,7 @@ def build_head(
             raise ConfigError(f"head.draft_vocab_size: token-id map has ids outside the target vocabulary [0, {vocab_size})")
     elif draft_token_ids is not None:
         raise ConfigError("head.draft_vocab_size: is 0 (full vocabulary) but a token-id map was given")
+    refuse_recurrent_state(target)
     head = HEAD_CLASSES[config.head_type](config, target=target, draft_token_ids=draft_token_ids)
     if uses_onednn_linears(target):  # the head's CPU kernels follow the target's (TargetConfig.cpu_linear)
         use_onednn_linears(head, pack_weights=packs_weights(target))

@@ -380,3 +380,22 @@ def test_a_cache_with_recurrent_state_layers_is_refused_in_one_line_not_rolled_b
 
     with pytest.raises(ConfigError, match="recurrent-state layers"):
         rollback_cache(Cache(), 8)
+
+
+@pytest.mark.parametrize("head_type", ["medusa", "eagle"])
+def test_a_state_space_target_is_refused_in_one_line_when_a_head_is_made_for_it(head_type, tmp_path, capsys):
+    """Mamba folds every token into one recurrent state: a rejected draft cannot be taken back out, so no head
+    can draft for it. `koala head init` (and every head load, which builds the head) says so up front instead of
+    suggesting Medusa or failing deep inside decoding."""
+    torch.manual_seed(0)
+    model = transformers.MambaForCausalLM(transformers.MambaConfig(
+        vocab_size=80, hidden_size=64, state_size=8, num_hidden_layers=2, bos_token_id=1, eos_token_id=2))
+    with pytest.raises(ConfigError, match="MambaForCausalLM keeps a recurrent state"):
+        build_head(HeadConfig(head_type=head_type), model.eval())
+    model.save_pretrained(tmp_path / "mamba")
+    char_tokenizer().save_pretrained(tmp_path / "mamba")
+    assert main(["head", "init", "--type", head_type, "--target", str(tmp_path / "mamba"),
+                 "--out", str(tmp_path / "head")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("koala head: error:"), errors
+    assert "recurrent state" in errors[0] and "cannot drop rejected draft tokens" in errors[0]
