@@ -300,6 +300,9 @@ def cmd_head_init(args: argparse.Namespace) -> int:
     )
     if head_config.draft_vocab_size and not args.draft_vocab_corpus:
         raise ConfigError("head.draft_vocab_size: needs --draft-vocab-corpus FILE to choose the most frequent tokens")
+    if args.out.exists() and not args.out.is_dir():  # checked before the slow target load
+        raise ConfigError(f"head init: --out {args.out} is a file; give a directory to write the head to (a new one, "
+                          "or a head directory to overwrite)")
     corpus = read_corpus_texts(args.draft_vocab_corpus) if head_config.draft_vocab_size else []  # before the target
     target = load_target_from_config(_target_config(args))
     draft_token_ids = None
@@ -308,7 +311,10 @@ def cmd_head_init(args: argparse.Namespace) -> int:
         draft_token_ids = top_token_ids(counts, head_config.draft_vocab_size, always_include=sorted(target.eos_token_ids))
     torch.manual_seed(args.seed)
     head = build_head(head_config, target.model, draft_token_ids=draft_token_ids)
-    save_head(head, args.out, target_identity=target_identity_dict(target.model, target.name))
+    try:
+        save_head(head, args.out, target_identity=target_identity_dict(target.model, target.name))
+    except OSError as error:  # e.g. a read-only place, or a file in --out's path
+        raise ConfigError(f"head init: cannot write the head to --out {args.out} ({error.strerror or error})") from error
     parameters = sum(p.numel() for p in head.parameters())
     print(f"wrote {head_config.head_type} head (K={head_config.num_layers}, {parameters / 1e6:.1f}M parameters) to {args.out}")
     return 0

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
@@ -784,15 +785,26 @@ def read_head_metadata(directory: str | Path, *, with_weights: bool = True) -> d
     config_path = directory / HEAD_CONFIG_FILE
     if not directory.is_dir():
         raise HeadLoadError(f"drafter directory {directory} does not exist; create one with `koala head init`")
-    if not config_path.is_file() or (with_weights and not (directory / HEAD_WEIGHTS_FILE).is_file()):
+    needed = [HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE] if with_weights else [HEAD_CONFIG_FILE]
+    missing = [name for name in needed if not (directory / name).is_file()]
+    if missing:
         raise HeadLoadError(
-            f"drafter directory {directory} must hold {HEAD_CONFIG_FILE} and {HEAD_WEIGHTS_FILE}; "
-            "create one with `koala head init`"
+            f"drafter directory {directory} has no {' or '.join(missing)}; it must hold {HEAD_CONFIG_FILE} and "
+            f"{HEAD_WEIGHTS_FILE}; create one with `koala head init`"
         )
     try:
-        return json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise HeadLoadError(f"{config_path} is not valid JSON ({error})") from error
+        metadata = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise HeadLoadError(f"{config_path} is not valid JSON ({error}); export the head again") from error
+    if not isinstance(metadata, dict) or not all(isinstance(metadata.get(key, {}), dict) for key in ("head", "target")):
+        raise HeadLoadError(f"{config_path} is not a head config (a JSON object whose 'head' and 'target' are "
+                            "objects, as `save_head` writes it); export the head again")
+    return metadata
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def check_target_matches(saved: dict[str, Any], actual: dict[str, Any], *, directory: Path) -> None:
@@ -836,12 +848,34 @@ def load_head(
     head made for a different target."""
     directory = Path(directory)
     metadata = read_head_metadata(directory)
-    config = HeadConfig.from_dict(metadata.get("head"))
-    check_target_matches(metadata.get("target", {}), target_identity_dict(target, target_name), directory=directory)
-    tensors = load_file(directory / HEAD_WEIGHTS_FILE)  # safetensors: no pickle, safe on untrusted files
+    config_path, weights_path = directory / HEAD_CONFIG_FILE, directory / HEAD_WEIGHTS_FILE
+    if "head" not in metadata:
+        raise HeadLoadError(f"{config_path} has no 'head' settings; export the head again")
+    try:
+        config = HeadConfig.from_dict(metadata["head"])
+    except ConfigError as error:
+        raise HeadLoadError(f"{config_path}: {error}") from error
+    saved = metadata.get("target", {})
+    actual = target_identity_dict(target, target_name)
+    check_target_matches(saved, actual, directory=directory)
+    try:
+        tensors = load_file(weights_path)  # safetensors: no pickle, safe on untrusted files
+    except (SafetensorError, OSError) as error:
+        raise HeadLoadError(f"{weights_path} is not a readable safetensors file ({_first_line(error)}); "
+                            "export the head again") from error
     draft_token_ids = tensors.get("vocabulary.draft_token_ids")
     head = build_head(config, target, draft_token_ids=draft_token_ids)
-    head.load_state_dict(tensors, strict=True)
+    try:
+        result = head.load_state_dict(tensors, strict=False)
+        mismatch = result.missing_keys or result.unexpected_keys
+    except RuntimeError:  # a tensor of another shape
+        mismatch = True
+    if mismatch:
+        raise HeadLoadError(
+            f"{weights_path} does not fit a {config.head_type} head (K={config.num_layers}) on target {target_name!r} "
+            f"({actual['model_type']}): the head was made for target {saved.get('name')!r} "
+            f"({saved.get('model_type')}); use a head trained for this target, or export this one again"
+        )
     # The fp32 master copy is for training only.
     head.to(dtype=inference_dtype(target, dtype))
     return head.eval().requires_grad_(False)

@@ -6,8 +6,10 @@ import json
 
 import pytest
 import torch
+import transformers
 
-from conftest import make_tiny_target, tiny_llama
+from conftest import char_tokenizer, make_tiny_target, tiny_llama
+from pipeline.cli import main
 from pipeline import heads as heads_module
 from pipeline.config import ConfigError, HeadConfig
 from pipeline.cpu_linear import use_onednn_linears
@@ -119,6 +121,69 @@ def test_missing_drafter_directory_is_a_clear_error(tiny_target, tmp_path):
         load_head(tmp_path / "nope", tiny_target.model, target_name="tiny")
     with pytest.raises(HeadLoadError, match="must hold head_config.json"):
         load_head(tmp_path, tiny_target.model, target_name="tiny")
+
+
+def _saved_head(target, directory, head_type="eagle"):
+    head = build_head(HeadConfig(head_type=head_type), target.model)
+    return save_head(head, directory, target_identity=target_identity_dict(target.model, "tiny-llama"))
+
+
+def test_a_head_for_another_architecture_of_the_same_sizes_fails_in_one_line(tiny_target, tmp_path):
+    """Same hidden size and vocabulary, another decoder (Qwen2's attention has biases): the head's weights do not
+    fit, and the message names both targets instead of a state-dict traceback."""
+    directory = _saved_head(tiny_target, tmp_path)
+    config = transformers.Qwen2Config(vocab_size=80, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    qwen2 = transformers.Qwen2ForCausalLM(config).eval()
+    with pytest.raises(HeadLoadError) as caught:
+        load_head(directory, qwen2, target_name="tiny-qwen2")
+    message = str(caught.value)
+    assert "\n" not in message and "'tiny-llama' (llama)" in message and "'tiny-qwen2' (qwen2)" in message, message
+    assert str(directory / "head.safetensors") in message
+
+
+@pytest.mark.parametrize("missing", ["head_config.json", "head.safetensors"])
+def test_a_missing_head_file_is_named(tiny_target, tmp_path, missing):
+    directory = _saved_head(tiny_target, tmp_path)
+    (directory / missing).unlink()
+    with pytest.raises(HeadLoadError, match=f"has no {missing}.*koala head init"):
+        load_head(directory, tiny_target.model, target_name="tiny-llama")
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"head": "eagle"}', '{"head": {"num_layers": "two"}}'])
+def test_a_corrupt_head_config_is_one_line_naming_the_file(tiny_target, tmp_path, content):
+    directory = _saved_head(tiny_target, tmp_path)
+    (directory / HEAD_CONFIG_FILE).write_text(content)
+    with pytest.raises(HeadLoadError) as caught:
+        load_head(directory, tiny_target.model, target_name="tiny-llama")
+    assert str(directory / HEAD_CONFIG_FILE) in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("corruption", ["garbage", "truncated", "other head type"])
+def test_corrupt_head_weights_are_one_line_naming_the_file(tiny_target, tmp_path, corruption):
+    directory = _saved_head(tiny_target, tmp_path)
+    weights = directory / "head.safetensors"
+    if corruption == "garbage":
+        weights.write_bytes(b"\x00" * 64)
+    elif corruption == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:  # a Medusa head's weights under an EAGLE head's config
+        _saved_head(tiny_target, tmp_path / "medusa", head_type="medusa")
+        weights.write_bytes((tmp_path / "medusa" / "head.safetensors").read_bytes())
+    with pytest.raises(HeadLoadError) as caught:
+        load_head(directory, tiny_target.model, target_name="tiny-llama")
+    assert str(weights) in str(caught.value) and "\n" not in str(caught.value), caught.value
+
+
+def test_head_init_onto_an_existing_file_is_a_one_line_error(tmp_path, capsys):
+    model_dir, out = tmp_path / "model", tmp_path / "taken"
+    tiny_llama().save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    out.write_text("not a directory")
+    assert main(["head", "init", "--type", "eagle", "--target", str(model_dir), "--out", str(out)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and f"--out {out} is a file" in errors[0], errors
+    assert out.read_text() == "not a directory"
 
 
 def test_bad_head_config_names_the_field():
@@ -283,3 +348,4 @@ def test_fused_head_round_trips_and_plain_heads_keep_their_format(tiny_target, t
     torch.testing.assert_close(loaded.fuse.weight, fused.fuse.weight)
     plain = build_head(HeadConfig(head_type="eagle"), tiny_target.model)
     assert plain.fuse is None and not any(name.startswith("fuse") for name in plain.state_dict())
+
