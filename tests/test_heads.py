@@ -349,3 +349,13 @@ def test_fused_head_round_trips_and_plain_heads_keep_their_format(tiny_target, t
     plain = build_head(HeadConfig(head_type="eagle"), tiny_target.model)
     assert plain.fuse is None and not any(name.startswith("fuse") for name in plain.state_dict())
 
+
+def test_the_shipped_drafters_card_states_its_parameter_count():
+    """The model card's size line is the count of the stored (trainable) weights, not a guess."""
+    from safetensors.torch import load_file
+
+    drafter = heads_module.DRAFTERS_DIR / "smollm2-eagle"
+    tensors = load_file(drafter / heads_module.HEAD_WEIGHTS_FILE)
+    count = sum(t.numel() for name, t in tensors.items() if t.is_floating_point())
+    card = (drafter / "README.md").read_text()
+    assert f"| size | {count / 1e6:.1f}M trainable parameters ({count:,}" in card
