@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import decoding  # noqa: E402
 from pipeline.bench import load_questions  # noqa: E402
 from pipeline.config import DecodeConfig  # noqa: E402
-from pipeline.heads import _DraftVocabulary, _frozen_lm_head_rows, default_drafter_dir, load_head  # noqa: E402
+from pipeline.heads import LogitShape, _DraftVocabulary, _frozen_lm_head_rows, default_drafter_dir, load_head  # noqa: E402
 from pipeline.lookup import PromptLookup, graft_chain  # noqa: E402
 from pipeline.target import load_target  # noqa: E402
 
@@ -43,6 +43,7 @@ def full_vocabulary_copy(head, target):
     full = copy.deepcopy(head)
     full.vocabulary = _DraftVocabulary(None)
     full.lm_head_weight = _frozen_lm_head_rows(target.model, None).float()
+    full.logit_shape = LogitShape.of(target.model)  # the whole vocabulary's bias, if the LM head has one
     return full
 
 
