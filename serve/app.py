@@ -26,15 +26,15 @@ from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.config import ConfigError
-from pipeline.decoding import GenerationResult, PromptTooLongError
+from pipeline.decoding import GenerationResult
 from pipeline.heads import HeadLoadError
 from pipeline.target import TargetLoadError
 from serve.checks import check_before_deploy, first_line
 from serve.config import ServeConfig
 from serve.engine import Engine, load_engine
 from serve.openai_api import (
-    SSE_DONE, ApiError, ChatRequest, CompletionRequest, ResponseShape, StreamText, parse_request, speculative_stats,
-    sse, usage,
+    SSE_DONE, ApiError, ChatRequest, CompletionRequest, ResponseShape, StreamText, fit_to_context, parse_request,
+    speculative_stats, sse, usage,
 )
 
 log = logging.getLogger(__name__)
@@ -249,23 +249,15 @@ class KoalaServer:
                            code="invalid_api_key", error_type="authentication_error")
 
     def _prompt_ids(self, engine: Engine, parsed: CompletionRequest | ChatRequest) -> list[int]:
-        chat = isinstance(parsed, ChatRequest)
-        if chat:
-            try:
-                prompt_ids = engine.chat_prompt_ids(parsed.conversation())
-            except ApiError:
-                raise
-            except Exception as error:  # chat templates raise their own errors for orders they do not support
-                raise ApiError(400, f"messages: the target's chat template rejected them ({error})",
-                               param="messages") from error
-        else:
-            prompt_ids = engine.completion_prompt_ids(parsed.prompt)
+        if not isinstance(parsed, ChatRequest):
+            return engine.completion_prompt_ids(parsed.prompt)
         try:
-            engine.check_prompt_length(prompt_ids)
-        except PromptTooLongError as error:
-            raise ApiError(400, str(error), param="messages" if chat else "prompt",
-                           code="context_length_exceeded") from error
-        return prompt_ids
+            return engine.chat_prompt_ids(parsed.conversation())
+        except ApiError:
+            raise
+        except Exception as error:  # chat templates raise their own errors for orders they do not support
+            raise ApiError(400, f"messages: the target's chat template rejected them ({error})",
+                           param="messages") from error
 
     async def _answer(self, request: Request, *, chat: bool):
         started = time.perf_counter()
@@ -279,6 +271,8 @@ class KoalaServer:
             decode = parsed.decode_config(self.request_defaults, max_tokens_limit=self.config.max_tokens_limit)
             engine = await self._wait_for_engine()
             prompt_ids = self._prompt_ids(engine, parsed)
+            decode = fit_to_context(parsed, decode, prompt_tokens=len(prompt_ids),
+                                    context_window=engine.context_window)
         except ApiError as error:
             self.metrics.request(endpoint, error.status)
             return JSONResponse(error.body(), status_code=error.status)

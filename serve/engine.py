@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import DecodeConfig
-from pipeline.decoding import GenerationResult, PromptTooLongError, TokenCallback, generate
+from pipeline.decoding import GenerationResult, TokenCallback, generate
 from pipeline.heads import DraftHead, HeadLoadError, load_head, read_head_metadata
 from pipeline.target import Target, load_target_from_config
 from pipeline.tracking import download_registered_head, tracking_uri
@@ -55,12 +55,6 @@ class Engine:
 
     def decode_text(self, token_ids: list[int]) -> str:
         return self.target.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-    def check_prompt_length(self, prompt_ids: list[int]) -> None:
-        if len(prompt_ids) >= self.context_window:
-            raise PromptTooLongError(
-                f"prompt has {len(prompt_ids)} tokens but the context window is {self.context_window}; shorten it"
-            )
 
     def _run(self, prompt_ids: list[int], config: DecodeConfig, on_tokens: TokenCallback,
              cancelled: threading.Event) -> GenerationResult:

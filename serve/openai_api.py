@@ -4,7 +4,8 @@ Plain Python (pydantic + json), no Ray: the HTTP layer in `serve.app` calls thes
 Only what the endpoint implements is accepted with meaning (`model`, `prompt`/`messages`, `max_tokens`,
 `temperature`, `top_p`, `stop`, `stream`, `stream_options`, `seed`, `n` = 1). OpenAI fields that would change the
 answer and are not implemented (`UNSUPPORTED_FIELDS`: logprobs, tools, JSON mode, penalties, ...) are refused with
-a 400 unless they hold their no-op value; other fields (`user`, `metadata`, ...) are ignored.
+a 400 unless they hold their no-op value; other fields (`user`, `metadata`, ...) are ignored. Tool turns in a chat
+history (role `tool`/`function`, an assistant's `tool_calls`) are refused too: the chat template renders plain text.
 """
 
 from __future__ import annotations
@@ -69,6 +70,17 @@ class _Request(BaseModel):
             raise ApiError(400, "stop: stop strings must be non-empty", param="stop")
         return tuple(stops)
 
+    @property
+    def max_tokens_field(self) -> str | None:
+        """The field the client set the length with (None: the server's default length applies)."""
+        if self.max_tokens is not None:
+            return "max_tokens"
+        return "max_completion_tokens" if self.max_completion_tokens is not None else None
+
+    @property
+    def prompt_field(self) -> str:
+        return "messages" if isinstance(self, ChatRequest) else "prompt"
+
     def decode_config(self, defaults: DecodeConfig, *, max_tokens_limit: int) -> DecodeConfig:
         """`defaults` (the server's drafting settings and default length, `ServeConfig.request_defaults`) with this
         request's length, sampling, stop strings and seed."""
@@ -103,18 +115,35 @@ class TextPart(BaseModel):
     text: str
 
 
+TOOL_ROLES = ("tool", "function")  # the results of tool calls, which the target's plain-text template cannot render
+TOOL_CALL_FIELDS = ("tool_calls", "function_call")
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None  # null: an assistant turn that only called tools, replayed by a client
+    # extra="allow": an assistant turn's tool calls must be seen (and refused), not dropped with the other extras
+    model_config = ConfigDict(strict=True, extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[TextPart] | None  # null only where OpenAI allows it: an assistant turn
 
     def as_dict(self, index: int) -> dict[str, str]:
+        self._refuse_tools(index)
         if self.content is None and self.role != "assistant":
             raise ApiError(400, f"messages.{index}.content: a {self.role} message needs content",
                            param=f"messages.{index}.content")
         content = self.content or ""
         text = content if isinstance(content, str) else "".join(p.text for p in content)
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+    def _refuse_tools(self, index: int) -> None:
+        """Tool turns get a 400: served without them, the answer would ignore what the tools returned."""
+        if self.role in TOOL_ROLES:
+            field = "role"
+        else:
+            field = next((f for f in TOOL_CALL_FIELDS if (self.model_extra or {}).get(f) not in (None, [], {})), None)
+        if field is not None:
+            raise ApiError(400, f"messages.{index}.{field}: tools are not supported by this server (it renders "
+                                "plain-text turns only); send the conversation without tool calls and tool results",
+                           param=f"messages.{index}.{field}")
 
 
 class ChatRequest(_Request):
@@ -172,6 +201,24 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "too_short":
         return f"{param}: must hold at least one item"
     return f"{param}: {error['msg'][:1].lower()}{error['msg'][1:]}" if param else error["msg"]
+
+
+def fit_to_context(request: _Request, decode: DecodeConfig, *, prompt_tokens: int, context_window: int) -> DecodeConfig:
+    """`decode` once the prompt's length is known: a 400 `context_length_exceeded` when the prompt and the length the
+    client asked for do not fit the target's context window (the generation would otherwise stop at the window with
+    a shorter answer than asked); the server's default length, which nobody asked for, shrinks to what fits."""
+    room = context_window - prompt_tokens
+    asked = request.max_tokens_field
+    if room >= 1 and asked is None:
+        return decode.replace(max_new_tokens=min(decode.max_new_tokens, room))
+    if room >= 1 and decode.max_new_tokens <= room:
+        return decode
+    completion = f", {decode.max_new_tokens} in {asked}" if asked else ""
+    raise ApiError(400, f"this model's context window is {context_window} tokens, but the request needs "
+                        f"{prompt_tokens + (decode.max_new_tokens if asked else 1)} ({prompt_tokens} in the "
+                        f"{request.prompt_field}{completion}); shorten the {request.prompt_field}"
+                        + (f" or lower {asked}" if asked else ""),
+                   param=asked if room >= 1 else request.prompt_field, code="context_length_exceeded")
 
 
 def usage(stats: GenerationStats, completion_tokens: int) -> dict[str, int]:

@@ -114,7 +114,7 @@ def test_chat_request_parsing_and_limits():
         with pytest.raises(ApiError) as raised:
             parse_request(json.dumps({"model": "m", **bad}).encode(), ChatRequest)
         assert raised.value.param == param
-    # An assistant turn that only called tools has content null (a client replaying a conversation sends it).
+    # An assistant turn with content null and no tool calls is an empty turn (tool calls are refused, below).
     replayed = parse_request(json.dumps({"model": "m", "messages": [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": None}, {"role": "user", "content": "and?"},
     ]}).encode(), ChatRequest)
@@ -128,6 +128,47 @@ def test_chat_request_parsing_and_limits():
     too_many = parse_request(b'{"model": "m", "prompt": "p", "max_tokens": 33}', CompletionRequest)
     with pytest.raises(ApiError, match="above this server's limit of 32"):
         too_many.decode_config(DecodeConfig(max_new_tokens=16), max_tokens_limit=32)
+
+
+def test_prompt_plus_max_tokens_beyond_the_context_window_is_a_400_with_the_numbers():
+    """Not a 500 and not an answer silently cut at the context window: OpenAI's `context_length_exceeded`."""
+    from serve.openai_api import fit_to_context
+
+    defaults = DecodeConfig(max_new_tokens=16)
+    asked = parse_request(b'{"model": "m", "prompt": "p", "max_tokens": 30}', CompletionRequest)
+    with pytest.raises(ApiError) as raised:
+        fit_to_context(asked, asked.decode_config(defaults, max_tokens_limit=64), prompt_tokens=80, context_window=100)
+    error = raised.value
+    assert (error.status, error.code, error.param) == (400, "context_length_exceeded", "max_tokens")
+    assert error.body()["error"]["type"] == "invalid_request_error"
+    assert all(number in error.message for number in ("100", "110", "80", "30")), error.message
+    chat = parse_request(b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 5}',
+                         ChatRequest)
+    with pytest.raises(ApiError) as raised:  # the prompt alone leaves no room: the prompt is what must change
+        fit_to_context(chat, chat.decode_config(defaults, max_tokens_limit=64), prompt_tokens=100, context_window=100)
+    assert (raised.value.code, raised.value.param) == ("context_length_exceeded", "messages")
+    # Within the window the request is untouched; a server default (no max_tokens asked) shrinks to what fits.
+    fits = fit_to_context(asked, asked.decode_config(defaults, max_tokens_limit=64), prompt_tokens=70, context_window=100)
+    assert fits.max_new_tokens == 30
+    unasked = parse_request(b'{"model": "m", "prompt": "p"}', CompletionRequest)
+    assert fit_to_context(unasked, unasked.decode_config(defaults, max_tokens_limit=64), prompt_tokens=90,
+                          context_window=100).max_new_tokens == 10
+
+
+@pytest.mark.parametrize("message", [
+    {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+    {"role": "function", "name": "f", "content": "42"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                                                          "function": {"name": "f", "arguments": "{}"}}]},
+    {"role": "assistant", "content": "let me check", "function_call": {"name": "f", "arguments": "{}"}},
+])
+def test_tool_calls_in_the_history_are_a_400_saying_tools_are_not_supported(message):
+    """The chat template renders plain text: a tool turn must not be dropped (or crash the template) silently."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "what is 6 x 7?"}, message]}
+    with pytest.raises(ApiError) as raised:
+        parse_request(json.dumps(body).encode(), ChatRequest).conversation()
+    assert raised.value.status == 400 and raised.value.param.startswith("messages.1")
+    assert "tools are not supported" in raised.value.message, raised.value.message
 
 
 def test_fields_that_would_change_the_answer_are_refused_unless_they_ask_for_nothing():
@@ -380,6 +421,11 @@ def test_every_bad_input_gets_a_4xx_and_the_next_request_succeeds(endpoint):
         ("/completions", json.dumps({**good, "temperature": -1}).encode(), 400, "temperature", None),
         ("/completions", json.dumps({**good, "prompt": "a" * (CONTEXT + 10)}).encode(), 400, "prompt",
          "context_length_exceeded"),
+        ("/completions", json.dumps({**good, "prompt": "a" * (CONTEXT - 10), "max_tokens": 20}).encode(), 400,
+         "max_tokens", "context_length_exceeded"),
+        ("/chat/completions", json.dumps({"model": "koala", "messages": [
+            {"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "c", "content": "42"}]}).encode(), 400,
+         "messages.1.role", None),
         ("/completions", json.dumps({**good, "model": "gpt-4"}).encode(), 404, "model", "model_not_found"),
         ("/chat/completions", json.dumps({"model": "koala", "messages": []}).encode(), 400, "messages", None),
         ("/chat/completions", json.dumps({"model": "koala", "messages": "hi"}).encode(), 400, "messages", None),
