@@ -190,10 +190,11 @@ def tracking_settings(config: PipelineConfig) -> TrackingConfig:
 
 
 def serve_settings(config: PipelineConfig, *, drafter: str, tracking_uri: str | None):
-    """The Serve stage's config: `serve_options` (any ServeConfig field) with the pipeline's target, tracking and
-    the registered champion filled in."""
-    from serve.config import ServeConfig
+    """The Serve stage's config: `serve_options` (ServeConfig fields the pipeline does not set itself) with the
+    pipeline's target, tracking and the registered champion filled in."""
+    from serve.config import ServeConfig, check_pipeline_serve_options
 
+    check_pipeline_serve_options(config.serve_options)
     try:
         return ServeConfig.from_dict({**config.serve_options, "target": config.target.to_dict(), "drafter": drafter,
                                       "tracking": {**config.tracking.to_dict(), "uri": tracking_uri or ""}})

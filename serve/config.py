@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import ClassVar
 
 from pipeline.config import (
@@ -12,6 +13,24 @@ from pipeline.config import (
 from pipeline.heads import default_drafter_dir
 
 REGISTRY_PREFIX = "models:/"
+ROUTE_PREFIX_PATTERN = re.compile(r"/|(/[A-Za-z0-9._~-]+)+")  # "/" or /segment/segment, URL-safe characters
+
+
+# ServeConfig fields the pipeline's serve stage sets itself (jobs/full_pipeline.py), each with why: its
+# `serve_options` must not replace them, or the endpoint would serve something other than what the pipeline made.
+PIPELINE_SET_FIELDS = {
+    "target": "the target is set once, at the top level (target:), for every stage",
+    "tracking": "tracking is set once, at the top level (tracking:), for every stage",
+    "drafter": "the serve stage serves the head version the register stage registered",
+    "use_drafter": "the serve stage serves the champion, or plain decoding without one (see serve_best_head_anyway)",
+}
+
+
+def check_pipeline_serve_options(options: dict, *, section: str = "pipeline.serve_options") -> None:
+    """Refuses, by name, a `serve_options` key that would override a field the pipeline sets (`PIPELINE_SET_FIELDS`)."""
+    for key in options:
+        if key in PIPELINE_SET_FIELDS:
+            raise ConfigError(f"{section}.{key}: set by the pipeline ({PIPELINE_SET_FIELDS[key]}); remove it")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -72,8 +91,7 @@ class ServeConfig(Config):
         for field in ("model_name", "app_name", "host"):
             if not getattr(self, field):
                 self.fail(field, "must not be empty")
-        if not self.route_prefix.startswith("/"):
-            self.fail("route_prefix", f"must start with '/', got {self.route_prefix!r}")
+        self._check_route_prefix()
         if not 0 < self.port < 65536:
             self.fail("port", f"must be a TCP port in 1..65535, got {self.port}")
         if not 0 <= self.metrics_port < 65536:
@@ -95,6 +113,23 @@ class ServeConfig(Config):
             self.fail("use_gpu", f"must be 'auto', 'yes' or 'no', got {self.use_gpu!r}")
         if self.default_max_tokens > self.max_tokens_limit:
             self.fail("default_max_tokens", f"must be <= max_tokens_limit ({self.max_tokens_limit}), got {self.default_max_tokens}")
+
+    def _check_route_prefix(self) -> None:
+        """A URL path Ray Serve accepts and clients can type: checked here, not by Serve after the cluster started."""
+        prefix = self.route_prefix
+        problem = None
+        if not prefix.startswith("/"):
+            problem = "must start with '/'"
+        elif any(c.isspace() for c in prefix):
+            problem = "no spaces allowed in a URL path"
+        elif prefix != "/" and prefix.endswith("/"):
+            problem = "must not end with '/' (Ray Serve refuses it)"
+        elif "//" in prefix:
+            problem = "empty segment ('//')"
+        elif not ROUTE_PREFIX_PATTERN.fullmatch(prefix):
+            problem = "letters, digits and - . _ ~ between slashes only"
+        if problem:
+            self.fail("route_prefix", f"{problem}, e.g. '/' or '/koala'; got {prefix!r}")
 
     def request_defaults(self) -> DecodeConfig:
         """The DecodeConfig every request starts from: this deployment's drafting settings and default length (a

@@ -76,6 +76,22 @@ def test_bad_pipeline_config_fails_before_any_work(override, field, tmp_path, ca
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize("override", [
+    "serve_options.target.spec=gpt2", "serve_options.drafter=/elsewhere/head", "serve_options.use_drafter=false",
+    "serve_options.tracking.uri=http://elsewhere:5000",
+])
+def test_serve_options_cannot_override_what_the_pipeline_sets(override, tmp_path):
+    """The serve stage serves the pipeline's target with the head it registered, tracked where the rest is: a
+    serve_options key that would replace one of them is refused by name, not silently overridden (or obeyed)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    key = override.split("=")[0].split(".")[1]
+    with pytest.raises(ConfigError, match=rf"^pipeline\.serve_options\.{key}: set by the pipeline") as raised:
+        load_pipeline_config("smoke", [f"distill.prompts=[{prompts}]", override])
+    assert "remove it" in str(raised.value) and "\n" not in str(raised.value)
+    assert load_pipeline_config("smoke", [f"distill.prompts=[{prompts}]", "serve_options.port=8123"]).serve_options
+
+
 def test_stages_default_to_the_lengths_they_are_evaluated_and_served_at(tmp_path):
     """Defect 5: distillation answers stopped at 128 tokens while decoding defaulted to 256 and the sweep measured 64.
     The defaults now agree, and every preset trains on answers at least as long as it evaluates."""

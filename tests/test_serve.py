@@ -130,6 +130,48 @@ def test_chat_request_parsing_and_limits():
         too_many.decode_config(DecodeConfig(max_new_tokens=16), max_tokens_limit=32)
 
 
+@pytest.mark.parametrize(("prefix", "match"), [
+    ("api", "must start with '/'"), ("/my app", "no spaces"), ("/v1/", "must not end with '/'"),
+    ("/{name}", "letters, digits"), ("/a?b=1", "letters, digits"), ("/a//b", "empty segment"),
+])
+def test_route_prefix_is_validated_naming_the_field(prefix, match):
+    with pytest.raises(ConfigError, match=f"serve.route_prefix: {match}") as raised:
+        ServeConfig(route_prefix=prefix)
+    assert repr(prefix) in str(raised.value)
+    for good in ("/", "/koala", "/team-a/koala_v2.1"):
+        assert ServeConfig(route_prefix=good).route_prefix == good
+
+
+def test_a_non_json_http_error_is_one_line_with_the_status_and_the_body(tmp_path):
+    """A proxy in front of the endpoint answers 502 with an HTML page: the client says so, not JSONDecodeError."""
+    import http.server
+    import threading
+
+    class BadGateway(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.send_response(502)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<html>\n<head><title>502 Bad Gateway</title></head>\n<body>nginx</body></html>\n" * 20)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), BadGateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        for call in (lambda: post_json(f"{url}/completions", {"model": "m"}), lambda: smoke_request(url)):
+            with pytest.raises(RuntimeError) as raised:
+                call()
+            message = str(raised.value)
+            assert "HTTP 502" in message and "<html> <head><title>502 Bad Gateway" in message, message
+            assert "\n" not in message and len(message) < 400, message
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_prompt_plus_max_tokens_beyond_the_context_window_is_a_400_with_the_numbers():
     """Not a 500 and not an answer silently cut at the context window: OpenAI's `context_length_exceeded`."""
     from serve.openai_api import fit_to_context
