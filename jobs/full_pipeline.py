@@ -191,26 +191,31 @@ def tracking_settings(config: PipelineConfig) -> TrackingConfig:
 
 def serve_settings(config: PipelineConfig, *, drafter: str, tracking_uri: str | None):
     """The Serve stage's config: `serve_options` (ServeConfig fields the pipeline does not set itself) with the
-    pipeline's target, tracking and the registered champion filled in."""
-    from serve.config import ServeConfig, check_pipeline_serve_options
+    pipeline's target, tracking, the registered champion and the drafting settings the sweep measured it with
+    (`sweep.eval`: a head measured with one tree and served with another is not the head that won) filled in."""
+    from serve.config import MEASURED_DRAFTING_FIELDS, ServeConfig, check_pipeline_serve_options
 
     check_pipeline_serve_options(config.serve_options)
+    measured = config.sweep.eval.decode_config()
     try:
         return ServeConfig.from_dict({**config.serve_options, "target": config.target.to_dict(), "drafter": drafter,
-                                      "tracking": {**config.tracking.to_dict(), "uri": tracking_uri or ""}})
+                                      "tracking": {**config.tracking.to_dict(), "uri": tracking_uri or ""},
+                                      **{field: getattr(measured, field) for field in MEASURED_DRAFTING_FIELDS}})
     except ConfigError as error:
         raise ConfigError(f"pipeline.serve_options: {error}") from None
 
 
 def _serve(config: PipelineConfig, registered: dict[str, Any] | None, uri: str | None) -> dict[str, Any] | None:
-    """Deploys the champion (target + registered head) with Ray Serve and sends one smoke request. Without a
+    """Deploys the champion (target + the registered head version) with Ray Serve and sends one smoke request. Without a
     champion the target is served with plain decoding (a head that does not beat it would only slow requests),
     unless `serve_best_head_anyway` asks for the best registered head."""
     from serve.app import run_serve
     from serve.client import smoke_request
 
     if registered is not None and (registered.get("champion", True) or config.serve_best_head_anyway):
-        serve_config = serve_settings(config, drafter=registered["model_uri"], tracking_uri=uri)
+        # The version the register stage registered, not the `champion` alias: another run may have moved it since.
+        version_uri = f"models:/{registered['model_name']}/{registered['version']}"
+        serve_config = serve_settings(config, drafter=version_uri, tracking_uri=uri)
     else:
         serve_config = serve_settings(config, drafter="", tracking_uri=uri).replace(use_drafter=False)
         print("[pipeline] serve: no champion: serving the target with plain decoding (no drafter); set "

@@ -23,7 +23,12 @@ PIPELINE_SET_FIELDS = {
     "tracking": "tracking is set once, at the top level (tracking:), for every stage",
     "drafter": "the serve stage serves the head version the register stage registered",
     "use_drafter": "the serve stage serves the champion, or plain decoding without one (see serve_best_head_anyway)",
+    **{field: "the champion is served with the drafting settings the sweep measured it with; set sweep.eval."
+              f"{field}{' (measured at the default)' if field == 'lookup_tokens' else ''} instead"
+       for field in ("draft_length", "tree", "tree_nodes", "lookup_tokens")},
 }
+# The drafting settings the serve stage copies from the sweep's evaluation (`EvalConfig.decode_config`).
+MEASURED_DRAFTING_FIELDS = ("draft_length", "tree", "tree_nodes", "lookup_tokens")
 
 
 def check_pipeline_serve_options(options: dict, *, section: str = "pipeline.serve_options") -> None:

@@ -92,6 +92,81 @@ def test_serve_options_cannot_override_what_the_pipeline_sets(override, tmp_path
     assert load_pipeline_config("smoke", [f"distill.prompts=[{prompts}]", "serve_options.port=8123"]).serve_options
 
 
+@pytest.fixture
+def file_store(tmp_path, monkeypatch) -> str:
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this opt-in
+    return (tmp_path / "mlruns").as_uri()
+
+
+def _smoke_config(tmp_path, *overrides: str):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    return load_pipeline_config("smoke", [f"distill.prompts=[{prompts}]", f"run_dir={tmp_path / 'runs'}", *overrides])
+
+
+def _register_version(uri: str, model_name: str, label: str, tmp_path) -> str:
+    """Registers a stand-in head whose `label.txt` says which one it is; returns the version number."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import Run
+
+    head = tmp_path / f"head-{label}"
+    head.mkdir()
+    (head / "label.txt").write_text(label)
+    run = Run.start(uri, experiment="koala", run_name=label, params={})
+    run.log_artifact(head, "head")
+    run.end()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if not client.search_registered_models(f"name='{model_name}'"):
+        client.create_registered_model(model_name)
+    return client.create_model_version(model_name, source=f"runs:/{run.run_id}/head", run_id=run.run_id).version
+
+
+def _serve_capturing(monkeypatch, config, registered, uri):
+    """Runs the serve stage with the deployment and the smoke request replaced; returns the ServeConfig deployed."""
+    import serve.app
+    import serve.client
+    from jobs.full_pipeline import _serve
+
+    deployed = []
+    monkeypatch.setattr(serve.app, "run_serve", lambda serve_config: deployed.append(serve_config) or "http://x/v1")
+    monkeypatch.setattr(serve.client, "smoke_request", lambda url, model: {
+        "usage": {"completion_tokens": 3}, "choices": [{"message": {"content": "hi"}}], "speculative": {}})
+    _serve(config, registered, uri)
+    return deployed[0]
+
+
+def test_the_serve_stage_deploys_the_version_the_register_stage_registered(file_store, tmp_path, monkeypatch):
+    """Not whatever `@champion` points at when the serve stage runs: another pipeline (or a re-run whose register
+    stage was cached) may have moved the alias since."""
+    from pipeline.tracking import download_registered_head
+
+    from mlflow.tracking import MlflowClient
+
+    ours = _register_version(file_store, "koala-drafter", "ours", tmp_path)
+    newer = _register_version(file_store, "koala-drafter", "newer", tmp_path)
+    MlflowClient(tracking_uri=file_store, registry_uri=file_store).set_registered_model_alias(
+        "koala-drafter", "champion", newer)
+    registered = {"model_name": "koala-drafter", "version": ours, "trial": "t", "champion": True,
+                  "model_uri": "models:/koala-drafter@champion"}
+    served = _serve_capturing(monkeypatch, _smoke_config(tmp_path), registered, file_store)
+    head = download_registered_head(file_store, served.drafter, tmp_path / "download")
+    assert (head / "label.txt").read_text() == "ours", served.drafter
+
+
+def test_the_champion_is_served_with_the_drafting_settings_it_was_measured_with(tmp_path, monkeypatch):
+    config = _smoke_config(tmp_path, "sweep.eval.tree=dynamic", "sweep.eval.tree_nodes=7", "sweep.eval.draft_length=3")
+    registered = {"model_name": "koala-drafter", "version": "1", "trial": "t", "champion": True,
+                  "model_uri": "models:/koala-drafter@champion"}
+    served = _serve_capturing(monkeypatch, config, registered, None).request_defaults()
+    measured = config.sweep.eval.decode_config()
+    drafting = ("draft_length", "tree", "tree_nodes", "tree_top_k", "draft_threshold", "lookup_tokens")
+    assert {f: getattr(served, f) for f in drafting} == {f: getattr(measured, f) for f in drafting}
+    assert (served.tree, served.tree_nodes, served.draft_length) == ("dynamic", 7, 3)
+    with pytest.raises(ConfigError, match=r"pipeline\.serve_options\.tree: set by the pipeline.*sweep\.eval"):
+        _smoke_config(tmp_path, "serve_options.tree=chain")
+
+
 def test_stages_default_to_the_lengths_they_are_evaluated_and_served_at(tmp_path):
     """Defect 5: distillation answers stopped at 128 tokens while decoding defaulted to 256 and the sweep measured 64.
     The defaults now agree, and every preset trains on answers at least as long as it evaluates."""

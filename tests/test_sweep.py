@@ -293,7 +293,7 @@ def test_second_pipeline_run_reuses_every_stage_and_keeps_the_real_costs(ray_clu
     assert not any(stage["cached"] for stage in first["stages"].values())
     assert first["champion"] and first["registered"]["model_uri"] == "models:/koala-drafter@champion"
     assert first["serve"]["smoke_completion_tokens"] >= 1  # the champion answered over HTTP
-    assert first["serve"]["drafter"] == "models:/koala-drafter@champion"
+    assert first["serve"]["drafter"] == f"models:/koala-drafter/{first['registered']['version']}"  # not the alias
     client = MlflowClient(tracking_uri=first["mlflow_uri"])
     parent_id = first["mlflow_parent_run_id"]
     costs = {k: v for k, v in client.get_run(parent_id).data.metrics.items() if k.startswith("time/")}
@@ -373,7 +373,7 @@ def test_an_incumbent_no_trained_head_beats_is_registered_and_served(ray_cluster
     assert run.data.metrics["eval/speedup"] == pytest.approx(rows["incumbent"]["speedup"])
     assert {a.path for a in client.list_artifacts(run.info.run_id, "head")} == {
         "head/head.safetensors", "head/head_config.json"}
-    assert summary["serve"]["drafter"] == "models:/koala-drafter@champion"
+    assert summary["serve"]["drafter"] == f"models:/koala-drafter/{summary['registered']['version']}"
     assert summary["serve"]["smoke_completion_tokens"] >= 1
     output = capsys.readouterr().out
     assert f"[pipeline] champion incumbent {incumbent}: speedup" in output
