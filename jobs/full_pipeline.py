@@ -15,6 +15,7 @@ import hashlib
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,17 @@ def prompt_identity(sources: tuple[str, ...], split: str) -> list[Any]:
     return identity
 
 
+class StageFailed(RuntimeError):
+    """A stage raised: carries the stage's name so that the job's one-line error can say which."""
+
+    def __init__(self, stage: str, error: BaseException) -> None:
+        text = str(error).strip()
+        detail = text.splitlines()[0] if text else ""
+        super().__init__(f"stage {stage} failed: {type(error).__name__}" + (f": {detail}" if detail else ""))
+        self.stage = stage
+        self.traceback_file: Path | None = None  # where the full traceback went (the error line is only the start)
+
+
 class StageClock:
     """Prints which stage runs and how long each took; the table goes into the summary. A stage whose output was
     reused keeps the cost of the run that made it (`original_seconds`, from `known_costs`, else the stage output's
@@ -94,7 +106,12 @@ class StageClock:
     def run(self, name: str, work, *, number: int, total: int):
         print(f"\n[pipeline] stage {number}/{total}: {name} (elapsed {self.elapsed():.0f}s)", flush=True)
         started = time.perf_counter()
-        result, cached = work()
+        try:
+            result, cached = work()
+        except SweepInterrupted:
+            raise
+        except Exception as error:
+            raise StageFailed(name, error) from error
         seconds = time.perf_counter() - started
         stage: dict[str, Any] = {"seconds": round(seconds, 1), "cached": cached}
         if cached:
@@ -120,10 +137,8 @@ class StageClock:
 def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     import ray
 
-    from pipeline.stages.distill import run_distill
     from pipeline.stages.resources import init_ray
     from pipeline.tracking import reachable_from_cluster, tracking_uri
-    from tune.sweep import register_winner, run_sweep
 
     init_ray()
     run_dir = Path(config.run_dir).resolve()
@@ -135,6 +150,22 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     state_path = _state_path(config, run_dir)
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     parent = _pipeline_run(config, state_path, state, uri)
+    try:
+        return _run_stages(config, run_dir, state_path, state, parent, uri)
+    except (StageFailed, SweepInterrupted) as error:
+        if isinstance(error, StageFailed):
+            error.traceback_file = state_path.with_suffix(".error.txt")
+            error.traceback_file.parent.mkdir(parents=True, exist_ok=True)
+            error.traceback_file.write_text("".join(traceback.format_exception(error.__cause__)))
+        _end_failed(uri, parent, error)
+        raise
+
+
+def _run_stages(config: PipelineConfig, run_dir: Path, state_path: Path, state: dict[str, Any], parent: str | None,
+                uri: str | None) -> dict[str, Any]:
+    from pipeline.stages.distill import run_distill
+    from tune.sweep import register_winner, run_sweep
+
     clock = StageClock(state.get("stage_seconds"))
     total = 4 if config.serve else 3
 
@@ -295,6 +326,21 @@ def _finish(uri: str | None, parent: str | None, summary: dict[str, Any], *, cac
     run.end()
 
 
+def _end_failed(uri: str | None, parent: str | None, error: Exception) -> None:
+    """Ends the parent run FAILED (KILLED for an interrupted sweep, which a re-run resumes), tagged with the stage,
+    so that MLflow does not show a failed pipeline as still running."""
+    if uri is None or parent is None:
+        return
+    from pipeline.tracking import Run
+
+    run = Run(uri, parent)
+    if isinstance(error, StageFailed):
+        run.client.set_tag(parent, "koala.failed_stage", error.stage)
+        run.client.set_tag(parent, "koala.error", str(error)[:500])
+        run.log_artifact(error.traceback_file)
+    run.end("KILLED" if isinstance(error, SweepInterrupted) else "FAILED")
+
+
 def _format_alpha(row: dict[str, Any] | None) -> str:
     if not row:
         return "-"
@@ -387,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     except SweepInterrupted as error:
         print(f"koala run: {error}", file=sys.stderr)
         return 130
+    except StageFailed as error:
+        print(f"koala run: error: {error} (traceback in {error.traceback_file})", file=sys.stderr)
+        return 2
     return 0 if summary["winner"] else 1
 
 

@@ -167,6 +167,35 @@ def test_the_champion_is_served_with_the_drafting_settings_it_was_measured_with(
         _smoke_config(tmp_path, "serve_options.tree=chain")
 
 
+def test_a_failing_stage_fails_the_mlflow_parent_run_and_exits_2_naming_it(file_store, tmp_path, monkeypatch,
+                                                                          capsys):
+    import pipeline.stages.distill
+    import pipeline.stages.resources
+    from mlflow.tracking import MlflowClient
+
+    def broken_distill(*args, **kwargs):
+        raise OSError("No space left on device\nwhile writing shard 3")
+
+    monkeypatch.setattr(pipeline.stages.resources, "init_ray", lambda *args, **kwargs: None)
+    monkeypatch.setattr(pipeline.stages.distill, "run_distill", broken_distill)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    code = pipeline_main(["--config", "smoke", "--set", f"distill.prompts=[{prompts}]",
+                          "--set", f"run_dir={tmp_path / 'runs'}", "--set", f"tracking.uri={file_store}"])
+    assert code == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "Traceback" not in error, error
+    assert "stage distill failed" in error and "No space left on device" in error, error
+    client = MlflowClient(tracking_uri=file_store)
+    [parent] = client.search_runs([client.get_experiment_by_name("koala").experiment_id],
+                                  "tags.`koala.stage` = 'pipeline'")
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["koala.failed_stage"] == "distill"
+    saved = Path(error.split("(traceback in ")[1].rstrip(")"))
+    assert "while writing shard 3" in saved.read_text()  # the whole error is kept, only the message is one line
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {saved.name}
+
+
 def test_stages_default_to_the_lengths_they_are_evaluated_and_served_at(tmp_path):
     """Defect 5: distillation answers stopped at 128 tokens while decoding defaulted to 256 and the sweep measured 64.
     The defaults now agree, and every preset trains on answers at least as long as it evaluates."""
