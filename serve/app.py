@@ -337,14 +337,49 @@ class KoalaServer:
         self.metrics.generation(endpoint, result, started)
 
 
+GPU_POLL_S = 5.0  # how often a deployment waiting for a GPU node looks at the cluster again
+
+
 def _wants_gpus(config: ServeConfig) -> bool:
     if config.use_gpu == "no":
         return False
-    from pipeline.stages.resources import use_gpus
-
     if not ray.is_initialized():
         ray.init()
+    if config.use_gpu == "yes":
+        wait_for_gpu_node(timeout_s=config.gpu_wait_s)
+        return True
+    from pipeline.stages.resources import use_gpus
+
     return use_gpus(config.use_gpu, section="serve")
+
+
+def _cluster_gpus() -> float:
+    return ray.cluster_resources().get("GPU", 0)
+
+
+def wait_for_gpu_node(*, timeout_s: float) -> None:
+    """Returns once the Ray cluster has a GPU. An autoscaling cluster adds a GPU node only for pending demand, so
+    one GPU is requested from its autoscaler while waiting; the request is withdrawn afterwards either way (once
+    deployed, the replica's own demand keeps the node; after a timeout, no node should still be on its way).
+    Raises `ConfigError` after `timeout_s` without one."""
+    if _cluster_gpus() > 0:
+        return
+    from ray.autoscaler import sdk
+
+    log.warning("serve.use_gpu is 'yes' and the Ray cluster has no GPU yet: asking the autoscaler for a GPU node "
+                "and waiting up to %.0f s (serve.gpu_wait_s)", timeout_s)
+    sdk.request_resources(bundles=[{"GPU": 1}])
+    try:
+        deadline = time.monotonic() + timeout_s
+        while _cluster_gpus() <= 0:
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"serve.use_gpu: 'yes' but no GPU node joined the Ray cluster within {timeout_s:g} s "
+                    "(serve.gpu_wait_s); check that the cluster's autoscaler has a GPU node type (`ray status`), "
+                    "raise gpu_wait_s, or use 'auto' or 'no' to serve on CPUs")
+            time.sleep(min(GPU_POLL_S, max(deadline - time.monotonic(), 0)))
+    finally:
+        sdk.request_resources(bundles=[])
 
 
 def build_app(config: ServeConfig | dict[str, Any]) -> serve.Application:

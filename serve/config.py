@@ -54,6 +54,9 @@ class ServeConfig(Config):
     requests and those sampled up to `tree_max_temperature` draft trees, hotter ones chains; `request_defaults`);
     `draft_dtype` is the dtype the head drafts in (`heads.inference_dtype`; auto: bf16 for an fp32 target on a CPU
     with bf16 units, else the target's).
+    `use_gpu`: `auto` gives each replica a GPU when the cluster has GPUs; `yes` requires one: on a cluster without
+    a GPU node yet, the autoscaler is asked for one and the deployment waits up to `gpu_wait_s` for it to join
+    (then fails, withdrawing the request); `no` runs on CPUs.
     `metrics_port` is the Prometheus port of the Ray cluster that `koala serve` starts when none is running
     (0: Ray picks a free one and `koala serve` prints it); a running cluster keeps the port it was started with.
     """
@@ -83,6 +86,7 @@ class ServeConfig(Config):
     target_ongoing_requests: float = 2.0
     max_ongoing_requests: int = 16
     use_gpu: str = "auto"
+    gpu_wait_s: float = 900.0
     cpus_per_replica: float = 1.0
     default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS
     max_tokens_limit: int = 1024
@@ -116,6 +120,8 @@ class ServeConfig(Config):
             self.fail("cpus_per_replica", f"must be > 0, got {self.cpus_per_replica}")
         if self.use_gpu not in ("auto", "yes", "no"):
             self.fail("use_gpu", f"must be 'auto', 'yes' or 'no', got {self.use_gpu!r}")
+        if self.gpu_wait_s < 0:
+            self.fail("gpu_wait_s", f"must be >= 0 (0 = fail at once without a GPU), got {self.gpu_wait_s}")
         if self.default_max_tokens > self.max_tokens_limit:
             self.fail("default_max_tokens", f"must be <= max_tokens_limit ({self.max_tokens_limit}), got {self.default_max_tokens}")
 

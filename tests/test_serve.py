@@ -680,3 +680,51 @@ def test_prometheus_counters_give_the_exact_tau_of_the_requests(endpoint, served
         assert tau > 1
     finally:
         serve.delete("metered")
+
+
+class _AutoscalingCluster:
+    """Stands in for a Ray cluster whose autoscaler adds a GPU node after `gpu_after` polls (never: None), and
+    records the resource requests made to its autoscaler."""
+
+    def __init__(self, monkeypatch, gpu_after: int | None) -> None:
+        import ray
+        import ray.autoscaler.sdk
+
+        self.polls = 0
+        self.gpu_after = gpu_after
+        self.requests: list[list[dict]] = []
+        monkeypatch.setattr(ray, "is_initialized", lambda: True)
+        monkeypatch.setattr(ray, "cluster_resources", self.resources)
+        monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda bundles: self.requests.append(bundles))
+        monkeypatch.setattr("serve.app.GPU_POLL_S", 0.01)
+
+    def resources(self) -> dict[str, float]:
+        self.polls += 1
+        joined = self.gpu_after is not None and self.polls > self.gpu_after
+        return {"CPU": 4.0, **({"GPU": 1.0} if joined else {})}
+
+
+def test_use_gpu_yes_waits_for_the_autoscaler_to_add_a_gpu_node(monkeypatch):
+    """On an autoscaling cluster the GPU node joins once something asks for it: `use_gpu: yes` asks and waits."""
+    from serve.app import _wants_gpus
+
+    cluster = _AutoscalingCluster(monkeypatch, gpu_after=3)
+    assert _wants_gpus(ServeConfig(use_gpu="yes", gpu_wait_s=30))
+    assert cluster.polls == 4
+    assert cluster.requests == [[{"GPU": 1}], []]  # asked for one GPU, then withdrew the request (the replica holds it)
+
+
+def test_use_gpu_yes_gives_up_after_gpu_wait_s_and_withdraws_its_request(monkeypatch):
+    from serve.app import _wants_gpus
+
+    cluster = _AutoscalingCluster(monkeypatch, gpu_after=None)
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as raised:
+        _wants_gpus(ServeConfig(use_gpu="yes", gpu_wait_s=0.2))
+    assert time.perf_counter() - started < 5
+    message = str(raised.value)
+    assert message.startswith("serve.use_gpu: 'yes' but no GPU node joined the Ray cluster within 0.2 s"), message
+    assert "gpu_wait_s" in message and "\n" not in message
+    assert cluster.requests == [[{"GPU": 1}], []]  # the pending request is withdrawn: no GPU node appears later
+    with pytest.raises(ConfigError, match="serve.gpu_wait_s"):
+        ServeConfig(gpu_wait_s=-1)
