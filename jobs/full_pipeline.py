@@ -237,9 +237,9 @@ def serve_settings(config: PipelineConfig, *, drafter: str, tracking_uri: str | 
 
 
 def _serve(config: PipelineConfig, registered: dict[str, Any] | None, uri: str | None) -> dict[str, Any] | None:
-    """Deploys the champion (target + the registered head version) with Ray Serve and sends one smoke request. Without a
-    champion the target is served with plain decoding (a head that does not beat it would only slow requests),
-    unless `serve_best_head_anyway` asks for the best registered head."""
+    """Deploys the champion (target + the registered head version) with Ray Serve and sends one smoke request.
+    Without a champion the target is served with plain decoding (a head that does not beat it would only slow
+    requests), unless `serve_best_head_anyway` asks for the best registered head."""
     from serve.app import run_serve
     from serve.client import smoke_request
 

@@ -190,7 +190,8 @@ def test_prompt_plus_max_tokens_beyond_the_context_window_is_a_400_with_the_numb
         fit_to_context(chat, chat.decode_config(defaults, max_tokens_limit=64), prompt_tokens=100, context_window=100)
     assert (raised.value.code, raised.value.param) == ("context_length_exceeded", "messages")
     # Within the window the request is untouched; a server default (no max_tokens asked) shrinks to what fits.
-    fits = fit_to_context(asked, asked.decode_config(defaults, max_tokens_limit=64), prompt_tokens=70, context_window=100)
+    fits = fit_to_context(asked, asked.decode_config(defaults, max_tokens_limit=64), prompt_tokens=70,
+                          context_window=100)
     assert fits.max_new_tokens == 30
     unasked = parse_request(b'{"model": "m", "prompt": "p"}', CompletionRequest)
     assert fit_to_context(unasked, unasked.decode_config(defaults, max_tokens_limit=64), prompt_tokens=90,
