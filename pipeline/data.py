@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from jinja2.exceptions import TemplateError
 
 from pipeline.config import ConfigError
 from pipeline.target import PromptFormat, Target
@@ -351,7 +352,7 @@ def encode_teacher_forced(formatter: PromptFormat, conversation: Conversation) -
     encoding = formatter.tokenizer(
         text, add_special_tokens=formatter.adds_special_tokens, return_offsets_mapping=True
     )
-    spans = _content_spans(text, messages, role="assistant" if has_responses else "user")
+    spans = _content_spans(formatter, text, messages, role="assistant" if has_responses else "user")
     loss_mask = [int(any(start < end_span and end > start_span for start_span, end_span in spans))
                  for start, end in encoding["offset_mapping"]]
     first_loss = loss_mask.index(1) if 1 in loss_mask else len(loss_mask)
@@ -366,17 +367,36 @@ def encode_teacher_forced(formatter: PromptFormat, conversation: Conversation) -
     )
 
 
-def _content_spans(text: str, messages: list[dict[str, str]], *, role: str) -> list[tuple[int, int]]:
-    """Character spans of each `role` message's content inside the rendered text, found in order."""
+def _content_spans(formatter: PromptFormat, text: str, messages: list[dict[str, str]], *,
+                   role: str) -> list[tuple[int, int]]:
+    """Character spans of each `role` message's content inside the rendered `text`, found in order.
+
+    Each turn is looked for where the template puts it (`_content_start`), not at the first match after the previous
+    turn: that could be the template's own text (an answer "A" inside Vicuna's "ASSISTANT:", a prompt "user" inside
+    its system prompt) and mask the wrong tokens. The first match is the fallback for templates that rewrite turns."""
     spans, cursor = [], 0
-    for message in messages:
-        position = text.find(message["content"], cursor)
+    for index, message in enumerate(messages):
+        content = message["content"]
+        position = _content_start(formatter, text, messages, index)
+        if position is None or position < cursor or not text.startswith(content, position):
+            position = text.find(content, cursor)
         if position < 0:
             continue
-        cursor = position + len(message["content"])
+        cursor = position + len(content)
         if message["role"] == role:
             spans.append((position, cursor))
     return spans
+
+
+def _content_start(formatter: PromptFormat, text: str, messages: list[dict[str, str]], index: int) -> int | None:
+    """Where message `index`'s content starts in `text`: the conversation up to it rendered with a sentinel as its
+    content puts the sentinel there, when the text before the sentinel is the start of `text` (None otherwise)."""
+    probe = [*messages[:index], {**messages[index], "content": _SENTINEL}]
+    try:
+        before, found, _ = formatter.render(probe, add_generation_prompt=False).partition(_SENTINEL)
+    except TemplateError:  # a template refusing the partial conversation: the fallback finds the turn
+        return None
+    return len(before) if found and text.startswith(before) else None
 
 
 def rows_to_table(rows: list[Row], *, metadata: dict[str, Any]) -> pa.Table:

@@ -18,6 +18,7 @@ from pipeline.data import (
     shard_metadata,
 )
 from pipeline.decoding import generate
+from pipeline.target import PromptFormat
 
 SHAREGPT = [
     {"id": "a", "conversations": [{"from": "human", "value": "hello there"}, {"from": "gpt", "value": "hi, friend"}]},
@@ -77,6 +78,20 @@ def test_teacher_forced_mask_covers_exactly_the_assistant_text(tiny_target):
     masked = [token for token, keep in zip(row.input_ids, row.loss_mask) if keep]
     assert tiny_target.tokenizer.decode(masked) == "hi, friendok"
     assert row.response_tokens == len(masked)
+
+
+def test_teacher_forced_mask_finds_each_turn_where_the_template_puts_it(tiny_target):
+    """A turn's text that also occurs in the template's own text before it (Vicuna's "ASSISTANT:" holds an answer
+    "A", its system prompt the word "user") is masked at the turn, not inside the template."""
+    vicuna = PromptFormat(tiny_target.tokenizer, "vicuna")
+    answered = encode_teacher_forced(vicuna, Conversation("x", ({"role": "user", "content": "Pick one: A or B?"},
+                                                               {"role": "assistant", "content": "A"})))
+    first = answered.loss_mask.index(1)
+    assert answered.response_tokens == 1
+    assert tiny_target.tokenizer.decode(answered.input_ids[first:]) == "A</s>"  # the answer, then its end of turn
+    prompt_only = encode_teacher_forced(vicuna, Conversation("y", ({"role": "user", "content": "user"},)))
+    first = prompt_only.loss_mask.index(1)
+    assert tiny_target.tokenizer.decode(prompt_only.input_ids[first - len("USER: "):]) == "USER: user ASSISTANT:"
 
 
 def test_batched_responses_equal_one_by_one_greedy_generation():
