@@ -13,7 +13,7 @@ from conftest import make_tiny_target
 from pipeline.config import DecodeConfig, HeadConfig, TrainConfig
 from pipeline.decoding import generate
 from pipeline.heads import build_head
-from pipeline.training import KoalaTrainer, TrainBatch, iterate_batches, pad_rows, replay_chain_decoding, target_features
+from pipeline.training import KoalaTrainer, LoopHooks, TrainBatch, iterate_batches, pad_rows, replay_chain_decoding, target_features
 
 
 def _rows(target, count=4, length=24, seed=0):
@@ -364,6 +364,34 @@ def test_koala_train_no_ray_trains_validates_resumes_and_exports(tiny_model_dir,
     assert json.loads((out / "train_summary.json").read_text())["metrics"]["step"] == steps
     assert main([*command, "--set", "head_lr=1e-3"]) == 2  # another run's checkpoint is refused, not mixed in
     assert main([*command, "--num-workers", "2"]) == 2
+
+
+def test_a_resumed_local_run_logs_each_step_once(tiny_model_dir, tmp_path, monkeypatch):
+    """A run that dies between checkpoints logged steps its resumed run trains and logs again: metrics.jsonl keeps
+    each step once (the resumed run's), as an uninterrupted run writes it."""
+    import pipeline.stages.train as train_stage
+    from pipeline.cli import main
+
+    class Crashed(Exception):
+        pass
+
+    def crash_after_step_3(step):
+        if step == 3:
+            raise Crashed
+
+    data = _answers_file(tmp_path / "answers.parquet")
+    out = tmp_path / "run"
+    command = ["train", "--no-ray", "--data", str(data), "--out", str(out), "--target", str(tiny_model_dir),
+               "--head-type", "medusa", "--max-steps", "5", "--set", "val_fraction=0.25", "--set", "batch_size=4",
+               "--set", "log_every_steps=1", "--set", "checkpoint_every_steps=2", "--set", "tracking.enabled=false",
+               "--set", "target.device=cpu"]
+    with monkeypatch.context() as patch:
+        patch.setattr(train_stage, "LoopHooks", lambda **hooks: LoopHooks(**hooks, after_step=crash_after_step_3))
+        with pytest.raises(Crashed):
+            main(command)  # steps 1-3 logged, the checkpoint holds step 2
+    assert main(command) == 0
+    steps = [int(json.loads(line)["step"]) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
 
 
 def test_data_budget_is_deterministic_and_nested():

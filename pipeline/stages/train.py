@@ -537,6 +537,23 @@ def _local_tracking(config: TrainConfig, stats: dict[str, Any], cache_reason: st
     return _start_run(config, stats, cache_reason, run_name=None, parent_run_id=None)
 
 
+def _keep_logged_steps(metrics_file: Path, *, up_to: int) -> None:
+    """Drops the logged lines of steps after `up_to` (the checkpoint a run resumes from; 0 for a run from scratch):
+    a run that died between checkpoints logged steps its resumed run trains and logs again. A line cut off by the
+    crash is dropped too."""
+    if not metrics_file.is_file():
+        return
+    kept = []
+    for line in metrics_file.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= up_to:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue
+    with atomic_path(metrics_file) as temporary:
+        temporary.write_text("".join(f"{line}\n" for line in kept))
+
+
 def run_train_local(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     """`koala train --no-ray`: the same training on one device in this process (CUDA when present).
 
@@ -579,6 +596,8 @@ def run_train_local(config: TrainConfig, *, progress: bool = True) -> dict[str, 
         trainer.load_state(checkpoint_dir)
         print(f"[train] resuming from step {trainer.step} ({checkpoint_dir})", flush=True)
     write_json_atomically(config.to_dict(), config_file)
+    metrics_file = out_dir / METRICS_FILE
+    _keep_logged_steps(metrics_file, up_to=trainer.step)
 
     features_started = time.perf_counter()
     train_features = _features(target.model, train_rows, config, cache=use_cache, progress=progress)
@@ -586,7 +605,6 @@ def run_train_local(config: TrainConfig, *, progress: bool = True) -> dict[str, 
     features_seconds = time.perf_counter() - features_started
 
     tracking = _local_tracking(config, {**stats, "train_rows": len(train_rows)}, cache_reason)
-    metrics_file = out_dir / METRICS_FILE
 
     def log(metrics: dict[str, float], step: int) -> None:
         with metrics_file.open("a") as handle:
