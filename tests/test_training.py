@@ -130,6 +130,22 @@ def test_draft_vocabulary_head_trains(tiny_target):
     assert trainer.evaluate([batch])["val_acc_1"] is not None
 
 
+def test_the_draft_vocabulary_keeps_every_eos_id_generate_stops_at(tmp_path):
+    """Ray's driver picks the draft vocabulary without loading the target: it keeps the EOS ids of the generation
+    config, as `koala train --no-ray` does from the loaded target (it kept only the tokenizer's EOS)."""
+    from conftest import char_tokenizer, tiny_llama
+    from pipeline.config import TargetConfig
+    from pipeline.stages.train import _eos_ids
+    from pipeline.target import load_target
+
+    model = tiny_llama()
+    model.generation_config.eos_token_id = [2, 7]  # e.g. Llama-3 and Qwen2.5 chat models stop at two or three ids
+    model.save_pretrained(tmp_path)
+    char_tokenizer().save_pretrained(tmp_path)
+    config = TrainConfig(data_dirs=("unused",), target=TargetConfig(spec=str(tmp_path)))
+    assert _eos_ids(config) == sorted(load_target(str(tmp_path), device="cpu").eos_token_ids) == [2, 7]
+
+
 def test_fp32_master_weights_move_under_bf16_autocast():
     """Defect 1: on a bf16 target the head trains fp32 master weights under bf16 autocast. A bf16 norm weight at
     1.0 cannot take a 1e-3 step (bf16's spacing at 1.0 is 2**-7), so before the fix it never moved."""

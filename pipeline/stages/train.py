@@ -166,11 +166,23 @@ def draft_vocabulary(config: TrainConfig, eos_ids: list[int], paths: list[Path] 
 
 
 def _eos_ids(config: TrainConfig) -> list[int]:
-    """EOS must stay draftable in a draft vocabulary."""
-    from pipeline.target import load_tokenizer
+    """The EOS ids HF `generate` stops at (`Target.eos_token_ids`: the generation config's, else the tokenizer's),
+    read without loading the weights: EOS must stay draftable in a draft vocabulary."""
+    from transformers import GenerationConfig
 
-    tokenizer = load_tokenizer(config.target.spec, trust_remote_code=config.target.trust_remote_code)
-    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    from pipeline.target import load_model_config, load_tokenizer, resolve_spec
+
+    location, extra = resolve_spec(config.target.spec)
+    try:
+        source = GenerationConfig.from_pretrained(location, **extra).eos_token_id
+    except OSError:  # no generation_config.json: transformers derives one from the model config, as here
+        model_config = load_model_config(config.target.spec, trust_remote_code=config.target.trust_remote_code)
+        source = GenerationConfig.from_model_config(model_config).eos_token_id
+    if source is None:
+        source = load_tokenizer(config.target.spec, trust_remote_code=config.target.trust_remote_code).eos_token_id
+    if source is None:
+        return []
+    return sorted({source} if isinstance(source, int) else set(source))
 
 
 def initial_head_weights(config: TrainConfig) -> dict[str, torch.Tensor] | None:
