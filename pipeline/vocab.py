@@ -58,11 +58,14 @@ def count_tokens(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase) -> Co
 
 
 def top_token_ids(counts: Counter[int], size: int, *, always_include: Iterable[int] = ()) -> torch.Tensor:
-    """The `size` most frequent ids `(size,)`, always including `always_include` (EOS must stay draftable)."""
+    """The `size` most frequent ids `(size,)`, always including `always_include` (EOS must stay draftable).
+
+    Ties go to the lower id, so the choice depends on the counts alone, not on the order they were counted in
+    (token_freq.json, the shards, or several data directories in another order give the same vocabulary)."""
     forced = list(dict.fromkeys(always_include))
     if size < len(forced):
         raise ConfigError(f"head.draft_vocab_size: {size} is smaller than the {len(forced)} ids that must be kept")
-    ranked = [token for token, _ in counts.most_common() if token not in forced]
+    ranked = [token for token, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])) if token not in forced]
     chosen = forced + ranked[: size - len(forced)]
     if len(chosen) < size:
         raise ConfigError(

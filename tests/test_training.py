@@ -146,6 +146,20 @@ def test_the_draft_vocabulary_keeps_every_eos_id_generate_stops_at(tmp_path):
     assert _eos_ids(config) == sorted(load_target(str(tmp_path), device="cpu").eos_token_ids) == [2, 7]
 
 
+def test_the_draft_vocabulary_is_a_function_of_the_counts_not_their_order():
+    """Tokens tied in frequency at the size's edge are taken by id: the counts read from token_freq.json, counted
+    from the shards, or from the data directories in another order pick the same vocabulary."""
+    from collections import Counter
+
+    from pipeline.vocab import top_token_ids
+
+    counts = {5: 3, 9: 2, 4: 2, 7: 2, 1: 1}
+    orders = [Counter(dict(sorted(counts.items(), key=key))) for key in (
+        lambda item: item[0], lambda item: -item[0], lambda item: (item[1], item[0]), lambda item: str(item[0]))]
+    assert {tuple(top_token_ids(c, 3).tolist()) for c in orders} == {(4, 5, 7)}
+    assert {tuple(top_token_ids(c, 3, always_include=[2]).tolist()) for c in orders} == {(2, 4, 5)}
+
+
 def test_fp32_master_weights_move_under_bf16_autocast():
     """Defect 1: on a bf16 target the head trains fp32 master weights under bf16 autocast. A bf16 norm weight at
     1.0 cannot take a 1e-3 step (bf16's spacing at 1.0 is 2**-7), so before the fix it never moved."""
