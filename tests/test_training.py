@@ -424,6 +424,26 @@ def test_a_resumed_local_run_logs_each_step_once(tiny_model_dir, tmp_path, monke
     assert steps == [1, 2, 3, 4, 5]
 
 
+def test_rows_whose_mask_does_not_fit_their_tokens_are_a_one_line_error(tiny_model_dir, tmp_path, capsys):
+    """Parquet from elsewhere with a loss_mask longer or shorter than its input_ids fails on reading, naming the file
+    and the row, before the target loads (it was a shape RuntimeError from the first batch holding the row)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.cli import main
+
+    data = _answers_file(tmp_path / "answers.parquet")
+    records = pq.read_table(data).to_pylist()
+    records[5]["loss_mask"] = records[5]["loss_mask"][:-1]
+    pq.write_table(pa.Table.from_pylist(records), data)
+    assert main(["train", "--no-ray", "--data", str(data), "--out", str(tmp_path / "run"), "--target",
+                 str(tiny_model_dir), "--epochs", "1", "--set", "tracking.enabled=false",
+                 "--set", "target.device=cpu"]) == 2
+    error = capsys.readouterr().err
+    assert "answers.parquet" in error and f"row 5 (prompt_id {records[5]['prompt_id']})" in error
+    assert "loss_mask" in error and len(error.strip().splitlines()) == 1
+
+
 def test_data_budget_is_deterministic_and_nested():
     from pipeline.stages.train import within_budget
 

@@ -86,7 +86,18 @@ def read_rows(paths: list[Path]) -> list[dict[str, Any]]:
         split_ids = table.column("split_id").to_pylist() if "split_id" in columns else prompt_ids
         rows += [{"prompt_id": p, "split_id": s or p, "input_ids": i, "loss_mask": m} for p, s, i, m in zip(
             prompt_ids, split_ids, table.column("input_ids").to_pylist(), table.column("loss_mask").to_pylist())]
+        _check_masks(rows[len(rows) - table.num_rows:], path)
     return sorted(rows, key=lambda r: r["prompt_id"])
+
+
+def _check_masks(rows: list[dict[str, Any]], path: Path) -> None:
+    """Each row's loss_mask has one flag per token (data not written by koala distill may not)."""
+    for number, row in enumerate(rows):
+        flags, tokens = len(row["loss_mask"] or ()), len(row["input_ids"] or ())
+        if flags != tokens:
+            raise ConfigError(
+                f"train.data_dirs: {path} row {number} (prompt_id {row['prompt_id']}) has {flags} loss_mask flags for "
+                f"{tokens} input_ids; each token needs one flag (1 = train on it)")
 
 
 def data_stats(paths: list[Path]) -> dict[str, Any]:
@@ -579,6 +590,8 @@ def run_train_local(config: TrainConfig, *, progress: bool = True) -> dict[str, 
     device = "cpu" if config.use_gpu == "no" else ("cuda" if torch.cuda.is_available() else "cpu")
     if config.use_gpu == "yes" and device != "cuda":
         raise ConfigError("train.use_gpu: 'yes' but CUDA is not available; use 'auto' or 'no'")
+    stats = data_stats(paths)
+    train_rows, validation_rows = split_rows(read_rows(paths), config)  # a bad row fails before the target loads
     if device == "cpu":
         torch.set_num_threads(config.cpus_per_worker)
     else:
@@ -586,8 +599,6 @@ def run_train_local(config: TrainConfig, *, progress: bool = True) -> dict[str, 
         torch.set_float32_matmul_precision("high")
     target = load_target_from_config(config.target.replace(device=device))
     identity = target_identity_dict(target.model, target.name)
-    stats = data_stats(paths)
-    train_rows, validation_rows = split_rows(read_rows(paths), config)
     trained_tokens = sum(sum(r["loss_mask"]) for r in train_rows)
     all_tokens = sum(min(len(r["input_ids"]), config.max_seq_len) for r in train_rows + validation_rows)
     use_cache, cache_reason = choose_feature_cache(config, tokens=all_tokens, hidden_size=identity["hidden_size"])
