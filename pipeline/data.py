@@ -345,7 +345,7 @@ def _trim_response(tokens: list[int], eos: list[int]) -> list[int]:
 
 def encode_teacher_forced(formatter: PromptFormat, conversation: Conversation) -> Row:
     """Existing text as it is: the full conversation through the prompt format, with the loss on assistant turns
-    (or, for a plain prompt without responses, on the prompt text itself)."""
+    and the end-of-turn token after each (or, for a plain prompt without responses, on the prompt text itself)."""
     messages = list(conversation.messages)
     has_responses = any(m["role"] == "assistant" for m in messages)
     text = formatter.render(messages, add_generation_prompt=not has_responses)
@@ -355,6 +355,8 @@ def encode_teacher_forced(formatter: PromptFormat, conversation: Conversation) -
     spans = _content_spans(formatter, text, messages, role="assistant" if has_responses else "user")
     loss_mask = [int(any(start < end_span and end > start_span for start_span, end_span in spans))
                  for start, end in encoding["offset_mapping"]]
+    if has_responses:
+        _mark_turn_ends(loss_mask, encoding["input_ids"], special_ids=set(formatter.tokenizer.all_special_ids))
     first_loss = loss_mask.index(1) if 1 in loss_mask else len(loss_mask)
     return Row(
         prompt_id=conversation.prompt_id,
@@ -365,6 +367,15 @@ def encode_teacher_forced(formatter: PromptFormat, conversation: Conversation) -
         prompt_tokens=first_loss,
         response_tokens=sum(loss_mask),
     )
+
+
+def _mark_turn_ends(loss_mask: list[int], input_ids: list[int], *, special_ids: set[int]) -> None:
+    """Puts the special token right after each answer (its end-of-turn token: <|im_end|>, </s>, <|eot_id|>) under
+    the mask: the target emits it to end the answer, and a generated answer keeps it (its EOS) under the mask too."""
+    ends = [position + 1 for position in range(len(loss_mask) - 1)
+            if loss_mask[position] and not loss_mask[position + 1] and input_ids[position + 1] in special_ids]
+    for position in ends:
+        loss_mask[position] = 1
 
 
 def _content_spans(formatter: PromptFormat, text: str, messages: list[dict[str, str]], *,

@@ -87,11 +87,28 @@ def test_teacher_forced_mask_finds_each_turn_where_the_template_puts_it(tiny_tar
     answered = encode_teacher_forced(vicuna, Conversation("x", ({"role": "user", "content": "Pick one: A or B?"},
                                                                {"role": "assistant", "content": "A"})))
     first = answered.loss_mask.index(1)
-    assert answered.response_tokens == 1
+    assert answered.response_tokens == 2  # the answer and its end of turn
     assert tiny_target.tokenizer.decode(answered.input_ids[first:]) == "A</s>"  # the answer, then its end of turn
     prompt_only = encode_teacher_forced(vicuna, Conversation("y", ({"role": "user", "content": "user"},)))
     first = prompt_only.loss_mask.index(1)
     assert tiny_target.tokenizer.decode(prompt_only.input_ids[first - len("USER: "):]) == "USER: user ASSISTANT:"
+
+
+def test_teacher_forced_answers_end_with_their_end_of_turn_token_as_generated_ones_do(tiny_target):
+    """A generated answer keeps the EOS that ended it under the mask (the head learns to draft the end of the
+    answer); a teacher-forced answer does too: the template's end-of-turn token after each assistant turn. The
+    turns between and a template without such a token are unchanged."""
+    conversation = Conversation("x", ({"role": "user", "content": "hello there"},
+                                      {"role": "assistant", "content": "hi, friend"},
+                                      {"role": "user", "content": "more"},
+                                      {"role": "assistant", "content": "ok"}))
+    row = encode_teacher_forced(PromptFormat(tiny_target.tokenizer, "vicuna"), conversation)
+    masked = [token for token, keep in zip(row.input_ids, row.loss_mask) if keep]
+    assert tiny_target.tokenizer.decode(masked) == "hi, friend</s>ok</s>"
+    assert row.response_tokens == len(masked) and row.prompt_tokens == row.loss_mask.index(1)
+    plain = encode_teacher_forced(tiny_target.formatter, conversation)  # "\n\n" between turns, nothing after
+    assert tiny_target.tokenizer.decode([t for t, keep in zip(plain.input_ids, plain.loss_mask) if keep]) == \
+        "hi, friendok"
 
 
 def test_batched_responses_equal_one_by_one_greedy_generation():
