@@ -174,6 +174,27 @@ def test_interrupted_distillation_resumes_without_duplicates(tmp_path, prompts_f
         run_distill(config.replace(max_new_tokens=9), use_ray=False)
 
 
+def test_distilling_without_ray_honours_use_gpu(tmp_path, prompts_file, tiny_model_dir, monkeypatch):
+    """`koala distill --no-ray` places the target as `use_gpu` says, as the Ray actors and `koala train --no-ray` do
+    (it ignored the setting: 'no' still loaded the target on a GPU, 'yes' ran on the CPU of a machine without one)."""
+    import torch
+
+    from pipeline.stages import distill
+
+    loaded = []
+    real_load = distill.load_target_from_config
+    monkeypatch.setattr(distill, "load_target_from_config", lambda target: loaded.append(target.device) or
+                        real_load(target.replace(device="cpu")))
+    config = _distill_config(tmp_path, prompts_file, tiny_model_dir, tracking={"enabled": False},
+                             target={"spec": str(tiny_model_dir), "device": "auto"})
+    distill.run_distill(config.replace(use_gpu="no"), use_ray=False)
+    assert loaded == ["cpu"]
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="distill.use_gpu: 'yes' but CUDA is not available"):
+            distill.run_distill(config.replace(use_gpu="yes", out_dir=str(tmp_path / "yes")), use_ray=False)
+        assert not (tmp_path / "yes").exists()
+
+
 def test_teacher_forced_mode_uses_text_as_it_is(tmp_path, tiny_model_dir):
     from pipeline.stages.distill import run_distill
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from jinja2.exceptions import TemplateError
 
-from pipeline.config import ConfigError, DistillConfig
+from pipeline.config import ConfigError, DistillConfig, TargetConfig
 from pipeline.data import (
     FREQUENCY_FILE,
     MANIFEST_FILE,
@@ -139,6 +139,7 @@ def run_distill(config: DistillConfig, *, use_ray: bool = True, parent_run_id: s
     frequency table and a summary, and logs the stage to MLflow."""
     started = time.perf_counter()
     out_dir = Path(config.out_dir)
+    local_target = None if use_ray else _local_target_config(config)  # a bad use_gpu fails before any work
     conversations, skipped, total = select_prompts(config)
     if not conversations:
         raise ConfigError(f"distill.prompts: no usable prompts in {list(config.prompts)} (skipped: {dict(skipped)})")
@@ -149,7 +150,7 @@ def run_distill(config: DistillConfig, *, use_ray: bool = True, parent_run_id: s
     log.warning("distill: %d prompts in %d shards, %d to do, %d reused", len(conversations), len(shards),
                 len(pending), len(shards) - len(pending))
     generation_started = time.perf_counter()
-    results = _run_pending(config, shards, pending, use_ray=use_ray) if pending else []
+    results = _run_pending(config, shards, pending, local_target=local_target) if pending else []
     generation_seconds = time.perf_counter() - generation_started
     all_paths = [shard_path(out_dir, i) for i in range(len(shards))]
     counts = token_frequencies(all_paths)
@@ -175,9 +176,21 @@ def run_distill(config: DistillConfig, *, use_ray: bool = True, parent_run_id: s
     return summary
 
 
-def _run_pending(config: DistillConfig, shards: list[list[Conversation]], pending: list[int], *, use_ray: bool):
-    if not use_ray:
-        target = load_target_from_config(config.target)
+def _local_target_config(config: DistillConfig) -> TargetConfig:
+    """The target of a distillation without Ray, placed as `use_gpu` says, as the actors are (an actor without a GPU
+    sees none): 'no' loads it on the CPU, 'yes' needs CUDA, 'auto' goes by target.device."""
+    import torch
+
+    if config.use_gpu == "yes" and not torch.cuda.is_available():
+        raise ConfigError("distill.use_gpu: 'yes' but CUDA is not available; use 'auto' or 'no'")
+    return config.target.replace(device="cpu") if config.use_gpu == "no" else config.target
+
+
+def _run_pending(config: DistillConfig, shards: list[list[Conversation]], pending: list[int], *,
+                 local_target: TargetConfig | None):
+    """Distils the pending shards: in this process on `local_target` when given, else on Ray's actor pool."""
+    if local_target is not None:
+        target = load_target_from_config(local_target)
         return [distill_shard(target, shards[i], config=config, index=i) for i in pending]
     import ray
 
