@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_target
-from pipeline.config import DecodeConfig, HeadConfig, TrainConfig
+from pipeline.config import ConfigError, DecodeConfig, HeadConfig, TrainConfig
 from pipeline.decoding import generate
 from pipeline.heads import build_head
 from pipeline.training import KoalaTrainer, LoopHooks, TrainBatch, iterate_batches, pad_rows, replay_chain_decoding, target_features
@@ -442,6 +442,27 @@ def test_rows_whose_mask_does_not_fit_their_tokens_are_a_one_line_error(tiny_mod
     error = capsys.readouterr().err
     assert "answers.parquet" in error and f"row 5 (prompt_id {records[5]['prompt_id']})" in error
     assert "loss_mask" in error and len(error.strip().splitlines()) == 1
+
+
+def test_data_of_another_tokenizer_is_a_one_line_error(tiny_model_dir, tmp_path, capsys):
+    """Token ids past the target's vocabulary (data tokenized for another target) fail before training, naming the
+    target (an IndexError from the embedding before, a device-side assert on CUDA)."""
+    from pipeline.cli import main
+
+    data = _answers_file(tmp_path / "answers.parquet", vocab_size=100)  # the tiny target has 80 tokens
+    assert main(["train", "--no-ray", "--data", str(data), "--out", str(tmp_path / "run"), "--target",
+                 str(tiny_model_dir), "--epochs", "1", "--set", "tracking.enabled=false",
+                 "--set", "target.device=cpu"]) == 2
+    error = capsys.readouterr().err
+    assert "past the vocabulary of train.target" in error and "80 tokens" in error
+    assert len(error.strip().splitlines()) == 1
+
+    from pipeline.stages.train import check_data_target
+
+    rows = [{"input_ids": [5, 79], "loss_mask": [0, 1]}]
+    check_data_target({"target": {"name": "tiny", "vocab_size": 80}}, rows, vocab_size=80, target="tiny")
+    with pytest.raises(ConfigError, match="distilled from 'smollm2' \\(49152 tokens\\), but train.target 'tiny' has 80"):
+        check_data_target({"target": {"name": "smollm2", "vocab_size": 49152}}, rows, vocab_size=80, target="tiny")
 
 
 def test_data_budget_is_deterministic_and_nested():

@@ -113,6 +113,20 @@ def data_stats(paths: list[Path]) -> dict[str, Any]:
             "target": first.get("target"), "distill_settings": first.get("settings")}
 
 
+def check_data_target(stats: dict[str, Any], rows: list[dict[str, Any]], *, vocab_size: int, target: str) -> None:
+    """The data's token ids are the target's: the vocabulary koala distill recorded is the target's, and no id is
+    past it (Parquet from elsewhere). Another tokenizer's ids would train on nonsense or fail inside the model."""
+    distilled = stats.get("target") or {}
+    if distilled.get("vocab_size") not in (None, vocab_size):
+        raise ConfigError(f"train.data_dirs: the data was distilled from {distilled.get('name')!r} "
+                          f"({distilled['vocab_size']} tokens), but train.target {target!r} has {vocab_size}; "
+                          "train with the target that wrote it")
+    largest = max((max(row["input_ids"], default=-1) for row in rows), default=-1)
+    if largest >= vocab_size:
+        raise ConfigError(f"train.data_dirs: token id {largest} is past the vocabulary of train.target {target!r} "
+                          f"({vocab_size} tokens): the data was tokenized for another target")
+
+
 def is_validation(split_id: str, fraction: float) -> bool:
     """A stable split by a row's `split_id` (its opening prompt), so a prompt never moves between train and
     validation across runs, and all rows of one prompt are on the same side."""
@@ -402,6 +416,13 @@ def _hidden_size(stats: dict[str, Any], config: TrainConfig) -> int:
     return load_model_config(config.target.spec, trust_remote_code=config.target.trust_remote_code).hidden_size
 
 
+def _vocab_size(config: TrainConfig) -> int:
+    from pipeline.target import load_model_config
+
+    model_config = load_model_config(config.target.spec, trust_remote_code=config.target.trust_remote_code)
+    return model_config.get_text_config().vocab_size
+
+
 def run_train(config: TrainConfig, *, run_name: str | None = None, parent_run_id: str | None = None,
               end_run: bool = True) -> dict[str, Any]:
     """Trains one head on Ray Train and exports it to `<out_dir>/head`. Returns the final metrics and paths.
@@ -424,6 +445,7 @@ def run_train(config: TrainConfig, *, run_name: str | None = None, parent_run_id
     log.warning("train: %d rows, %d tokens; feature cache: %s", stats["rows"], stats["tokens"], cache_reason)
     draft_ids = draft_vocabulary(config, _eos_ids(config), paths) if config.head.draft_vocab_size else None
     train_rows, validation_rows = split_rows(read_rows(paths), config)
+    check_data_target(stats, train_rows + validation_rows, vocab_size=_vocab_size(config), target=config.target.spec)
     init_ray()
     use_gpu = use_gpus(config.use_gpu, section="train")
 
@@ -599,6 +621,7 @@ def run_train_local(config: TrainConfig, *, progress: bool = True) -> dict[str, 
         torch.set_float32_matmul_precision("high")
     target = load_target_from_config(config.target.replace(device=device))
     identity = target_identity_dict(target.model, target.name)
+    check_data_target(stats, train_rows + validation_rows, vocab_size=identity["vocab_size"], target=config.target.spec)
     trained_tokens = sum(sum(r["loss_mask"]) for r in train_rows)
     all_tokens = sum(min(len(r["input_ids"]), config.max_seq_len) for r in train_rows + validation_rows)
     use_cache, cache_reason = choose_feature_cache(config, tokens=all_tokens, hidden_size=identity["hidden_size"])
