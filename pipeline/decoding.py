@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import math
 import time
 import weakref
 from collections import Counter
@@ -405,9 +406,14 @@ _verify_costs: dict[tuple[int, str, str], dict[int, float]] = {}
 def verify_costs(model: PreTrainedModel, sizes: tuple[int, ...], *, context: int = 128,
                  repeats: int = 5) -> dict[int, float]:
     """Seconds the target needs to score k tokens after `context` cached ones, per k (the best of `repeats`),
-    measured once per model, device and dtype."""
+    measured once per model, device and dtype. A target with a short window (a learned position table, GPT-2's)
+    is timed after at most half its window, and a k that does not fit after that costs infinity: it is never
+    picked, and timing it would index past the table."""
     key = (id(model), str(cache_device(model)), str(model.dtype))
     known = _verify_costs.setdefault(key, {})
+    window = getattr(model.config, "max_position_embeddings", None) or 1 << 20
+    context = max(min(context, window // 2), 1)
+    known.update({k: math.inf for k in sizes if context + k > window})
     missing = [k for k in sizes if k not in known]
     if missing:
         device = cache_device(model)
@@ -438,7 +444,8 @@ def auto_tree_nodes(model: PreTrainedModel, draft_length: int) -> int:
     2-core CPU 8-12 tokens in 1.07-1.2 of the 5-token cost), and at least the chain's length."""
     chain = draft_length + 1
     costs = verify_costs(model, (chain, *AUTO_TREE_SIZES))
-    fitting = [k for k in AUTO_TREE_SIZES if costs[k] <= AUTO_TREE_COST_SLACK * costs[chain]]
+    limit = AUTO_TREE_COST_SLACK * costs[chain]
+    fitting = [k for k in AUTO_TREE_SIZES if math.isfinite(costs[k]) and costs[k] <= limit]
     return max([draft_length] + [k - 1 for k in fitting])
 
 
@@ -511,8 +518,9 @@ def _learnt_tree(target: Target, drafter: DraftHead, config: DecodeConfig, draft
 
 
 def _interpolated(costs: dict[int, float]) -> Callable[[int], float]:
-    """A cost per size from costs measured at some sizes: linear between them, the nearest end's beyond them."""
-    sizes = sorted(costs)
+    """A cost per size from costs measured at some sizes: linear between them, the nearest end's beyond them
+    (sizes that cannot fit the target's window, at infinite cost, are left out: budgets never reach them)."""
+    sizes = sorted(size for size, cost in costs.items() if math.isfinite(cost))
     values = [costs[size] for size in sizes]
     return lambda size: float(np.interp(size, sizes, values))
 
