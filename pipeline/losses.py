@@ -16,10 +16,11 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def distill_loss(draft_logits: torch.Tensor, target_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Soft-label cross-entropy -sum_v p_target(v) log p_draft(v), averaged over masked positions.
+    """Soft-label cross-entropy -sum_v p_target(v) log p_draft(v), a weighted mean over positions.
 
-    draft_logits `(N, V)`, target_probs `(N, V)` (the target's next-token distribution, possibly restricted to a
-    draft vocabulary, in which case the mass outside it is simply not rewarded), mask `(N,)`.
+    draft_logits `(N, V)`, target_probs `(N, V)` (the target's next-token distribution over the head's vocabulary:
+    the trainer renormalises it to a draft vocabulary where the head has one), mask `(N,)`: 0/1 flags or per-row
+    weights (the trainer's decay per unrolled depth).
     """
     cross_entropy = -(target_probs * F.log_softmax(draft_logits.float(), dim=-1)).sum(dim=-1)
     return _masked_mean(cross_entropy, mask)

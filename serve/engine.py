@@ -122,7 +122,8 @@ def resolve_drafter_dir(config: ServeConfig, download_dir: str | Path) -> Path |
 
 def load_engine(config: ServeConfig) -> Engine:
     """Loads the target and the drafter (failing on a bad drafter before the slow target load). A head that cannot
-    be loaded raises `HeadLoadError` whatever the cause (corrupt weights raise the safetensors library's own). A
+    be loaded raises `HeadLoadError` whatever the cause (`load_head` raises it for a missing, malformed or corrupt
+    head; anything else it raises is wrapped in one). A
     registered head is downloaded to a temporary directory that is gone once it is in memory (a replica restarted
     by Serve would otherwise leave a copy behind each time)."""
     with tempfile.TemporaryDirectory(prefix="koala-drafter-") as download_dir:
