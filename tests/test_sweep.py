@@ -400,3 +400,27 @@ def test_a_prompt_trained_on_behind_a_system_prompt_is_not_evaluated(tmp_path, i
     config = SweepConfig.from_dict(sweep_values(tiny_model_dir, inputs, tmp_path))
     questions, dropped = evaluation_questions(config.eval, [str(path.parent)], [path])
     assert dropped == 1 and [q.prompt for q in questions] == QUESTIONS[1:]
+
+
+def test_the_draft_vocabulary_check_counts_parquet_koala_distill_did_not_write(tmp_path, inputs, tiny_model_dir):
+    """One Parquet file (no token_freq.json beside it) is counted from its rows, as training counts it: a size the
+    data holds passes, a larger one is refused naming the field (both were 'token frequency table ... does not
+    exist' before)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.config import ConfigError
+    from tune.sweep import _check_draft_vocabulary
+
+    data = tmp_path / "answers.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt_id": "p", "split_id": "p", "input_ids": [5, 6, 7, 8, 9],
+                                          "loss_mask": [0, 0, 1, 1, 1]}]), data)
+
+    def config(size):
+        values = sweep_values(tiny_model_dir, inputs, tmp_path)
+        values["train"]["head"]["draft_vocab_size"] = size
+        return SweepConfig.from_dict(values)
+
+    _check_draft_vocabulary(config(3), [data])
+    with pytest.raises(ConfigError, match=r"draft_vocab_size: 4 exceeds the 3 distinct"):
+        _check_draft_vocabulary(config(4), [data])

@@ -25,7 +25,7 @@ from pipeline.bench import Question, drop_training_overlap, evaluate_head, load_
 from pipeline.config import ConfigError, EvalConfig, SweepConfig, TargetConfig, TrainConfig
 from pipeline.data import write_json_atomically
 from pipeline.stages.resources import init_ray, use_gpus
-from pipeline.stages.train import TRAIN_SUMMARY_FILE, data_shards, run_train
+from pipeline.stages.train import TRAIN_SUMMARY_FILE, data_shards, response_token_counts, run_train
 from tune import report
 
 log = logging.getLogger(__name__)
@@ -147,16 +147,14 @@ def evaluation_questions(config: EvalConfig, data_dirs: list[str], paths: list[P
     return kept, dropped
 
 
-def _check_draft_vocabulary(config: SweepConfig, data_dirs: list[str]) -> None:
-    """A draft vocabulary larger than the data's distinct tokens would fail every trial: fail once, up front."""
-    from pipeline.data import FREQUENCY_FILE, read_token_frequencies
-
+def _check_draft_vocabulary(config: SweepConfig, paths: list[Path]) -> None:
+    """A draft vocabulary larger than the data's distinct tokens would fail every trial: fail once, up front.
+    The tokens are counted as training counts them (a distill directory's token_freq.json, else the rows), so
+    Parquet from elsewhere is checked too."""
     sizes = {config.trial_config(o).head.draft_vocab_size for o in config.trial_overrides()} - {0}
     if not sizes:
         return
-    distinct = set()
-    for directory in data_dirs:
-        distinct.update(read_token_frequencies(Path(directory) / FREQUENCY_FILE))
+    distinct = response_token_counts(paths)
     if max(sizes) > len(distinct):
         raise ConfigError(f"sweep.train.head.draft_vocab_size: {max(sizes)} exceeds the {len(distinct)} distinct "
                           "tokens in the training data; use a smaller size, 0 (full vocabulary), or more data")
@@ -276,7 +274,7 @@ def run_sweep(config: SweepConfig, *, data_dirs: list[str], parent_run_id: str |
     started = time.perf_counter()
     data_dirs = [str(Path(d).resolve()) for d in data_dirs]
     paths = data_shards(config.train.replace(data_dirs=tuple(data_dirs)))  # fails early when the data is missing
-    _check_draft_vocabulary(config, data_dirs)
+    _check_draft_vocabulary(config, paths)
     questions, dropped = evaluation_questions(config.eval, data_dirs, paths)
     incumbent_sha1 = head_identity(incumbent_dir(config))
     key = sweep_key(config, data_dirs, questions, incumbent_sha1=incumbent_sha1)
