@@ -403,7 +403,7 @@ def test_a_prompt_trained_on_behind_a_system_prompt_is_not_evaluated(tmp_path, i
 
 
 def test_the_draft_vocabulary_check_counts_parquet_koala_distill_did_not_write(tmp_path, inputs, tiny_model_dir):
-    """One Parquet file (no token_freq.json beside it) is counted from its rows, as training counts it: a size the
+    """One Parquet file (no token_freq.json beside it) is counted from its rows: a size the
     data holds passes, a larger one is refused naming the field (both were 'token frequency table ... does not
     exist' before)."""
     import pyarrow as pa

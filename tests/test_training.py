@@ -396,6 +396,37 @@ def test_koala_train_no_ray_trains_validates_resumes_and_exports(tiny_model_dir,
     assert main([*command, "--num-workers", "2"]) == 2
 
 
+def test_the_draft_vocabulary_is_counted_on_the_training_rows_alone(tiny_model_dir, tmp_path):
+    """A token only the validation rows hold, however frequent, stays out of the draft vocabulary (it was counted
+    from the whole data: the held-out answers shaped the vocabulary their val_tau is measured with)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.cli import main
+    from pipeline.heads import load_head
+    from pipeline.stages.train import read_rows, split_rows
+    from pipeline.target import load_target
+
+    data = _answers_file(tmp_path / "answers.parquet", vocab_size=40)
+    config = TrainConfig(data_dirs=(str(data),), val_fraction=0.25)
+    _, validation = split_rows(read_rows([data]), config)
+    held_out = {row["prompt_id"] for row in validation}
+    assert held_out
+    records = pq.read_table(data).to_pylist()
+    for record in records:
+        if record["prompt_id"] in held_out:
+            record["input_ids"][10:] = [79] * (len(record["input_ids"]) - 10)
+    pq.write_table(pa.Table.from_pylist(records), data)
+    out = tmp_path / "run"
+    assert main(["train", "--no-ray", "--data", str(data), "--out", str(out), "--target", str(tiny_model_dir),
+                 "--head-type", "eagle", "--max-steps", "1", "--set", "val_fraction=0.25", "--set", "batch_size=4",
+                 "--set", "head.draft_vocab_size=8", "--set", "tracking.enabled=false",
+                 "--set", "target.device=cpu"]) == 0
+    target = load_target(str(tiny_model_dir), device="cpu")
+    vocabulary = load_head(out / "head", target.model, target_name=target.name).vocabulary.draft_token_ids
+    assert len(vocabulary) == 8 and 79 not in vocabulary.tolist()
+
+
 def test_a_resumed_local_run_logs_each_step_once(tiny_model_dir, tmp_path, monkeypatch):
     """A run that dies between checkpoints logged steps its resumed run trains and logs again: metrics.jsonl keeps
     each step once (the resumed run's), as an uninterrupted run writes it."""

@@ -149,8 +149,8 @@ def evaluation_questions(config: EvalConfig, data_dirs: list[str], paths: list[P
 
 def _check_draft_vocabulary(config: SweepConfig, paths: list[Path]) -> None:
     """A draft vocabulary larger than the data's distinct tokens would fail every trial: fail once, up front.
-    The tokens are counted as training counts them (a distill directory's token_freq.json, else the rows), so
-    Parquet from elsewhere is checked too."""
+    The data's response tokens are counted (a distill directory's token_freq.json, else the rows), so Parquet
+    from elsewhere is checked too; a trial's training rows hold fewer, which its training reports."""
     sizes = {config.trial_config(o).head.draft_vocab_size for o in config.trial_overrides()} - {0}
     if not sizes:
         return

@@ -183,10 +183,15 @@ def response_token_counts(paths: list[Path]) -> Counter[int]:
     return token_frequencies(paths)
 
 
-def draft_vocabulary(config: TrainConfig, eos_ids: list[int], paths: list[Path] | None = None) -> list[int] | None:
+def draft_vocabulary(config: TrainConfig, eos_ids: list[int], train_rows: list[dict[str, Any]]) -> list[int] | None:
+    """The draft vocabulary: the most frequent response tokens of the rows the head trains on, and every EOS id.
+    Validation rows and rows outside the data budget are not counted: the vocabulary must not know the held-out
+    answers (their val_tau would read high), and a budget is all the data a run learns from."""
     if not config.head.draft_vocab_size:
         return None
-    counts = response_token_counts(paths if paths is not None else data_shards(config))
+    counts: Counter[int] = Counter()
+    for row in train_rows:
+        counts.update(token for token, keep in zip(row["input_ids"], row["loss_mask"]) if keep)
     return top_token_ids(counts, config.head.draft_vocab_size, always_include=eos_ids).tolist()
 
 
@@ -443,8 +448,8 @@ def run_train(config: TrainConfig, *, run_name: str | None = None, parent_run_id
     out_dir.mkdir(parents=True, exist_ok=True)
     use_cache, cache_reason = choose_feature_cache(config, tokens=stats["tokens"], hidden_size=_hidden_size(stats, config))
     log.warning("train: %d rows, %d tokens; feature cache: %s", stats["rows"], stats["tokens"], cache_reason)
-    draft_ids = draft_vocabulary(config, _eos_ids(config), paths) if config.head.draft_vocab_size else None
     train_rows, validation_rows = split_rows(read_rows(paths), config)
+    draft_ids = draft_vocabulary(config, _eos_ids(config), train_rows) if config.head.draft_vocab_size else None
     check_data_target(stats, train_rows + validation_rows, vocab_size=_vocab_size(config), target=config.target.spec)
     init_ray()
     use_gpu = use_gpus(config.use_gpu, section="train")
@@ -626,7 +631,7 @@ def run_train_local(config: TrainConfig, *, progress: bool = True) -> dict[str, 
     all_tokens = sum(min(len(r["input_ids"]), config.max_seq_len) for r in train_rows + validation_rows)
     use_cache, cache_reason = choose_feature_cache(config, tokens=all_tokens, hidden_size=identity["hidden_size"])
     eos = sorted(target.eos_token_ids)
-    draft_ids = draft_vocabulary(config, eos, paths) if config.head.draft_vocab_size and not config.init_head else None
+    draft_ids = draft_vocabulary(config, eos, train_rows) if config.head.draft_vocab_size and not config.init_head else None
     print(f"[train] {len(train_rows)} training rows ({trained_tokens} response tokens), {len(validation_rows)} "
           f"validation rows; device {device}; features: {cache_reason}", flush=True)
 
