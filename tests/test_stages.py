@@ -109,6 +109,21 @@ def test_two_ddp_workers_train_and_validate_in_step(distilled, tiny_model_dir, t
     assert "val_tau" in summary["metrics"] and "d_accuracy" in summary["metrics"]
 
 
+def test_ray_workers_get_exactly_the_driver_rows_in_its_order(ray_cluster):
+    """The Ray datasets hold the rows the driver chose and no others: two answers to one prompt (sampled data) of
+    which the data budget kept one stay one row, in the driver's order, where selecting rows from the shards by
+    prompt id took both, in any order; an empty split is an empty dataset."""
+    from pipeline.stages.train import _dataset_rows, rows_dataset
+
+    rows = [{"prompt_id": "b", "input_ids": [5, 6, 7], "loss_mask": [0, 1, 1]},
+            {"prompt_id": "a", "input_ids": [8], "loss_mask": [1]},
+            {"prompt_id": "b", "input_ids": [9, 10], "loss_mask": [0, 1]},
+            {"prompt_id": "c", "input_ids": [], "loss_mask": []}]
+    dataset = rows_dataset(rows).repartition(3)  # several blocks, as a split across workers has
+    assert _dataset_rows(dataset) == rows
+    assert _dataset_rows(rows_dataset([])) == []
+
+
 def test_ddp_wrapper_does_not_broadcast_buffers(monkeypatch):
     import ray.train.torch
 

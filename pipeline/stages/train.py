@@ -23,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -381,10 +382,24 @@ def ddp_wrapper():
         module, move_to_device=False, parallel_strategy_kwargs={"broadcast_buffers": False})
 
 
+def rows_dataset(rows: list[dict[str, Any]]):
+    """Exactly these rows as a Ray dataset, numbered in their order. (Selecting them from the shards by prompt id
+    took every row of a prompt the data budget kept one answer of, and rows sharing an id came in any order.)"""
+    import ray.data
+
+    return ray.data.from_arrow(pa.table({
+        "row": pa.array(range(len(rows)), pa.int64()),
+        "prompt_id": pa.array([row["prompt_id"] for row in rows], pa.string()),
+        "input_ids": pa.array([row["input_ids"] for row in rows], pa.list_(pa.int32())),
+        "loss_mask": pa.array([row["loss_mask"] for row in rows], pa.list_(pa.int8())),
+    }))
+
+
 def _dataset_rows(dataset) -> list[dict[str, Any]]:
-    rows = [{"prompt_id": r["prompt_id"], "input_ids": list(r["input_ids"]), "loss_mask": list(r["loss_mask"])}
-            for r in dataset.iter_rows()]
-    return sorted(rows, key=lambda r: r["prompt_id"])  # a fixed order, whatever order Ray Data delivered
+    """A worker's rows in the driver's order, whatever order Ray Data delivered them in."""
+    rows = sorted(dataset.iter_rows(), key=lambda r: r["row"])
+    return [{"prompt_id": r["prompt_id"], "input_ids": list(r["input_ids"]), "loss_mask": list(r["loss_mask"])}
+            for r in rows]
 
 
 def _fail_once(marker: Path) -> None:
@@ -434,8 +449,6 @@ def run_train(config: TrainConfig, *, run_name: str | None = None, parent_run_id
 
     With `end_run=False` the MLflow run stays open for the caller (a sweep adds the evaluation to it)."""
     import ray
-    import ray.data
-    from ray.data.expressions import col
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -454,15 +467,9 @@ def run_train(config: TrainConfig, *, run_name: str | None = None, parent_run_id
     init_ray()
     use_gpu = use_gpus(config.use_gpu, section="train")
 
-    dataset = ray.data.read_parquet([str(p) for p in paths], columns=DATA_COLUMNS)
-    # Materialised on the driver, before the workers claim their CPUs: token ids are small, and Ray Data tasks
-    # started later would wait for CPUs that the training workers hold (a deadlock on a one-node cluster).
-    # Expressions, not Python lambdas: Ray Data evaluates them in Arrow (an empty id list has no Arrow type).
-    train_set, validation_set = (
-        (dataset.filter(expr=col("prompt_id").is_in(sorted({row["prompt_id"] for row in rows}))) if rows
-         else dataset.limit(0)).materialize()
-        for rows in (train_rows, validation_rows)
-    )
+    # The rows the driver chose, as they are (already in memory: token ids are small). No Ray Data tasks read them
+    # later, which would wait for CPUs that the training workers hold (a deadlock on a one-node cluster).
+    train_set, validation_set = rows_dataset(train_rows), rows_dataset(validation_rows)
 
     tracking = _resumed_or_new_run(config, out_dir, stats, cache_reason, run_name=run_name,
                                    parent_run_id=parent_run_id)
