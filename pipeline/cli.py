@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     tree.add_argument("--head", type=Path, required=True, help="the head directory")
     tree.add_argument("--data", nargs="+", required=True, help="distilled data: its validation split is measured")
     tree.add_argument("--nodes", type=int, default=64, help="rank paths in the tree (decoding drafts a prefix)")
-    tree.add_argument("--val-fraction", type=float, default=0.05,
-                      help="the validation split by opening prompt (split_id, else prompt id) (the head's training setting holds these rows out)")
+    tree.add_argument("--val-fraction", type=float,
+                      help="the validation split by opening prompt (split_id, else prompt id); default: the held-out "
+                           "fraction of the training run the head is in (OUT/head), else 0.05; a larger one is refused")
     tree.add_argument("--max-rows", type=int, default=400, help="validation rows measured, at most")
     tree.add_argument("--out", type=Path, help="write the head here (default: update --head in place)")
     _add_target_arguments(tree)

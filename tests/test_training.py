@@ -626,6 +626,7 @@ def test_koala_head_tree_measures_a_larger_static_tree_on_held_out_rows(tiny_mod
     from pipeline.config import DecodeConfig
     from pipeline.decoding import generate
     from pipeline.heads import build_head, load_head, save_head, target_identity_dict
+    from pipeline.stages.train import is_validation, read_rows
     from pipeline.target import load_target
     from pipeline.trees import check_static_tree
 
@@ -667,3 +668,13 @@ def test_koala_head_tree_measures_a_larger_static_tree_on_held_out_rows(tiny_mod
     assert main(["head", "tree", "--head", str(head_dir), "--nodes", "4", *common, "--max-rows", "-1"]) == 2
     errors = capsys.readouterr().err
     assert "at least one node" in errors and "validation split" in errors and "--max-rows must be >= 1" in errors
+
+    # A head in its training run's directory: its held-out split is the default, a larger one (rows it trained on,
+    # measured as held out before) is refused.
+    in_run = ["--data", str(data), "--target", str(tiny_model_dir), "--device", "cpu", "--nodes", "4"]
+    assert main(["head", "tree", "--head", str(tmp_path / "run" / "head"), *in_run, "--out", str(tmp_path / "r")]) == 0
+    assert f"from {sum(is_validation(r['split_id'], 0.5) for r in read_rows([data]))} held-out rows" in (
+        capsys.readouterr().out)
+    assert main(["head", "tree", "--head", str(tmp_path / "run" / "head"), *in_run, "--val-fraction", "0.6"]) == 2
+    error = capsys.readouterr().err
+    assert "--val-fraction 0.6 takes rows the head trained on" in error and "held out 0.5" in error

@@ -19,17 +19,30 @@ from typing import Any
 from pipeline.config import ConfigError, HeadConfig, TargetConfig, TrainConfig
 from pipeline.data import atomic_path
 from pipeline.heads import HEAD_CONFIG_FILE, read_head_metadata
-from pipeline.stages.train import _features, _new_trainer, _validation, data_shards, is_validation, read_rows
+from pipeline.stages.train import (
+    TRAIN_CONFIG_FILE, _features, _new_trainer, _validation, data_shards, is_validation, read_rows,
+)
 from pipeline.target import load_target_from_config
 from pipeline.trees import build_static_tree
 
+DEFAULT_VAL_FRACTION = TrainConfig.val_fraction  # training's default split
+
 
 def measure_static_tree(head_dir: str | Path, data_dirs: list[str], *, nodes: int, target: TargetConfig,
-                        val_fraction: float = 0.05, max_rows: int = 400, val_draft_length: int = 6,
+                        val_fraction: float | None = None, max_rows: int = 400, val_draft_length: int = 6,
                         out_dir: str | Path | None = None) -> dict[str, Any]:
     """Measures `head_dir`'s rank accuracies on up to `max_rows` validation rows of `data_dirs` (the rows whose
     opening prompt falls in the `val_fraction` split, as training holds them out) and writes the head, with a static tree
-    of `nodes` paths from them, to `out_dir` (default: in place). Returns the validation metrics and the tree."""
+    of `nodes` paths from them, to `out_dir` (default: in place). Returns the validation metrics and the tree.
+    `val_fraction` defaults to the held-out fraction of the training run the head was exported by (see
+    `held_out_fraction`), else training's default."""
+    trained_with = held_out_fraction(Path(head_dir))
+    if val_fraction is None:
+        val_fraction = DEFAULT_VAL_FRACTION if trained_with is None else trained_with
+    elif trained_with is not None and val_fraction > trained_with:
+        raise ConfigError(
+            f"head tree: --val-fraction {val_fraction} takes rows the head trained on: its training run held out "
+            f"{trained_with} ({Path(head_dir).parent / TRAIN_CONFIG_FILE}); pass at most that, or leave it out")
     if nodes < 1:
         raise ConfigError(f"head.static_tree: the tree needs at least one node, got {nodes}")
     if max_rows < 1:
@@ -56,6 +69,18 @@ def measure_static_tree(head_dir: str | Path, data_dirs: list[str], *, nodes: in
     return {"head_dir": str(destination), "rows": len(rows), "answer_tokens": sum(sum(r["loss_mask"]) for r in rows),
             "metrics": metrics, "rank_accuracy": trainer.val_rank_accuracy, "static_tree": [list(p) for p in tree],
             "wall_time_s": time.perf_counter() - started}
+
+
+def held_out_fraction(head_dir: Path) -> float | None:
+    """The val_fraction of the training run whose OUT/head `head_dir` is (its OUT/train_config.json), or None for a
+    head elsewhere. A larger split would hold rows the head trained on (splits grow by the same hash order)."""
+    config_file = head_dir.parent / TRAIN_CONFIG_FILE
+    if not config_file.is_file():
+        return None
+    try:
+        return float(json.loads(config_file.read_text())["val_fraction"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _write_head(source: Path, destination: Path, metadata: dict[str, Any]) -> None:

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 FEATURE_BYTES = 2  # fp16
 FEATURE_CACHE_VERSION = 2
 TRAIN_SUMMARY_FILE = "train_summary.json"
+TRAIN_CONFIG_FILE = "train_config.json"  # the settings of the run in OUT (head tree reads its val_fraction)
 RUN_FILE = "mlflow_run.json"  # the MLflow run a Ray training run logs into, kept so a resumed run goes on in it
 METRICS_FILE = "metrics.jsonl"
 DATA_COLUMNS = ["prompt_id", "input_ids", "loss_mask"]
@@ -473,6 +474,7 @@ def run_train(config: TrainConfig, *, run_name: str | None = None, parent_run_id
 
     tracking = _resumed_or_new_run(config, out_dir, stats, cache_reason, run_name=run_name,
                                    parent_run_id=parent_run_id)
+    write_json_atomically(config.to_dict(), out_dir / TRAIN_CONFIG_FILE)
     data_key = hashlib.sha1(json.dumps([str(p) for p in paths] + [
         stats["tokens"], config.max_seq_len, config.max_train_tokens, config.seed, config.val_fraction,
         config.target.spec, config.target.dtype, FEATURE_CACHE_VERSION,
@@ -521,7 +523,7 @@ def run_train(config: TrainConfig, *, run_name: str | None = None, parent_run_id
         tracking.log_metrics({"wall_time_s": summary["wall_time_s"]}, prefix="time/", step=int(result.metrics.get("step", 0)))
         tracking.log_artifact(head_dir, "head")
         tracking.log_artifact(out_dir / TRAIN_SUMMARY_FILE)
-        tracking.log_dict(config.to_dict(), "train_config.json")
+        tracking.log_dict(config.to_dict(), TRAIN_CONFIG_FILE)
         frequency = Path(config.data_dirs[0]) / FREQUENCY_FILE
         if frequency.is_file():
             tracking.log_artifact(frequency, "data")
@@ -645,7 +647,7 @@ def run_train_local(config: TrainConfig, *, progress: bool = True) -> dict[str, 
     total_steps = planned_steps(config, len(train_rows))
     trainer = _new_trainer(config, target, draft_ids, total_steps=total_steps)
     checkpoint_dir = out_dir / "checkpoint"
-    config_file = out_dir / "train_config.json"
+    config_file = out_dir / TRAIN_CONFIG_FILE
     if (checkpoint_dir / "trainer_state.json").is_file():
         saved = json.loads(config_file.read_text()) if config_file.is_file() else None
         if saved != json.loads(json.dumps(config.to_dict())):
@@ -699,6 +701,6 @@ def run_train_local(config: TrainConfig, *, progress: bool = True) -> dict[str, 
         tracking.log_metrics({"wall_time_s": summary["wall_time_s"]}, prefix="time/", step=trainer.step)
         tracking.log_artifact(head_dir, "head")
         tracking.log_artifact(out_dir / TRAIN_SUMMARY_FILE)
-        tracking.log_dict(config.to_dict(), "train_config.json")
+        tracking.log_dict(config.to_dict(), TRAIN_CONFIG_FILE)
         tracking.end()
     return summary
